@@ -1,0 +1,686 @@
+//! Configuration: the TOML schema (serde), its defaults, and validation into the types the
+//! rest of the gateway uses.
+//!
+//! Two layers, as in River: `file::*` mirrors the TOML exactly (`deny_unknown_fields`),
+//! and [`Config`] holds checked values and never derives `Deserialize`. Every problem is
+//! collected, each naming the file, line, column and key, before any socket is bound.
+//! Knows nothing of pingora.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::tls::CertKey;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file it was found in.
+    pub file: PathBuf,
+    /// 1-based line, 0 when the problem has no place in the file.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The key, as a path such as `routes[2].upstream`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A checked, ready-to-use configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from (for reloads and messages).
+    pub path: PathBuf,
+    /// Process-wide settings.
+    pub server: Server,
+    /// Sockets to accept clients on.
+    pub listeners: Vec<Listener>,
+    /// Backend pools, by index; routes refer to them by index.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Routing table, in file order.
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Worker threads for the proxy service.
+    pub threads: usize,
+    /// Longest time open requests get to finish after SIGTERM before they are cut.
+    pub grace_period: Duration,
+    /// `tracing` filter directive (overridden by `RUST_LOG`).
+    pub log_level: String,
+    /// pingora's PID file.
+    pub pid_file: Option<PathBuf>,
+    /// pingora's socket for handing listeners to a new process on upgrade.
+    pub upgrade_sock: Option<PathBuf>,
+}
+
+/// A socket clients connect to.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// `ip:port` to bind.
+    pub address: SocketAddr,
+    /// TLS (ALPN h2 and http/1.1) when set; else plaintext HTTP/1.1 plus h2c.
+    pub tls: Option<ListenerTls>,
+}
+
+/// Certificate settings of a TLS listener.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// PEM certificate chain path.
+    pub cert_path: PathBuf,
+    /// PEM private key path.
+    pub key_path: PathBuf,
+    /// The pair, loaded and checked to match.
+    pub cert_key: Arc<CertKey>,
+}
+
+/// A pool of backend servers.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Name routes use to refer to it.
+    pub name: String,
+    /// Resolved server addresses, tried round-robin.
+    pub servers: Vec<SocketAddr>,
+    /// TCP connect timeout per server.
+    pub connect_timeout: Duration,
+    /// Longest wait for the response header before answering 504.
+    pub response_timeout: Duration,
+}
+
+/// How streams on a route behave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseSettings {
+    /// Silence toward the client after which a heartbeat comment is written.
+    pub heartbeat_interval: Duration,
+    /// Text of the heartbeat comment line.
+    pub heartbeat_comment: String,
+    /// Reconnection delay sent to clients when the gateway ends a stream on shutdown.
+    pub shutdown_retry: Duration,
+    /// Largest event block accepted from the upstream; a larger one ends the stream.
+    pub max_event_bytes: usize,
+}
+
+/// One routing rule.
+#[derive(Debug)]
+pub struct Route {
+    /// Name for logs (defaults to `routes[N]`).
+    pub name: String,
+    /// Exact host (lowercase, no port) or `None` for any host.
+    pub host: Option<String>,
+    /// Path prefix, always starting with `/`.
+    pub path_prefix: String,
+    /// The upstream this route sends to.
+    pub upstream: Arc<Upstream>,
+    /// Stream behaviour on this route.
+    pub sse: SseSettings,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read config file: {e}"),
+            }])
+        })?;
+        Self::from_str(&text, path)
+    }
+
+    /// Checks the TOML `text`, naming `path` in errors and resolving relative file
+    /// names against its directory.
+    pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let mut cx = Checker {
+            path,
+            text,
+            errors: vec![],
+        };
+        let raw: file::Root =
+            match toml::Deserializer::parse(text).and_then(serde::Deserialize::deserialize) {
+                Ok(r) => r,
+                Err(e) => {
+                    cx.error(e.span(), "", e.message().trim_end());
+                    return Err(ConfigErrors(cx.errors));
+                }
+            };
+        let cfg = cx.check(raw);
+        if cx.errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(cx.errors))
+        }
+    }
+
+    /// Picks the route for a request: routes naming the request's host first, then
+    /// routes for any host; among those, the longest matching path prefix; among equal
+    /// prefixes, the first in the file.
+    pub fn route_for(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        let host = host.map(normalize_host);
+        let best = |want_host: bool| {
+            self.routes
+                .iter()
+                .filter(|r| match (&r.host, &host) {
+                    (Some(rh), Some(h)) => want_host && rh == h,
+                    (None, _) => !want_host,
+                    (Some(_), None) => false,
+                })
+                .filter(|r| path.starts_with(&r.path_prefix))
+                .fold(None::<&Arc<Route>>, |acc, r| match acc {
+                    Some(a) if a.path_prefix.len() >= r.path_prefix.len() => Some(a),
+                    _ => Some(r),
+                })
+        };
+        best(true).or_else(|| best(false))
+    }
+}
+
+/// Lowercases a host and drops a `:port` (keeping IPv6 brackets intact).
+fn normalize_host(host: &str) -> String {
+    let h = if let Some(rest) = host.strip_prefix('[') {
+        match rest.find(']') {
+            Some(i) => &host[..i + 2],
+            None => host,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    h.to_ascii_lowercase()
+}
+
+/// Collects errors with their places while converting the file layer.
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: Option<std::ops::Range<usize>>, key: &str, msg: &str) {
+        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
+        self.errors.push(ConfigError {
+            file: self.path.to_owned(),
+            line,
+            column,
+            key: key.to_owned(),
+            message: msg.to_owned(),
+        });
+    }
+
+    fn span_error<T>(&mut self, v: &toml::Spanned<T>, key: &str, msg: &str) {
+        self.error(Some(v.span()), key, msg);
+    }
+
+    fn relative(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    fn duration(&mut self, v: &toml::Spanned<String>, key: &str) -> Duration {
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.span_error(v, key, &format!("not a duration such as \"15s\": {e}"));
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn check(&mut self, raw: file::Root) -> Config {
+        let server = Server {
+            threads: raw.server.threads.unwrap_or(2).max(1),
+            grace_period: raw
+                .server
+                .grace_period
+                .as_ref()
+                .map_or(Duration::from_secs(30), |v| {
+                    self.duration(v, "server.grace_period")
+                }),
+            log_level: raw.server.log_level.unwrap_or_else(|| "info".into()),
+            pid_file: raw.server.pid_file.map(|p| self.relative(&p)),
+            upgrade_sock: raw.server.upgrade_sock.map(|p| self.relative(&p)),
+        };
+        if raw.listeners.is_empty() {
+            self.error(None, "listeners", "at least one [[listeners]] is required");
+        }
+        let mut listeners = vec![];
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}].address");
+            let address = match l.address.get_ref().parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    self.span_error(&l.address, &key, "not an ip:port address");
+                    continue;
+                }
+            };
+            let tls = match &l.tls {
+                None => None,
+                Some(t) => {
+                    let cert_path = self.relative(t.cert.get_ref());
+                    let key_path = self.relative(t.key.get_ref());
+                    match crate::tls::CertKey::load(&cert_path, &key_path) {
+                        Ok(ck) => Some(ListenerTls {
+                            cert_path,
+                            key_path,
+                            cert_key: Arc::new(ck),
+                        }),
+                        Err(e) => {
+                            let (span, field) = if e.is_key_error() {
+                                (&t.key, "key")
+                            } else {
+                                (&t.cert, "cert")
+                            };
+                            self.span_error(
+                                span,
+                                &format!("listeners[{i}].tls.{field}"),
+                                &e.to_string(),
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+            listeners.push(Listener { address, tls });
+        }
+
+        let global_sse = self.sse(raw.sse.as_ref(), "sse", None);
+
+        let mut upstreams: Vec<Arc<Upstream>> = vec![];
+        for (i, u) in raw.upstreams.iter().enumerate() {
+            let base = format!("upstreams[{i}]");
+            if upstreams.iter().any(|x| x.name == *u.name.get_ref()) {
+                self.span_error(&u.name, &format!("{base}.name"), "duplicate upstream name");
+            }
+            if u.servers.is_empty() {
+                self.error(
+                    None,
+                    &format!("{base}.servers"),
+                    "at least one server is required",
+                );
+            }
+            let mut servers = vec![];
+            for (j, s) in u.servers.iter().enumerate() {
+                match s.get_ref().to_socket_addrs() {
+                    Ok(mut addrs) => match addrs.next() {
+                        Some(a) => servers.push(a),
+                        None => self.span_error(
+                            s,
+                            &format!("{base}.servers[{j}]"),
+                            "resolves to no address",
+                        ),
+                    },
+                    Err(e) => self.span_error(
+                        s,
+                        &format!("{base}.servers[{j}]"),
+                        &format!("not a host:port address: {e}"),
+                    ),
+                }
+            }
+            let connect_timeout = u
+                .connect_timeout
+                .as_ref()
+                .map_or(Duration::from_secs(3), |v| {
+                    self.duration(v, &format!("{base}.connect_timeout"))
+                });
+            let response_timeout = u
+                .response_timeout
+                .as_ref()
+                .map_or(Duration::from_secs(60), |v| {
+                    self.duration(v, &format!("{base}.response_timeout"))
+                });
+            upstreams.push(Arc::new(Upstream {
+                name: u.name.get_ref().clone(),
+                servers,
+                connect_timeout,
+                response_timeout,
+            }));
+        }
+
+        if raw.routes.is_empty() {
+            self.error(None, "routes", "at least one [[routes]] is required");
+        }
+        let mut routes = vec![];
+        for (i, r) in raw.routes.iter().enumerate() {
+            let base = format!("routes[{i}]");
+            let upstream = match upstreams.iter().find(|u| u.name == *r.upstream.get_ref()) {
+                Some(u) => u.clone(),
+                None => {
+                    self.span_error(
+                        &r.upstream,
+                        &format!("{base}.upstream"),
+                        "no upstream has this name",
+                    );
+                    continue;
+                }
+            };
+            let path_prefix = r
+                .path_prefix
+                .as_ref()
+                .map_or("/".to_owned(), |p| p.get_ref().clone());
+            if !path_prefix.starts_with('/') {
+                if let Some(p) = &r.path_prefix {
+                    self.span_error(p, &format!("{base}.path_prefix"), "must start with '/'");
+                }
+            }
+            let sse = self.sse(r.sse.as_ref(), &format!("{base}.sse"), Some(&global_sse));
+            routes.push(Arc::new(Route {
+                name: r.name.clone().unwrap_or_else(|| base.clone()),
+                host: r.host.as_deref().map(normalize_host),
+                path_prefix,
+                upstream,
+                sse,
+            }));
+        }
+        Config {
+            path: self.path.to_owned(),
+            server,
+            listeners,
+            upstreams,
+            routes,
+        }
+    }
+
+    /// Builds stream settings from `own` (a route's `[sse]` or the global one), falling
+    /// back to `parent` for keys it leaves out.
+    fn sse(
+        &mut self,
+        own: Option<&file::Sse>,
+        base: &str,
+        parent: Option<&SseSettings>,
+    ) -> SseSettings {
+        let defaults = SseSettings {
+            heartbeat_interval: Duration::from_secs(15),
+            heartbeat_comment: "heartbeat".into(),
+            shutdown_retry: Duration::from_millis(1000),
+            max_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
+        };
+        let parent = parent.unwrap_or(&defaults);
+        let Some(own) = own else {
+            return parent.clone();
+        };
+        let heartbeat_interval = match &own.heartbeat_interval {
+            Some(v) => {
+                let d = self.duration(v, &format!("{base}.heartbeat_interval"));
+                if d < Duration::from_millis(10) {
+                    self.span_error(
+                        v,
+                        &format!("{base}.heartbeat_interval"),
+                        "must be at least 10ms",
+                    );
+                }
+                d
+            }
+            None => parent.heartbeat_interval,
+        };
+        let heartbeat_comment = match &own.heartbeat_comment {
+            Some(v) => {
+                if v.get_ref().contains(['\r', '\n']) {
+                    self.span_error(v, &format!("{base}.heartbeat_comment"), "must be one line");
+                }
+                v.get_ref().clone()
+            }
+            None => parent.heartbeat_comment.clone(),
+        };
+        let shutdown_retry = match &own.shutdown_retry {
+            Some(v) => self.duration(v, &format!("{base}.shutdown_retry")),
+            None => parent.shutdown_retry,
+        };
+        let max_event_bytes = match &own.max_event_bytes {
+            Some(v) if *v.get_ref() < 64 => {
+                self.span_error(v, &format!("{base}.max_event_bytes"), "must be at least 64");
+                parent.max_event_bytes
+            }
+            Some(v) => *v.get_ref(),
+            None => parent.max_event_bytes,
+        };
+        SseSettings {
+            heartbeat_interval,
+            heartbeat_comment,
+            shutdown_retry,
+            max_event_bytes,
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line, col)
+}
+
+/// The file layer: exactly what the TOML may contain.
+mod file {
+    use serde::Deserialize;
+    use toml::Spanned;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Root {
+        #[serde(default)]
+        pub server: ServerSection,
+        #[serde(default)]
+        pub listeners: Vec<Listener>,
+        pub sse: Option<Sse>,
+        #[serde(default)]
+        pub upstreams: Vec<Upstream>,
+        #[serde(default)]
+        pub routes: Vec<Route>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ServerSection {
+        pub threads: Option<usize>,
+        pub grace_period: Option<Spanned<String>>,
+        pub log_level: Option<String>,
+        pub pid_file: Option<String>,
+        pub upgrade_sock: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listener {
+        pub address: Spanned<String>,
+        pub tls: Option<Tls>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tls {
+        pub cert: Spanned<String>,
+        pub key: Spanned<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Sse {
+        pub heartbeat_interval: Option<Spanned<String>>,
+        pub heartbeat_comment: Option<Spanned<String>>,
+        pub shutdown_retry: Option<Spanned<String>>,
+        pub max_event_bytes: Option<Spanned<usize>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Upstream {
+        pub name: Spanned<String>,
+        #[serde(default)]
+        pub servers: Vec<Spanned<String>>,
+        pub connect_timeout: Option<Spanned<String>>,
+        pub response_timeout: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Route {
+        pub name: Option<String>,
+        pub host: Option<String>,
+        pub path_prefix: Option<Spanned<String>>,
+        pub upstream: Spanned<String>,
+        pub sse: Option<Sse>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "php"
+servers = ["127.0.0.1:9"]
+
+[[routes]]
+upstream = "php"
+"#;
+
+    fn load(s: &str) -> Result<Config, ConfigErrors> {
+        Config::from_str(s, Path::new("/etc/ssegate/test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load(MIN).unwrap();
+        assert_eq!(c.routes[0].sse.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert_eq!(c.upstreams[0].connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = load(&format!("{MIN}\n[server]\nthreads = 2\nbogus = 1\n")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("/etc/ssegate/test.toml:14:1"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_toml_is_located() {
+        let e = load("[[listeners]]\naddress = \n").unwrap_err();
+        assert_eq!(e.0[0].line, 2, "{e}");
+    }
+
+    #[test]
+    fn all_semantic_errors_are_collected() {
+        let e = load(
+            r#"
+[[listeners]]
+address = "nope"
+
+[[upstreams]]
+name = "php"
+servers = ["127.0.0.1:9"]
+connect_timeout = "soon"
+
+[[routes]]
+upstream = "missing"
+"#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.0.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("listeners[0].address", 3),
+                ("upstreams[0].connect_timeout", 8),
+                ("routes[0].upstream", 11)
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_cert_file_is_an_error_on_the_cert_key() {
+        let e = load(&format!(
+            "{MIN}\n[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"/nonexistent.pem\", key = \"/nonexistent.key\" }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.0[0].key, "listeners[1].tls.cert", "{e}");
+        assert!(e.0[0].message.contains("/nonexistent.pem"), "{e}");
+    }
+
+    #[test]
+    fn route_sse_overrides_global() {
+        let c = load(&format!(
+            "{MIN}sse = {{ heartbeat_interval = \"2s\" }}\n[sse]\nheartbeat_comment = \"hb\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].sse.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.routes[0].sse.heartbeat_comment, "hb");
+    }
+
+    #[test]
+    fn routing_prefers_host_then_longest_prefix() {
+        let c = load(
+            r#"
+[[listeners]]
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "a"
+servers = ["127.0.0.1:9"]
+[[routes]]
+name = "any"
+upstream = "a"
+[[routes]]
+name = "any-api"
+path_prefix = "/api"
+upstream = "a"
+[[routes]]
+name = "host"
+host = "Example.com"
+upstream = "a"
+"#,
+        )
+        .unwrap();
+        let r = |h: Option<&str>, p| c.route_for(h, p).map(|r| r.name.clone());
+        assert_eq!(
+            r(Some("example.com:8080"), "/api/x").as_deref(),
+            Some("host")
+        );
+        assert_eq!(r(Some("other"), "/api/x").as_deref(), Some("any-api"));
+        assert_eq!(r(None, "/x").as_deref(), Some("any"));
+    }
+}

@@ -1,0 +1,65 @@
+//! The `ssegate` binary: parse flags, load the config, build the server, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// An edge gateway that makes Server-Sent Events work behind real infrastructure.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Path of the TOML configuration file.
+    #[arg(
+        short = 'c',
+        long = "conf",
+        value_name = "FILE",
+        default_value = "conf/ssegate.toml"
+    )]
+    conf: PathBuf,
+
+    /// Check the configuration and exit: 0 when valid, 1 with every error otherwise.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+
+    /// Take the listening sockets over from a running ssegate (graceful upgrade; the
+    /// old process must then be sent SIGQUIT).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match ssegate::config::Config::load(&cli.conf) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("ssegate: configuration has {} error(s):", errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    if cli.test {
+        println!("ssegate: configuration {} is valid", cli.conf.display());
+        return ExitCode::SUCCESS;
+    }
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.server.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `init` also routes pingora's `log` records into tracing.
+    if let Err(e) = tracing_subscriber::fmt().with_env_filter(filter).try_init() {
+        eprintln!("ssegate: cannot set up logging: {e}");
+    }
+    let server = match ssegate::server::build(Arc::new(config), cli.upgrade) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ssegate: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "ssegate starting");
+    server.run_forever()
+}

@@ -1,0 +1,419 @@
+//! The pingora glue: the `ProxyHttp` implementation, routing and upstream choice,
+//! header hygiene, and the hand-off of every request to [`crate::relay`].
+//!
+//! Each request runs twice through these phases. The *outer* pass (the client's real
+//! session) picks the route and hands the request to the relay, which runs it again as a
+//! pingora subrequest (the *inner* pass) to reach the upstream through pingora's ordinary
+//! proxy path. The relay then sees the upstream's response header first and decides:
+//! an event stream is pumped with heartbeats and a clean shutdown, anything else is
+//! passed through as it comes. WebSocket upgrades skip the relay and take the ordinary
+//! path directly.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::prelude::*;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::proxy::FailToProxy;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::config::{Config, Route};
+use crate::relay::{self, RelayStats};
+use crate::shutdown::{ActiveGuard, Shutdown};
+
+/// State shared by every request of the proxy service.
+pub struct Gateway {
+    /// The checked configuration.
+    config: Arc<Config>,
+    /// Round-robin position per upstream, by index in `config.upstreams`.
+    next_server: Vec<AtomicUsize>,
+    /// Graceful shutdown signal and in-flight count.
+    shutdown: Shutdown,
+}
+
+/// What one request carries between phases.
+#[derive(Default)]
+pub struct RequestCtx {
+    /// The route chosen for the request.
+    route: Option<Arc<Route>>,
+    /// Facts about the client, computed once in the outer pass.
+    client: Option<ClientInfo>,
+    /// This is the inner pass (a subrequest made by the relay).
+    inner: bool,
+    /// Index of the upstream in the config, for round-robin.
+    upstream_index: usize,
+    /// First server index tried and how many were tried, to skip refusing servers.
+    first_server: usize,
+    /// Connection attempts made so far.
+    tries: usize,
+    /// When the outer pass started.
+    started: Option<Instant>,
+    /// What the relay did, for the access log.
+    relay: Option<RelayStats>,
+    /// Counts this request as in flight for graceful shutdown.
+    _active: Option<ActiveGuard>,
+}
+
+/// Client facts passed from the outer pass to the inner one.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    /// Client IP as text, for `X-Forwarded-For`.
+    pub ip: Option<String>,
+    /// `https` or `http`, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+    /// The route chosen in the outer pass.
+    pub route: Arc<Route>,
+    /// Index of the route's upstream.
+    pub upstream_index: usize,
+}
+
+impl Gateway {
+    /// A gateway serving `config`.
+    pub fn new(config: Arc<Config>, shutdown: Shutdown) -> Self {
+        let next_server = config
+            .upstreams
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        Gateway {
+            config,
+            next_server,
+            shutdown,
+        }
+    }
+
+    fn upstream_index(&self, route: &Route) -> usize {
+        self.config
+            .upstreams
+            .iter()
+            .position(|u| Arc::ptr_eq(u, &route.upstream))
+            .unwrap_or(0)
+    }
+}
+
+/// The request's host: the URI authority (HTTP/2, absolute form) or the `Host` header.
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.uri
+        .host()
+        .or_else(|| req.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+}
+
+/// Does the client say it wants an event stream?
+pub fn accepts_event_stream(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| {
+            m.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .await
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
+        // Only the outer pass spawns; the inner pass is the subrequest.
+        session.subrequest_ctx.is_none()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(sub) = session.subrequest_ctx.as_ref() {
+            // Inner pass: take the outer pass's decisions and go the ordinary path.
+            let info = sub
+                .user_ctx()
+                .and_then(|u| u.downcast_ref::<ClientInfo>())
+                .cloned()
+                .ok_or_else(|| {
+                    Error::explain(ErrorType::InternalError, "subrequest without client info")
+                })?;
+            ctx.inner = true;
+            ctx.upstream_index = info.upstream_index;
+            ctx.route = Some(info.route.clone());
+            ctx.client = Some(info);
+            return Ok(false);
+        }
+        ctx.started = Some(Instant::now());
+        ctx._active = Some(self.shutdown.track());
+
+        let req = session.req_header();
+        let Some(route) = self
+            .config
+            .route_for(request_host(req), req.uri.path())
+            .cloned()
+        else {
+            respond_text(session, 404, "404 Not Found: no route for this request\n").await?;
+            return Ok(true);
+        };
+        let client = ClientInfo {
+            ip: session
+                .client_addr()
+                .and_then(PingoraAddr::as_inet)
+                .map(|a| a.ip().to_string()),
+            proto: if session
+                .digest()
+                .and_then(|d| d.ssl_digest.as_ref())
+                .is_some()
+            {
+                "https"
+            } else {
+                "http"
+            },
+            upstream_index: self.upstream_index(&route),
+            route: route.clone(),
+        };
+        ctx.upstream_index = client.upstream_index;
+        ctx.route = Some(route.clone());
+        ctx.client = Some(client.clone());
+
+        if session.is_upgrade_req() {
+            // WebSocket and other upgrades: pingora's ordinary path pipes them both ways.
+            return Ok(false);
+        }
+        let stats = relay::serve(session, client, self.shutdown.subscribe()).await;
+        ctx.relay = Some(stats);
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
+        let upstream = &route.upstream;
+        let n = upstream.servers.len();
+        if n == 0 {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "upstream has no servers");
+        }
+        if ctx.tries == 0 {
+            ctx.first_server = self
+                .next_server
+                .get(ctx.upstream_index)
+                .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+        }
+        let addr = upstream.servers[(ctx.first_server + ctx.tries) % n];
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(upstream.connect_timeout);
+        // Streams may be quiet for hours: never time out reads on the upstream. The
+        // relay enforces the wait for the response header itself.
+        peer.options.read_timeout = None;
+        peer.options.idle_timeout = None;
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.tries += 1;
+        let n = ctx.route.as_ref().map_or(0, |r| r.upstream.servers.len());
+        tracing::warn!(server = %peer, tries = ctx.tries, "upstream connect failed: {e}");
+        // Nothing was sent yet, so trying the next server is safe for any method.
+        e.set_retry(ctx.tries < n);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(client) = ctx.client.as_ref() else {
+            return Ok(());
+        };
+        if let Some(ip) = &client.ip {
+            let xff = match req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip.clone(),
+            };
+            req.insert_header("x-forwarded-for", xff)?;
+        }
+        req.insert_header("x-forwarded-proto", client.proto)?;
+        if session.get_header(header::HOST).is_none() {
+            if let Some(host) = req.uri.authority().map(|a| a.to_string()) {
+                req.insert_header(header::HOST, host)?;
+            }
+        }
+        if accepts_event_stream(req) {
+            // An event stream must never be compressed: gzip does not flush per event.
+            // Asking for identity keeps mod_deflate and PHP's zlib output off.
+            req.remove_header(&header::ACCEPT_ENCODING);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.inner && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            // Hop-by-hop fields describe the upstream connection, not ours.
+            let nominated: Vec<String> = resp
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+                .collect();
+            for name in nominated {
+                resp.remove_header(&name);
+            }
+            for name in [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "upgrade",
+            ] {
+                resp.remove_header(name);
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 {
+            let body = match code {
+                502 => "502 Bad Gateway: the upstream failed\n",
+                504 => "504 Gateway Timeout: the upstream did not answer in time\n",
+                400 => "400 Bad Request\n",
+                _ => "the gateway could not complete this request\n",
+            };
+            if let Err(err) = respond_text(session, code, body).await {
+                tracing::debug!("could not send the error response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.inner {
+            return;
+        }
+        let req = session.req_header();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let ms = ctx.started.map_or(0, |s| s.elapsed().as_millis());
+        let route = ctx.route.as_ref().map_or("-", |r| r.name.as_str());
+        let client = ctx
+            .client
+            .as_ref()
+            .and_then(|c| c.ip.as_deref())
+            .unwrap_or("-");
+        let (kind, events, heartbeats) = match &ctx.relay {
+            Some(r) if r.stream => ("stream", r.events, r.heartbeats),
+            _ => ("request", 0, 0),
+        };
+        tracing::info!(
+            target: "ssegate::access",
+            client,
+            method = %req.method,
+            path = %req.uri,
+            route,
+            status,
+            duration_ms = ms as u64,
+            bytes = session.body_bytes_sent(),
+            kind,
+            events,
+            heartbeats,
+            error = e.map(|e| e.to_string()),
+        );
+    }
+}
+
+/// Bridges pingora's shutdown watch to [`Shutdown`], and exits the process once a
+/// graceful shutdown has started and no request is left in flight (pingora alone would
+/// sleep out the whole grace period).
+pub struct ShutdownBridge {
+    /// The state streams watch.
+    pub shutdown: Shutdown,
+}
+
+#[async_trait]
+impl BackgroundService for ShutdownBridge {
+    async fn start(&self, mut watch: ShutdownWatch) {
+        if watch.wait_for(|v| *v).await.is_err() {
+            return;
+        }
+        tracing::info!(
+            active = self.shutdown.active(),
+            "graceful shutdown: ending streams"
+        );
+        self.shutdown.begin();
+        std::thread::spawn({
+            let shutdown = self.shutdown.clone();
+            move || loop {
+                if shutdown.active() == 0 {
+                    tracing::info!("graceful shutdown: no request left, exiting");
+                    std::process::exit(0);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+    }
+}

@@ -1,0 +1,442 @@
+//! The relay: runs one client request against the upstream (as a pingora subrequest, so
+//! pingora's ordinary proxy path does the connecting and header work) and moves the
+//! response to the client.
+//!
+//! This is where one event travels from the upstream socket to the client socket:
+//! the subrequest reads upstream bytes and sends them here as `HttpTask::Body`; the relay
+//! feeds them to the [`sse::Parser`] (to know where events end), writes them unchanged to
+//! the client session (an HTTP/1 chunk or an HTTP/2 DATA frame, no buffering), and, while
+//! nothing is written, a timer adds heartbeat comments at event boundaries only.
+//!
+//! A response that is not `text/event-stream` is passed through task by task.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, StatusCode, Version};
+use pingora::prelude::*;
+use pingora::protocols::http::HttpTask;
+use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
+use pingora::ErrorType;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
+
+use crate::config::SseSettings;
+use crate::proxy::ClientInfo;
+use crate::sse;
+
+/// What the relay did, for the access log.
+#[derive(Debug, Default, Clone)]
+pub struct RelayStats {
+    /// The response was an event stream.
+    pub stream: bool,
+    /// Events relayed.
+    pub events: u64,
+    /// Heartbeats written.
+    pub heartbeats: u64,
+    /// Why the relay stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// Is this response an event stream? By `Content-Type` only: any case, parameters allowed.
+pub fn is_event_stream(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// Where the response stands.
+enum Phase {
+    /// No response header yet.
+    Waiting,
+    /// An ordinary response: tasks pass through.
+    Plain,
+    /// An event stream: parsed, heartbeated.
+    Stream(Box<StreamState>),
+}
+
+/// Per-stream state of an event-stream response.
+struct StreamState {
+    /// Finds event boundaries in the upstream bytes.
+    parser: sse::Parser,
+    /// Removes a late leading BOM once the gateway has written first.
+    bom: Option<sse::BomStripper>,
+    /// The upstream has sent body bytes.
+    upstream_spoke: bool,
+    /// When a heartbeat is due (silence since the last write).
+    heartbeat_at: Instant,
+    /// The heartbeat interval.
+    interval: Duration,
+    /// The heartbeat bytes.
+    heartbeat: Bytes,
+    /// Shutdown started: end at the next boundary.
+    closing: bool,
+    /// Reconnection delay to send on shutdown.
+    shutdown_retry_ms: u64,
+    /// The upstream's body is not parseable (compressed): relay without heartbeats.
+    opaque: bool,
+}
+
+/// Serves the request in `session` (the outer pass) through a subrequest. Errors are
+/// answered to the client here; the returned stats describe what happened.
+pub async fn serve(
+    session: &mut Session,
+    client: ClientInfo,
+    mut shutdown: watch::Receiver<bool>,
+) -> RelayStats {
+    let mut stats = RelayStats::default();
+    if let Err(e) = run(session, client, &mut shutdown, &mut stats).await {
+        tracing::debug!("relay ended: {e}");
+        if session.response_written().is_none() {
+            let (code, body) = match e.etype() {
+                ErrorType::HTTPStatus(504) => (
+                    504,
+                    "504 Gateway Timeout: the upstream did not answer in time\n",
+                ),
+                _ if e.esource() == &pingora::ErrorSource::Downstream => (400, "400 Bad Request\n"),
+                _ => (502, "502 Bad Gateway: the upstream failed\n"),
+            };
+            let _ = write_error(session, code, body).await;
+        }
+        stats.error = Some(e.to_string());
+    }
+    stats
+}
+
+async fn write_error(session: &mut Session, code: u16, body: &'static str) -> Result<()> {
+    let mut resp = ResponseHeader::build(code, Some(3))?;
+    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .await
+}
+
+async fn run(
+    session: &mut Session,
+    client: ClientInfo,
+    shutdown: &mut watch::Receiver<bool>,
+    stats: &mut RelayStats,
+) -> Result<()> {
+    let route = client.route.clone();
+    let response_timeout = route.upstream.response_timeout;
+
+    // A subrequest re-reads the request as HTTP/1 text: give an HTTP/2 request the
+    // version and `Host` an HTTP/1.1 request would have.
+    if session.is_http2() {
+        let req = session.req_header_mut();
+        req.set_version(Version::HTTP_11);
+        if req.headers.get(header::HOST).is_none() {
+            if let Some(authority) = req.uri.authority().map(|a| a.to_string()) {
+                req.insert_header(header::HOST, authority)?;
+            }
+        }
+    }
+    let mut body_done = session.as_downstream_mut().is_body_done();
+    let sub_ctx = SubrequestCtx::builder()
+        .body_mode(if body_done {
+            BodyMode::NoBody
+        } else {
+            BodyMode::ExpectBody
+        })
+        .user_ctx(Box::new(client))
+        .build();
+    let spawner = session
+        .subrequest_spawner
+        .as_ref()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "subrequests not enabled"))?;
+    let (subrequest, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
+    let mut task = tokio::spawn(subrequest.run());
+    // The subrequest owns the upstream connection: aborting it closes that connection,
+    // which is how a client's disconnect reaches the upstream at once.
+    let mut abort = AbortOnDrop(Some(task.abort_handle()));
+
+    let tx = handle.tx;
+    let mut rx = handle.rx;
+    let mut wants_body_rx = handle.subreq_wants_body;
+    let mut wants_body = false;
+    let mut wants_body_closed = false;
+    let mut proxy_error_rx = handle.subreq_proxy_error;
+    let mut proxy_error_closed = false;
+    let mut sub_finished = false;
+
+    let mut phase = Phase::Waiting;
+    let header_deadline = Instant::now() + response_timeout;
+    let far_future = Instant::now() + Duration::from_secs(86400 * 365);
+
+    loop {
+        let permit = tx.try_reserve();
+        let heartbeat_at = match &phase {
+            Phase::Stream(s) if !s.opaque && !s.closing => s.heartbeat_at,
+            _ => far_future,
+        };
+        let waiting = matches!(phase, Phase::Waiting);
+        let streaming = matches!(phase, Phase::Stream(_));
+        let closing = matches!(&phase, Phase::Stream(s) if s.closing);
+        tokio::select! {
+            biased;
+
+            t = rx.recv() => {
+                let Some(t) = t else {
+                    // The subrequest ended without finishing the response.
+                    return match phase {
+                        Phase::Waiting => Error::e_explain(ErrorType::ConnectProxyFailure, "upstream produced no response"),
+                        Phase::Plain => Error::e_explain(ErrorType::ReadError, "upstream response cut short"),
+                        Phase::Stream(_) => {
+                            // Upstream closed: end the stream so the client reconnects.
+                            session.write_response_body(None, true).await?;
+                            Ok(())
+                        }
+                    };
+                };
+                let mut batch = vec![t];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                for t in batch {
+                    if handle_task(session, &mut phase, t, stats, &route.sse).await? {
+                        if matches!(phase, Phase::Plain) {
+                            // Let the subrequest finish, so it can reuse its upstream
+                            // connection; a stream's upstream may still be open, so it
+                            // is cut.
+                            abort.disarm();
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+
+            r = &mut proxy_error_rx, if !proxy_error_closed => {
+                match r {
+                    Ok(e) if session.response_written().is_none() => return Err(e),
+                    Ok(e) => {
+                        // The header is out: all we can do is end the response.
+                        tracing::debug!("upstream failed mid-response: {e}");
+                        if streaming {
+                            session.write_response_body(None, true).await?;
+                            return Ok(());
+                        }
+                        return Err(e);
+                    }
+                    Err(_) => proxy_error_closed = true,
+                }
+            }
+
+            r = &mut wants_body_rx, if !wants_body && !wants_body_closed => {
+                if r.is_ok() { wants_body = true } else { wants_body_closed = true }
+            }
+
+            _ = tx.reserve(), if wants_body && !body_done && permit.is_err() && !tx.is_closed() => {}
+
+            b = session.downstream_session.read_body_or_idle(body_done),
+                if body_done || (wants_body && permit.is_ok()) =>
+            {
+                let b = b.map_err(|e| e.into_down())?;
+                if body_done {
+                    // A client with nothing more to send only reads: this was a close.
+                    return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
+                }
+                let end = b.is_none() || session.as_downstream_mut().is_body_done();
+                if let Ok(p) = permit {
+                    p.send(HttpTask::Body(b, end));
+                }
+                body_done = end;
+            }
+
+            _ = sleep_until(header_deadline), if waiting => {
+                return Error::e_explain(ErrorType::HTTPStatus(504), "no response header in time");
+            }
+
+            _ = sleep_until(heartbeat_at), if streaming && !closing => {
+                if let Phase::Stream(s) = &mut phase {
+                    if s.parser.at_boundary() {
+                        session.write_response_body(Some(s.heartbeat.clone()), false).await?;
+                        stats.heartbeats += 1;
+                        if !s.upstream_spoke && s.bom.is_none() {
+                            s.bom = Some(sse::BomStripper::default());
+                        }
+                    }
+                    // Mid-event: the upstream owes the rest; check again later.
+                    s.heartbeat_at = Instant::now() + s.interval;
+                }
+            }
+
+            _ = shutdown_started(shutdown), if streaming && !closing => {
+                if let Phase::Stream(s) = &mut phase {
+                    s.closing = true;
+                    if s.opaque || s.parser.at_boundary() {
+                        end_with_retry(session, s).await?;
+                        return Ok(());
+                    }
+                }
+            }
+
+            r = &mut task, if !sub_finished => {
+                sub_finished = true;
+                if let Err(e) = r {
+                    if e.is_panic() {
+                        return Error::e_explain(ErrorType::InternalError, "subrequest panicked");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles one task from the subrequest. Returns `true` when the response is complete.
+async fn handle_task(
+    session: &mut Session,
+    phase: &mut Phase,
+    t: HttpTask,
+    stats: &mut RelayStats,
+    settings: &SseSettings,
+) -> Result<bool> {
+    match phase {
+        Phase::Waiting => match t {
+            HttpTask::Header(resp, end) if resp.status.is_informational() => {
+                // 1xx (e.g. 100 Continue) passes through; keep waiting for the final one.
+                session
+                    .write_response_tasks(vec![HttpTask::Header(resp, end)])
+                    .await?;
+                Ok(false)
+            }
+            HttpTask::Header(resp, end)
+                if !end && resp.status == StatusCode::OK && is_event_stream(&resp) =>
+            {
+                let s = start_stream(session, resp, settings).await?;
+                stats.stream = true;
+                *phase = Phase::Stream(Box::new(s));
+                Ok(false)
+            }
+            other => {
+                *phase = Phase::Plain;
+                session.write_response_tasks(vec![other]).await
+            }
+        },
+        Phase::Plain => session.write_response_tasks(vec![t]).await,
+        Phase::Stream(s) => match t {
+            HttpTask::Body(Some(bytes), end) => {
+                let bytes = match s.bom.as_mut() {
+                    Some(b) => b.feed(bytes),
+                    None => bytes,
+                };
+                if !bytes.is_empty() {
+                    s.upstream_spoke = true;
+                    if !s.opaque {
+                        s.parser.push(&bytes);
+                        loop {
+                            match s.parser.next_event() {
+                                Ok(Some(_ev)) => stats.events += 1,
+                                Ok(None) => break,
+                                Err(e) => {
+                                    tracing::warn!("closing stream: upstream sent an {e}");
+                                    session.write_response_body(None, true).await?;
+                                    return Ok(true);
+                                }
+                            }
+                        }
+                    }
+                    session.write_response_body(Some(bytes), false).await?;
+                    s.heartbeat_at = Instant::now() + s.interval;
+                }
+                if end {
+                    session.write_response_body(None, true).await?;
+                    return Ok(true);
+                }
+                if s.closing && s.parser.at_boundary() {
+                    end_with_retry(session, s).await?;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            HttpTask::Body(None, end) => {
+                if end {
+                    session.write_response_body(None, true).await?;
+                }
+                Ok(end)
+            }
+            HttpTask::Done | HttpTask::Trailer(_) => {
+                session.write_response_body(None, true).await?;
+                Ok(true)
+            }
+            HttpTask::Failed(e) => {
+                tracing::debug!("upstream stream failed: {e}");
+                session.write_response_body(None, true).await?;
+                Ok(true)
+            }
+            HttpTask::Header(..) | HttpTask::UpgradedBody(..) => Ok(false),
+        },
+    }
+}
+
+/// Writes the stream's response header, fixed for intermediaries.
+async fn start_stream(
+    session: &mut Session,
+    mut resp: Box<ResponseHeader>,
+    settings: &SseSettings,
+) -> Result<StreamState> {
+    resp.remove_header(&header::CONTENT_LENGTH);
+    resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
+    resp.insert_header("x-accel-buffering", "no")?;
+    let opaque = resp
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if opaque {
+        tracing::warn!("upstream compressed an event stream; relaying it without heartbeats");
+    }
+    if !session.is_http2() && session.req_header().version == Version::HTTP_11 {
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    session.write_response_header(resp, false).await?;
+    Ok(StreamState {
+        parser: sse::Parser::new(settings.max_event_bytes),
+        bom: None,
+        upstream_spoke: false,
+        heartbeat_at: Instant::now() + settings.heartbeat_interval,
+        interval: settings.heartbeat_interval,
+        heartbeat: sse::heartbeat(&settings.heartbeat_comment),
+        closing: false,
+        shutdown_retry_ms: settings.shutdown_retry.as_millis() as u64,
+        opaque,
+    })
+}
+
+async fn end_with_retry(session: &mut Session, s: &StreamState) -> Result<()> {
+    session
+        .write_response_body(Some(sse::shutdown_hint(s.shutdown_retry_ms)), false)
+        .await?;
+    session.write_response_body(None, true).await
+}
+
+/// Resolves once the shutdown has started; never, if its sender is gone.
+async fn shutdown_started(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Aborts the subrequest task when the relay returns, unless disarmed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}

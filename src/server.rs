@@ -1,0 +1,76 @@
+//! Builds the pingora [`Server`] from a checked [`Config`]: pingora's own `ServerConf`,
+//! the proxy service with its listeners, and the shutdown bridge.
+
+use std::sync::Arc;
+
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use pingora::services::background::background_service;
+
+use crate::config::Config;
+use crate::proxy::{Gateway, ShutdownBridge};
+use crate::shutdown::Shutdown;
+use crate::tls::SingleCert;
+
+/// Makes pingora's settings from ours.
+pub fn server_conf(config: &Config) -> ServerConf {
+    let mut conf = ServerConf {
+        threads: config.server.threads,
+        // Streams end themselves at shutdown; the grace period only bounds ordinary
+        // requests still running, and the process exits as soon as none is left.
+        grace_period_seconds: Some(config.server.grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    if let Some(p) = &config.server.pid_file {
+        conf.pid_file = p.display().to_string();
+    }
+    if let Some(p) = &config.server.upgrade_sock {
+        conf.upgrade_sock = p.display().to_string();
+    }
+    conf
+}
+
+/// Builds a ready-to-run server. `upgrade` takes the listening sockets over from a
+/// running instance (pingora's graceful upgrade).
+pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
+    server.bootstrap();
+
+    let shutdown = Shutdown::new();
+    let gateway = Gateway::new(config.clone(), shutdown.clone());
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    let mut proxy = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, gateway)
+        .name("ssegate")
+        .server_options(options)
+        .build();
+    for l in &config.listeners {
+        let addr = l.address.to_string();
+        match &l.tls {
+            None => proxy.add_tcp(&addr),
+            Some(tls) => {
+                let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))?;
+                settings.set_cert_resolver(Arc::new(SingleCert(tls.cert_key.certified.clone())));
+                settings.enable_h2();
+                proxy.add_tls_with_settings(&addr, None, settings);
+            }
+        }
+    }
+    server.add_service(proxy);
+    server.add_service(background_service("shutdown", ShutdownBridge { shutdown }));
+    Ok(server)
+}
+
+/// TLS handshake callbacks: none needed, but pingora's resolver-based settings are
+/// created through this constructor.
+struct NoCallbacks;
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for NoCallbacks {}

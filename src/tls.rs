@@ -1,0 +1,94 @@
+//! TLS for the public listeners: certificate loading (checked at config time, so a bad
+//! file is a startup error, not a panic inside pingora), and the rustls certificate
+//! resolver the listener uses.
+//!
+//! Uses rustls directly, not pingora, so config checking (`ssegate -t`) can load and
+//! verify certificates without building a server.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why a certificate/key pair could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file could not be read or parsed.
+    #[error("cannot load certificate {path}: {reason}")]
+    Cert {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The key file could not be read or parsed, or does not match the certificate.
+    #[error("cannot load private key {path}: {reason}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl TlsError {
+    /// True when the key file (not the certificate) is at fault.
+    pub fn is_key_error(&self) -> bool {
+        matches!(self, TlsError::Key { .. })
+    }
+}
+
+/// A certificate chain and its private key, loaded and checked to match.
+#[derive(Debug)]
+pub struct CertKey {
+    /// The rustls form, shared with every handshake.
+    pub certified: Arc<CertifiedKey>,
+}
+
+/// The crypto provider pingora's rustls build uses (ring).
+fn provider() -> Arc<CryptoProvider> {
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+impl CertKey {
+    /// Loads a PEM chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertKey, TlsError> {
+        let cert_err = |reason: String| TlsError::Cert {
+            path: cert_path.to_owned(),
+            reason,
+        };
+        let key_err = |reason: String| TlsError::Key {
+            path: key_path.to_owned(),
+            reason,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+            .map_err(|e| cert_err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| cert_err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(cert_err("no PEM certificate in file".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| key_err(e.to_string()))?;
+        let certified = CertifiedKey::from_der(certs, key, &provider())
+            .map_err(|e| key_err(format!("{e} (does the key belong to the certificate?)")))?;
+        Ok(CertKey {
+            certified: Arc::new(certified),
+        })
+    }
+}
+
+/// Serves one certificate for every handshake.
+#[derive(Debug)]
+pub struct SingleCert(pub Arc<CertifiedKey>);
+
+impl ResolvesServerCert for SingleCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}

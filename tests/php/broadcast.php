@@ -1,0 +1,22 @@
+<?php
+// A broadcast feed: event k is due at k * period seconds of wall-clock time, so every
+// client sees the same consecutive ids. Ignores Last-Event-ID, like legacy scripts do.
+// Query: period (seconds, default 0.1), n (events to send before ending, default 0 = run
+// until the client leaves).
+header('Content-Type: text/event-stream');
+header('Cache-Control: no-cache');
+$period = isset($_GET['period']) ? floatval($_GET['period']) : 0.1;
+$n = isset($_GET['n']) ? intval($_GET['n']) : 0;
+$k = (int)floor(microtime(true) / $period) + 1;
+for ($sent = 0; $n == 0 || $sent < $n; $sent++, $k++) {
+    $wait = $k * $period - microtime(true);
+    if ($wait > 0) {
+        usleep((int)($wait * 1000000));
+    }
+    echo "id: $k\nevent: tick\ndata: {\"k\":$k,\"t\":" . microtime(true) . "}\n\n";
+    @ob_flush();
+    flush();
+    if (connection_aborted()) {
+        break;
+    }
+}
