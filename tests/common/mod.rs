@@ -1,0 +1,317 @@
+//! Test harness: a real PHP backend (`php -S` with workers) serving `tests/php`, the real
+//! `ssegate` binary with a generated config, and helpers to drive real clients (curl,
+//! node's `eventsource`). Everything listens on 127.0.0.1 with ports the OS picks.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on port {port} within 20 s");
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `php -S` serving the test scripts, with enough workers for concurrent streams.
+pub struct Php {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Php {
+    pub fn start() -> Php {
+        let port = free_port();
+        let mut child = Command::new("php")
+            .args(["-S", &format!("127.0.0.1:{port}"), "-t"])
+            .arg(repo().join("tests/php"))
+            .env("PHP_CLI_SERVER_WORKERS", "24")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run php (the README's test command installs php-cli)");
+        wait_port(port, &mut child, "php -S");
+        Php {
+            port,
+            _proc: Proc { child },
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written to `dir`.
+pub struct TestCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCert {
+    pub fn generate(dir: &Path) -> TestCert {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("generate a certificate");
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+        std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+        TestCert { cert, key }
+    }
+}
+
+/// The real gateway binary with a generated config.
+pub struct Gateway {
+    pub port: u16,
+    pub tls_port: Option<u16>,
+    pub dir: tempfile::TempDir,
+    pub proc: Proc,
+    pub cert: Option<TestCert>,
+}
+
+pub struct GatewayOptions {
+    /// Extra TOML appended to the generated file (sections such as `[sse]`).
+    pub extra: String,
+    /// Upstream servers (host:port).
+    pub servers: Vec<String>,
+    /// Also listen with TLS.
+    pub tls: bool,
+    /// `[upstreams]` keys beyond name and servers.
+    pub upstream_extra: String,
+}
+
+impl GatewayOptions {
+    pub fn to(php: &Php) -> GatewayOptions {
+        GatewayOptions {
+            extra: String::new(),
+            servers: vec![format!("127.0.0.1:{}", php.port)],
+            tls: false,
+            upstream_extra: String::new(),
+        }
+    }
+
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
+    }
+
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    pub fn start(self) -> Gateway {
+        Gateway::start(self)
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ssegate")
+}
+
+impl Gateway {
+    pub fn start(o: GatewayOptions) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut toml = format!(
+            "[server]\nthreads = 2\ngrace_period = \"10s\"\nlog_level = \"info\"\npid_file = \"{}\"\nupgrade_sock = \"{}\"\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n",
+            dir.path().join("ssegate.pid").display(),
+            dir.path().join("upgrade.sock").display(),
+        );
+        let mut tls_port = None;
+        let mut cert = None;
+        if o.tls {
+            let c = TestCert::generate(dir.path());
+            let p = free_port();
+            toml.push_str(&format!(
+                "\n[[listeners]]\naddress = \"127.0.0.1:{p}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                c.cert.display(),
+                c.key.display()
+            ));
+            tls_port = Some(p);
+            cert = Some(c);
+        }
+        let servers: Vec<String> = o.servers.iter().map(|s| format!("\"{s}\"")).collect();
+        toml.push_str(&format!(
+            "\n[[upstreams]]\nname = \"php\"\nservers = [{}]\n{}\n\n[[routes]]\nupstream = \"php\"\n\n{}\n",
+            servers.join(", "),
+            o.upstream_extra,
+            o.extra
+        ));
+        let conf = dir.path().join("ssegate.toml");
+        std::fs::write(&conf, toml).expect("write config");
+        let log = std::fs::File::create(dir.path().join("ssegate.log")).expect("log file");
+        let mut child = Command::new(bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("run ssegate");
+        wait_port(port, &mut child, "ssegate");
+        if let Some(p) = tls_port {
+            wait_port(p, &mut child, "ssegate (TLS)");
+        }
+        Gateway {
+            port,
+            tls_port,
+            dir,
+            proc: Proc { child },
+            cert,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn tls_url(&self, path: &str) -> String {
+        format!(
+            "https://localhost:{}{}",
+            self.tls_port.expect("tls listener"),
+            path
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ssegate.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.child.id() as i32
+    }
+
+    /// Sends a signal by name (TERM, HUP, ...).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; returns how long it took, or None on timeout.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// A line of output and when it arrived.
+#[derive(Debug, Clone)]
+pub struct TimedLine {
+    pub at: std::time::SystemTime,
+    pub line: String,
+}
+
+/// Runs curl with `args` (plus `-sS -N`) and returns its stdout split into lines, each
+/// stamped with its arrival time.
+pub fn curl_lines(args: &[&str]) -> Vec<TimedLine> {
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run curl");
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = vec![];
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        lines.push(TimedLine {
+            at: std::time::SystemTime::now(),
+            line,
+        });
+    }
+    let _ = child.wait();
+    lines
+}
+
+/// Runs curl and returns (status, stdout bytes).
+pub fn curl(args: &[&str]) -> (std::process::ExitStatus, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-sS"])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run curl");
+    (out.status, out.stdout)
+}
+
+/// Reads everything a spawned process prints, with a time limit.
+pub fn read_all_with_limit(mut child: Child, limit: Duration) -> Vec<u8> {
+    let mut out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![];
+        let _ = out.read_to_end(&mut buf);
+        let _ = tx.send(buf);
+    });
+    let buf = rx.recv_timeout(limit).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    buf
+}
+
+/// Parses a whole event stream with the gateway's parser (tested against the spec in
+/// its own unit suite): (id, type, data, retry) per event, then the final last id.
+pub fn parse_stream(bytes: &[u8]) -> (Vec<(String, String, String, Option<u64>)>, String) {
+    let mut p = ssegate::sse::Parser::default();
+    p.push(bytes);
+    let mut out = vec![];
+    while let Some(e) = p.next_event().expect("parse") {
+        out.push((e.id, e.event_type, e.data, e.retry));
+    }
+    (out, p.last_event_id().to_owned())
+}
+
+/// Median and maximum of a list of durations, in milliseconds.
+pub fn median_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let med = v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
+    let max = v.last().copied().unwrap_or(f64::NAN);
+    (med, max)
+}

@@ -1,0 +1,176 @@
+//! Ordinary reverse proxying: forwarding headers, bodies, hop-by-hop hygiene, upstream
+//! failures, server failover. Real PHP backend, real gateway binary, curl.
+
+mod common;
+
+use common::*;
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+#[test]
+fn forwards_method_body_and_proxy_headers() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let (st, out) = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "payload-123",
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        "-H",
+        "Connection: keep-alive, X-Hop",
+        "-H",
+        "X-Hop: secret",
+        "-H",
+        "X-Keep: yes",
+        &gw.url("/echo.php?a=1&b=2"),
+    ]);
+    assert!(st.success());
+    let v = json(&out);
+    assert_eq!(v["method"], "PUT");
+    assert_eq!(v["uri"], "/echo.php?a=1&b=2");
+    assert_eq!(v["body"], "payload-123");
+    let h = &v["headers"];
+    assert_eq!(h["host"], format!("127.0.0.1:{}", gw.port));
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-keep"], "yes");
+    assert!(
+        h.get("x-hop").is_none(),
+        "Connection-nominated header leaked: {h}"
+    );
+}
+
+#[test]
+fn event_stream_requests_are_not_compressed_upstream() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let (_, out) = curl(&[
+        "-H",
+        "Accept: text/event-stream",
+        "-H",
+        "Accept-Encoding: gzip, br",
+        &gw.url("/echo.php"),
+    ]);
+    let v = json(&out);
+    assert!(v["headers"].get("accept-encoding").is_none(), "{v}");
+    // Other requests keep their Accept-Encoding.
+    let (_, out) = curl(&["-H", "Accept-Encoding: gzip", &gw.url("/echo.php")]);
+    assert_eq!(json(&out)["headers"]["accept-encoding"], "gzip");
+}
+
+#[test]
+fn large_bodies_pass_both_ways() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("big");
+    let data: String = (0..200_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    std::fs::write(&file, &data).expect("write");
+    let (st, out) = curl(&[
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &gw.url("/echo.php"),
+    ]);
+    assert!(st.success());
+    assert_eq!(json(&out)["body"].as_str().map(str::len), Some(200_000));
+}
+
+#[test]
+fn status_codes_pass_through() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let (_, out) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &gw.url("/echo.php?status=418"),
+    ]);
+    assert_eq!(out, b"418");
+    let (_, out) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &gw.url("/nope.php"),
+    ]);
+    assert_eq!(out, b"404");
+}
+
+#[test]
+fn dead_upstream_is_502_with_a_short_body() {
+    let dead = free_port();
+    let gw = Gateway::start(GatewayOptions {
+        extra: String::new(),
+        servers: vec![format!("127.0.0.1:{dead}")],
+        tls: false,
+        upstream_extra: String::new(),
+    });
+    let (_, out) = curl(&["-w", "\n%{http_code}", &gw.url("/echo.php")]);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with("\n502"), "{text}");
+    assert!(text.contains("Bad Gateway"), "{text}");
+}
+
+#[test]
+fn slow_upstream_is_504() {
+    let php = Php::start();
+    let gw = Gateway::start(GatewayOptions {
+        upstream_extra: "response_timeout = \"500ms\"".into(),
+        ..GatewayOptions::to(&php)
+    });
+    let (_, out) = curl(&["-w", "\n%{http_code}", &gw.url("/echo.php?sleep=3")]);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with("\n504"), "{text}");
+    // A stream that answers its header in time may then stay quiet far longer.
+    let (_, out) = curl(&["-N", &gw.url("/quiet.php?quiet=1.5")]);
+    assert!(String::from_utf8_lossy(&out).contains("data: second"));
+}
+
+#[test]
+fn refusing_server_is_skipped() {
+    let php = Php::start();
+    let dead = free_port();
+    let gw = Gateway::start(GatewayOptions {
+        servers: vec![
+            format!("127.0.0.1:{dead}"),
+            format!("127.0.0.1:{}", php.port),
+        ],
+        ..GatewayOptions::to(&php)
+    });
+    for _ in 0..4 {
+        let (_, out) = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &gw.url("/echo.php"),
+        ]);
+        assert_eq!(out, b"200");
+    }
+}
+
+#[test]
+fn http2_cleartext_ordinary_request() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let (_, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version}",
+        &gw.url("/echo.php?h2=1"),
+    ]);
+    let text = String::from_utf8_lossy(&out);
+    let (body, version) = text.rsplit_once('\n').expect("version line");
+    assert_eq!(version, "2");
+    let v = json(body.as_bytes());
+    assert_eq!(v["uri"], "/echo.php?h2=1");
+    assert_eq!(v["headers"]["host"], format!("127.0.0.1:{}", gw.port));
+}
