@@ -296,9 +296,12 @@ pub fn read_all_with_limit(mut child: Child, limit: Duration) -> Vec<u8> {
     buf
 }
 
+/// What a client sees of one event: (id, type, data, retry).
+pub type SeenEvent = (String, String, String, Option<u64>);
+
 /// Parses a whole event stream with the gateway's parser (tested against the spec in
 /// its own unit suite): (id, type, data, retry) per event, then the final last id.
-pub fn parse_stream(bytes: &[u8]) -> (Vec<(String, String, String, Option<u64>)>, String) {
+pub fn parse_stream(bytes: &[u8]) -> (Vec<SeenEvent>, String) {
     let mut p = ssegate::sse::Parser::default();
     p.push(bytes);
     let mut out = vec![];
