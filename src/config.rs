@@ -381,6 +381,16 @@ impl Checker<'_> {
         let mut routes = vec![];
         for (i, r) in raw.routes.iter().enumerate() {
             let base = format!("routes[{i}]");
+            let path_prefix = r
+                .path_prefix
+                .as_ref()
+                .map_or("/".to_owned(), |p| p.get_ref().clone());
+            if !path_prefix.starts_with('/') {
+                if let Some(p) = &r.path_prefix {
+                    self.span_error(p, &format!("{base}.path_prefix"), "must start with '/'");
+                }
+            }
+            let sse = self.sse(r.sse.as_ref(), &format!("{base}.sse"), Some(&global_sse));
             let upstream = match upstreams.iter().find(|u| u.name == *r.upstream.get_ref()) {
                 Some(u) => u.clone(),
                 None => {
@@ -392,16 +402,6 @@ impl Checker<'_> {
                     continue;
                 }
             };
-            let path_prefix = r
-                .path_prefix
-                .as_ref()
-                .map_or("/".to_owned(), |p| p.get_ref().clone());
-            if !path_prefix.starts_with('/') {
-                if let Some(p) = &r.path_prefix {
-                    self.span_error(p, &format!("{base}.path_prefix"), "must start with '/'");
-                }
-            }
-            let sse = self.sse(r.sse.as_ref(), &format!("{base}.sse"), Some(&global_sse));
             routes.push(Arc::new(Route {
                 name: r.name.clone().unwrap_or_else(|| base.clone()),
                 host: r.host.as_deref().map(normalize_host),

@@ -1,0 +1,144 @@
+//! The command line: `-t` config checks with located errors, `--version`, `--help`.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn check(toml: &str) -> (i32, String, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, toml).expect("write");
+    let out = Command::new(bin())
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("run");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), text, path, dir)
+}
+
+const GOOD: &str = r#"
+[[listeners]]
+address = "127.0.0.1:8080"
+
+[[upstreams]]
+name = "php"
+servers = ["127.0.0.1:8081"]
+
+[[routes]]
+upstream = "php"
+"#;
+
+#[test]
+fn valid_config_passes() {
+    let (code, text, _, _d) = check(GOOD);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("is valid"), "{text}");
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    for name in ["conf/ssegate.toml", "conf/demo.toml"] {
+        let out = Command::new(bin())
+            .arg("-t")
+            .arg("-c")
+            .arg(repo().join(name))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn malformed_toml_names_file_and_line() {
+    let (code, text, path, _d) = check("[[listeners]]\naddress = \"127.0.0.1:8080\n");
+    assert_eq!(code, 1);
+    assert!(text.contains(&format!("{}:2:", path.display())), "{text}");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let (code, text, path, _d) = check(&format!("{GOOD}\n[sse]\nheartbeat_intervall = \"5s\"\n"));
+    assert_eq!(code, 1);
+    assert!(text.contains(&format!("{}:13:1", path.display())), "{text}");
+    assert!(text.contains("heartbeat_intervall"), "{text}");
+}
+
+#[test]
+fn missing_cert_file_is_named() {
+    let (code, text, path, _d) = check(&format!(
+        "{GOOD}\n[[listeners]]\naddress = \"127.0.0.1:8443\"\ntls = {{ cert = \"missing.pem\", key = \"missing.key\" }}\n"
+    ));
+    assert_eq!(code, 1);
+    assert!(text.contains(&format!("{}:14:", path.display())), "{text}");
+    assert!(text.contains("listeners[1].tls.cert"), "{text}");
+    assert!(text.contains("missing.pem"), "{text}");
+}
+
+#[test]
+fn mismatched_key_is_an_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = TestCert::generate(dir.path());
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).expect("mkdir");
+    let b = TestCert::generate(&other);
+    let (code, text, _, _d) = check(&format!(
+        "{GOOD}\n[[listeners]]\naddress = \"127.0.0.1:8443\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        a.cert.display(),
+        b.key.display()
+    ));
+    assert_eq!(code, 1);
+    assert!(text.contains("listeners[1].tls.key"), "{text}");
+}
+
+#[test]
+fn bad_address_and_every_other_error_reported_together() {
+    let (code, text, path, _d) = check(
+        r#"
+[[listeners]]
+address = "localhost:http"
+
+[[upstreams]]
+name = "php"
+servers = ["127.0.0.1:8081"]
+
+[[routes]]
+upstream = "nope"
+path_prefix = "api"
+"#,
+    );
+    assert_eq!(code, 1);
+    let p = path.display();
+    assert!(
+        text.contains(&format!("{p}:3:11: listeners[0].address")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{p}:10:12: routes[0].upstream")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{p}:11:15: routes[0].path_prefix")),
+        "{text}"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(bin()).arg("--version").output().expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = Command::new(bin()).arg("--help").output().expect("run");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--conf", "--test", "--upgrade", "--version"] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
