@@ -25,6 +25,9 @@ use crate::config::SseSettings;
 use crate::proxy::ClientInfo;
 use crate::sse;
 
+/// On shutdown, how long to wait for an upstream to finish the event it is sending.
+const MID_EVENT_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 /// What the relay did, for the access log.
 #[derive(Debug, Default, Clone)]
 pub struct RelayStats {
@@ -73,6 +76,8 @@ struct StreamState {
     heartbeat: Bytes,
     /// Shutdown started: end at the next boundary.
     closing: bool,
+    /// Shutdown started mid-event: end by then even if the event never finishes.
+    close_by: Instant,
     /// Reconnection delay to send on shutdown.
     shutdown_retry_ms: u64,
     /// The upstream's body is not parseable (compressed): relay without heartbeats.
@@ -89,7 +94,12 @@ pub async fn serve(
     let mut stats = RelayStats::default();
     if let Err(e) = run(session, client, &mut shutdown, &mut stats).await {
         tracing::debug!("relay ended: {e}");
-        if session.response_written().is_none() {
+        let client_gone = e.esource() == &pingora::ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        if session.response_written().is_none() && !client_gone {
             let (code, body) = match e.etype() {
                 ErrorType::HTTPStatus(504) => (
                     504,
@@ -176,6 +186,10 @@ async fn run(
         let waiting = matches!(phase, Phase::Waiting);
         let streaming = matches!(phase, Phase::Stream(_));
         let closing = matches!(&phase, Phase::Stream(s) if s.closing);
+        let close_by = match &phase {
+            Phase::Stream(s) if s.closing => s.close_by,
+            _ => far_future,
+        };
         tokio::select! {
             biased;
 
@@ -271,7 +285,17 @@ async fn run(
                         end_with_retry(session, s).await?;
                         return Ok(());
                     }
+                    s.close_by = Instant::now() + MID_EVENT_SHUTDOWN_WAIT;
                 }
+            }
+
+            _ = sleep_until(close_by), if closing => {
+                // The upstream never finished its event. A hint appended now would join
+                // the unfinished line, so end without one: the client drops the partial
+                // event and reconnects after its current delay.
+                tracing::debug!("shutdown: upstream left an event unfinished");
+                session.write_response_body(None, true).await?;
+                return Ok(());
             }
 
             r = &mut task, if !sub_finished => {
@@ -400,6 +424,7 @@ async fn start_stream(
         interval: settings.heartbeat_interval,
         heartbeat: sse::heartbeat(&settings.heartbeat_comment),
         closing: false,
+        close_by: Instant::now(),
         shutdown_retry_ms: settings.shutdown_retry.as_millis() as u64,
         opaque,
     })

@@ -225,3 +225,31 @@ fn sigterm_ends_streams_with_retry_and_exits_promptly() {
         }
     }
 }
+
+#[test]
+fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
+    let php = Php::start();
+    let mut gw = GatewayOptions::to(&php).start();
+    let client = Command::new("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "30",
+            &gw.url("/quiet.php?partial=1&quiet=20"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(800));
+    gw.signal("TERM");
+    // The upstream is mid-event for 20 s: the gateway waits a bounded time, then ends
+    // the stream without appending anything to the unfinished line.
+    let exited = gw.wait_exit(Duration::from_secs(12));
+    assert!(exited.is_some(), "gateway still running 12 s after SIGTERM");
+    let out = read_all_with_limit(client, Duration::from_secs(5));
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "id: 1\ndata: first\n\nid: 2\ndata: half"
+    );
+}
