@@ -174,3 +174,42 @@ fn http2_cleartext_ordinary_request() {
     assert_eq!(v["uri"], "/echo.php?h2=1");
     assert_eq!(v["headers"]["host"], format!("127.0.0.1:{}", gw.port));
 }
+
+#[test]
+fn websocket_upgrade_passes_through() {
+    let port = free_port();
+    let mut child = std::process::Command::new("node")
+        .arg(repo().join("tests/node/ws_echo.mjs"))
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run node (the README's test command installs it)");
+    wait_port(port, &mut child, "ws echo backend");
+    let _backend = Proc { child };
+    let gw = Gateway::start(GatewayOptions {
+        extra: String::new(),
+        servers: vec![format!("127.0.0.1:{port}")],
+        tls: false,
+        upstream_extra: String::new(),
+    });
+    let out = std::process::Command::new("node")
+        .arg(repo().join("tests/node/ws_client.mjs"))
+        .args([&format!("ws://127.0.0.1:{}/chat", gw.port), "3"])
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "ws client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<String> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        got,
+        [
+            "hello 127.0.0.1",
+            "echo ping 1",
+            "echo ping 2",
+            "echo ping 3"
+        ]
+    );
+}
