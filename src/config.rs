@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::limit::{ClientIdentity, LimitSettings, Rate};
 use crate::tls::CertKey;
 
 /// One problem found in a config file.
@@ -70,6 +71,42 @@ pub struct Config {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Routing table, in file order.
     pub routes: Vec<Arc<Route>>,
+    /// Rate limits and stream caps.
+    pub limits: Limits,
+}
+
+/// Rate limits, stream caps and how refusals are answered.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How a client's address is found and grouped.
+    pub identity: ClientIdentity,
+    /// The limiter's numbers.
+    pub settings: LimitSettings,
+    /// Base `retry:` / `Retry-After` for refusals.
+    pub refusal_retry: Duration,
+    /// Random stretch of retry delays (0.5 = up to +50 %), so refused clients spread out.
+    pub retry_jitter: f64,
+    /// How often idle clients are dropped from the limiters.
+    pub prune_interval: Duration,
+}
+
+/// How a refused stream request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseStreamsWith {
+    /// A 200 event stream carrying `retry:` that then ends: an `EventSource` reconnects
+    /// later instead of giving up for good, as it would on a 429.
+    EventStream,
+    /// 429 with `Retry-After`.
+    TooManyRequests,
+}
+
+/// Limits specific to one route.
+#[derive(Debug, Clone)]
+pub struct RouteLimits {
+    /// Per-client request rate on this route, on top of the global one.
+    pub request_rate: Option<Rate>,
+    /// How refused stream requests on this route are answered.
+    pub refuse_streams_with: RefuseStreamsWith,
 }
 
 /// Process-wide settings.
@@ -131,6 +168,9 @@ pub struct SseSettings {
     pub shutdown_retry: Duration,
     /// Largest event block accepted from the upstream; a larger one ends the stream.
     pub max_event_bytes: usize,
+    /// When set, the reconnection delay the gateway gives clients at stream start and
+    /// after every upstream `retry:` (overriding it), stretched by `limits.retry_jitter`.
+    pub retry: Option<Duration>,
 }
 
 /// One routing rule.
@@ -146,6 +186,10 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Stream behaviour on this route.
     pub sse: SseSettings,
+    /// Limits on this route.
+    pub limits: RouteLimits,
+    /// Position in `Config::routes`.
+    pub index: usize,
 }
 
 impl Config {
@@ -323,6 +367,15 @@ impl Checker<'_> {
         }
 
         let global_sse = self.sse(raw.sse.as_ref(), "sse", None);
+        let limits = self.limits(raw.limits.as_ref());
+        let refuse_default = match raw
+            .limits
+            .as_ref()
+            .and_then(|l| l.refuse_streams_with.as_ref())
+        {
+            Some(v) => self.refuse_mode(v, "limits.refuse_streams_with"),
+            None => RefuseStreamsWith::EventStream,
+        };
 
         let mut upstreams: Vec<Arc<Upstream>> = vec![];
         for (i, u) in raw.upstreams.iter().enumerate() {
@@ -391,6 +444,26 @@ impl Checker<'_> {
                 }
             }
             let sse = self.sse(r.sse.as_ref(), &format!("{base}.sse"), Some(&global_sse));
+            let route_limits = match &r.limits {
+                None => RouteLimits {
+                    request_rate: None,
+                    refuse_streams_with: refuse_default,
+                },
+                Some(l) => RouteLimits {
+                    request_rate: self.rate(
+                        l.request_rate.as_ref(),
+                        l.request_burst.as_ref(),
+                        None,
+                        &format!("{base}.limits.request_rate"),
+                    ),
+                    refuse_streams_with: match &l.refuse_streams_with {
+                        Some(v) => {
+                            self.refuse_mode(v, &format!("{base}.limits.refuse_streams_with"))
+                        }
+                        None => refuse_default,
+                    },
+                },
+            };
             let upstream = match upstreams.iter().find(|u| u.name == *r.upstream.get_ref()) {
                 Some(u) => u.clone(),
                 None => {
@@ -403,6 +476,8 @@ impl Checker<'_> {
                 }
             };
             routes.push(Arc::new(Route {
+                index: routes.len(),
+                limits: route_limits,
                 name: r.name.clone().unwrap_or_else(|| base.clone()),
                 host: r.host.as_deref().map(normalize_host),
                 path_prefix,
@@ -416,6 +491,140 @@ impl Checker<'_> {
             listeners,
             upstreams,
             routes,
+            limits,
+        }
+    }
+
+    fn refuse_mode(&mut self, v: &toml::Spanned<String>, key: &str) -> RefuseStreamsWith {
+        match v.get_ref().as_str() {
+            "event-stream" => RefuseStreamsWith::EventStream,
+            "429" => RefuseStreamsWith::TooManyRequests,
+            _ => {
+                self.span_error(v, key, "must be \"event-stream\" or \"429\"");
+                RefuseStreamsWith::EventStream
+            }
+        }
+    }
+
+    /// A rate from `rate` (per second, 0 = off) and `burst`, with defaults.
+    fn rate(
+        &mut self,
+        rate: Option<&toml::Spanned<f64>>,
+        burst: Option<&toml::Spanned<u32>>,
+        default: Option<(f64, u32)>,
+        key: &str,
+    ) -> Option<Rate> {
+        let per_second = match rate {
+            Some(r) if !r.get_ref().is_finite() || *r.get_ref() < 0.0 => {
+                self.span_error(
+                    r,
+                    key,
+                    "must be a number of requests per second, 0 to turn off",
+                );
+                return None;
+            }
+            Some(r) => *r.get_ref(),
+            None => default?.0,
+        };
+        if per_second == 0.0 {
+            return None;
+        }
+        let burst_key = key.replace("_rate", "_burst");
+        let burst = match burst {
+            Some(b) => match std::num::NonZeroU32::new(*b.get_ref()) {
+                Some(n) => n,
+                None => {
+                    self.span_error(b, &burst_key, "must be at least 1");
+                    return None;
+                }
+            },
+            None => {
+                std::num::NonZeroU32::new(default.map_or(per_second.ceil() as u32, |d| d.1).max(1))?
+            }
+        };
+        Some(Rate { per_second, burst })
+    }
+
+    fn limits(&mut self, raw: Option<&file::Limits>) -> Limits {
+        let empty = file::Limits::default();
+        let l = raw.unwrap_or(&empty);
+        let mut trusted_proxies = vec![];
+        for (i, n) in l.trusted_proxies.iter().enumerate() {
+            let text = n.get_ref();
+            // A bare address means that one host.
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => self.span_error(
+                    n,
+                    &format!("limits.trusted_proxies[{i}]"),
+                    "not an address or network such as \"10.0.0.0/8\"",
+                ),
+            }
+        }
+        let ipv6_prefix = match &l.ipv6_prefix {
+            Some(p) if *p.get_ref() > 128 => {
+                self.span_error(p, "limits.ipv6_prefix", "must be 0 to 128");
+                64
+            }
+            Some(p) => *p.get_ref(),
+            None => 64,
+        };
+        let settings = LimitSettings {
+            request_rate: self.rate(
+                l.request_rate.as_ref(),
+                l.request_burst.as_ref(),
+                Some((50.0, 100)),
+                "limits.request_rate",
+            ),
+            stream_connect_rate: self.rate(
+                l.stream_connect_rate.as_ref(),
+                l.stream_connect_burst.as_ref(),
+                Some((2.0, 20)),
+                "limits.stream_connect_rate",
+            ),
+            max_streams_per_client: l.max_streams_per_client.unwrap_or(64),
+            max_streams: l.max_streams.unwrap_or(10_000),
+            max_tracked_clients: match &l.max_tracked_clients {
+                Some(v) if *v.get_ref() == 0 => {
+                    self.span_error(v, "limits.max_tracked_clients", "must be at least 1");
+                    1
+                }
+                Some(v) => *v.get_ref(),
+                None => 100_000,
+            },
+        };
+        let refusal_retry = l
+            .refusal_retry
+            .as_ref()
+            .map_or(Duration::from_secs(5), |v| {
+                self.duration(v, "limits.refusal_retry")
+            });
+        let retry_jitter = match &l.retry_jitter {
+            Some(v) if !(0.0..=10.0).contains(v.get_ref()) => {
+                self.span_error(v, "limits.retry_jitter", "must be between 0 and 10");
+                0.5
+            }
+            Some(v) => *v.get_ref(),
+            None => 0.5,
+        };
+        let prune_interval = l
+            .prune_interval
+            .as_ref()
+            .map_or(Duration::from_secs(10), |v| {
+                self.duration(v, "limits.prune_interval")
+            });
+        Limits {
+            identity: ClientIdentity {
+                trusted_proxies,
+                ipv6_prefix,
+            },
+            settings,
+            refusal_retry,
+            retry_jitter,
+            prune_interval: prune_interval.max(Duration::from_millis(100)),
         }
     }
 
@@ -432,6 +641,7 @@ impl Checker<'_> {
             heartbeat_comment: "heartbeat".into(),
             shutdown_retry: Duration::from_millis(1000),
             max_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
+            retry: None,
         };
         let parent = parent.unwrap_or(&defaults);
         let Some(own) = own else {
@@ -472,11 +682,16 @@ impl Checker<'_> {
             Some(v) => *v.get_ref(),
             None => parent.max_event_bytes,
         };
+        let retry = match &own.retry {
+            Some(v) => Some(self.duration(v, &format!("{base}.retry"))),
+            None => parent.retry,
+        };
         SseSettings {
             heartbeat_interval,
             heartbeat_comment,
             shutdown_retry,
             max_event_bytes,
+            retry,
         }
     }
 }
@@ -506,6 +721,34 @@ mod file {
         pub upstreams: Vec<Upstream>,
         #[serde(default)]
         pub routes: Vec<Route>,
+        pub limits: Option<Limits>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Limits {
+        #[serde(default)]
+        pub trusted_proxies: Vec<Spanned<String>>,
+        pub ipv6_prefix: Option<Spanned<u8>>,
+        pub request_rate: Option<Spanned<f64>>,
+        pub request_burst: Option<Spanned<u32>>,
+        pub stream_connect_rate: Option<Spanned<f64>>,
+        pub stream_connect_burst: Option<Spanned<u32>>,
+        pub max_streams_per_client: Option<u32>,
+        pub max_streams: Option<usize>,
+        pub max_tracked_clients: Option<Spanned<usize>>,
+        pub refuse_streams_with: Option<Spanned<String>>,
+        pub refusal_retry: Option<Spanned<String>>,
+        pub retry_jitter: Option<Spanned<f64>>,
+        pub prune_interval: Option<Spanned<String>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RouteLimits {
+        pub request_rate: Option<Spanned<f64>>,
+        pub request_burst: Option<Spanned<u32>>,
+        pub refuse_streams_with: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -539,6 +782,7 @@ mod file {
         pub heartbeat_comment: Option<Spanned<String>>,
         pub shutdown_retry: Option<Spanned<String>>,
         pub max_event_bytes: Option<Spanned<usize>>,
+        pub retry: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -559,6 +803,7 @@ mod file {
         pub path_prefix: Option<Spanned<String>>,
         pub upstream: Spanned<String>,
         pub sse: Option<Sse>,
+        pub limits: Option<RouteLimits>,
     }
 }
 

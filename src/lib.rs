@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML file, its defaults and validation (pure).
 //! - [`sse`]: the WHATWG event-stream parser and the bytes the gateway writes (pure).
 //! - [`shutdown`]: graceful-shutdown signal and in-flight count (pure).
+//! - [`limit`]: request, stream-connect and concurrent-stream limits (pure).
 //! - [`tls`]: certificate loading and the rustls resolver.
 //! - [`proxy`]: the pingora `ProxyHttp` glue: routing, upstream choice, headers.
 //! - [`relay`]: one response from upstream to client; streams get heartbeats.
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod limit;
 pub mod proxy;
 pub mod relay;
 pub mod server;

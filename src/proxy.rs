@@ -23,8 +23,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::{ErrorSource, ErrorType};
 
-use crate::config::{Config, Route};
-use crate::relay::{self, RelayStats};
+use crate::config::{Config, RefuseStreamsWith, Route};
+use crate::limit::{self, ClientKey, Decision, Limits};
+use crate::relay::{self, Admission, RelayStats};
 use crate::shutdown::{ActiveGuard, Shutdown};
 
 /// State shared by every request of the proxy service.
@@ -35,6 +36,10 @@ pub struct Gateway {
     next_server: Vec<AtomicUsize>,
     /// Graceful shutdown signal and in-flight count.
     shutdown: Shutdown,
+    /// Rate limits and stream caps.
+    limits: Arc<Limits>,
+    /// Per-route limiters, by route index.
+    route_limits: Vec<Arc<limit::RouteLimits>>,
 }
 
 /// What one request carries between phases.
@@ -56,6 +61,8 @@ pub struct RequestCtx {
     started: Option<Instant>,
     /// What the relay did, for the access log.
     relay: Option<RelayStats>,
+    /// Why the limits refused the request, if they did.
+    refused: Option<limit::RefuseReason>,
     /// Counts this request as in flight for graceful shutdown.
     _active: Option<ActiveGuard>,
 }
@@ -63,8 +70,12 @@ pub struct RequestCtx {
 /// Client facts passed from the outer pass to the inner one.
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
-    /// Client IP as text, for `X-Forwarded-For`.
+    /// The peer's IP as text, appended to `X-Forwarded-For`.
     pub ip: Option<String>,
+    /// The client's address as limits see it (trusted proxies resolved), for logs.
+    pub client_ip: Option<std::net::IpAddr>,
+    /// The client's limiting key.
+    pub key: Option<ClientKey>,
     /// `https` or `http`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
     /// The route chosen in the outer pass.
@@ -81,11 +92,49 @@ impl Gateway {
             .iter()
             .map(|_| AtomicUsize::new(0))
             .collect();
+        let max = config.limits.settings.max_tracked_clients;
+        let route_limits = config
+            .routes
+            .iter()
+            .map(|r| {
+                Arc::new(limit::RouteLimits {
+                    requests: r
+                        .limits
+                        .request_rate
+                        .and_then(|rate| limit::ClientRate::new(rate, max)),
+                })
+            })
+            .collect();
         Gateway {
+            limits: Arc::new(Limits::new(config.limits.settings.clone())),
+            route_limits,
             config,
             next_server,
             shutdown,
         }
+    }
+
+    /// The limits, for the pruning service.
+    pub fn limits(&self) -> (Arc<Limits>, Vec<Arc<limit::RouteLimits>>) {
+        (self.limits.clone(), self.route_limits.clone())
+    }
+
+    /// The client's address as limits see it: the peer, or the forwarded client when the
+    /// peer is a trusted proxy.
+    fn client_ip(&self, session: &Session) -> Option<std::net::IpAddr> {
+        let peer = session.client_addr().and_then(PingoraAddr::as_inet)?.ip();
+        let req = session.req_header();
+        let values = |name| {
+            req.headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+        };
+        Some(self.config.limits.identity.client_ip(
+            peer,
+            values("x-forwarded-for"),
+            values("forwarded"),
+        ))
     }
 
     fn upstream_index(&self, route: &Route) -> usize {
@@ -185,17 +234,69 @@ impl ProxyHttp for Gateway {
                 "http"
             },
             upstream_index: self.upstream_index(&route),
+            client_ip: None,
+            key: None,
             route: route.clone(),
         };
+        let mut client = client;
+        client.client_ip = self.client_ip(session);
+        client.key = client
+            .client_ip
+            .map(|ip| self.config.limits.identity.key(ip));
         ctx.upstream_index = client.upstream_index;
         ctx.route = Some(route.clone());
         ctx.client = Some(client.clone());
+
+        let wants_stream = accepts_event_stream(session.req_header());
+        let refusal = relay::Refusal {
+            as_event_stream: wants_stream
+                && route.limits.refuse_streams_with == RefuseStreamsWith::EventStream,
+            base_retry: self.config.limits.refusal_retry,
+            jitter: self.config.limits.retry_jitter,
+        };
+        let mut slot = None;
+        if let Some(key) = client.key {
+            let route_limits = self
+                .route_limits
+                .get(route.index)
+                .cloned()
+                .unwrap_or_default();
+            if let Decision::Refuse {
+                reason,
+                retry_after,
+            } = self.limits.check_request(&key, &route_limits)
+            {
+                ctx.refused = Some(reason);
+                relay::refuse(session, &refusal, reason, retry_after).await?;
+                return Ok(true);
+            }
+            if wants_stream {
+                // A stream request (EventSource always says so): admit it before the
+                // upstream is bothered, so a reconnect storm never reaches the backend.
+                match self.limits.open_stream(&key) {
+                    Decision::Allow(s) => slot = Some(s),
+                    Decision::Refuse {
+                        reason,
+                        retry_after,
+                    } => {
+                        ctx.refused = Some(reason);
+                        relay::refuse(session, &refusal, reason, retry_after).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
 
         if session.is_upgrade_req() {
             // WebSocket and other upgrades: pingora's ordinary path pipes them both ways.
             return Ok(false);
         }
-        let stats = relay::serve(session, client, self.shutdown.subscribe()).await;
+        let admission = Admission {
+            slot,
+            limits: self.limits.clone(),
+            refusal,
+        };
+        let stats = relay::serve(session, client, admission, self.shutdown.subscribe()).await;
         ctx.relay = Some(stats);
         Ok(true)
     }
@@ -363,8 +464,8 @@ impl ProxyHttp for Gateway {
         let client = ctx
             .client
             .as_ref()
-            .and_then(|c| c.ip.as_deref())
-            .unwrap_or("-");
+            .and_then(|c| c.client_ip)
+            .map_or_else(|| "-".to_owned(), |ip| ip.to_string());
         let (kind, events, heartbeats) = match &ctx.relay {
             Some(r) if r.stream => ("stream", r.events, r.heartbeats),
             _ => ("request", 0, 0),
@@ -381,8 +482,42 @@ impl ProxyHttp for Gateway {
             kind,
             events,
             heartbeats,
+            refused = ctx.refused.or(ctx.relay.as_ref().and_then(|r| r.refused)).map(|r| r.as_str()),
             error = e.map(|e| e.to_string()),
         );
+    }
+}
+
+/// Drops limiter state of clients idle long enough to be fresh again, so limiter
+/// memory follows the active clients, not every address ever seen.
+pub struct LimitPruner {
+    /// Global limits.
+    pub limits: Arc<Limits>,
+    /// Per-route limiters.
+    pub routes: Vec<Arc<limit::RouteLimits>>,
+    /// How often.
+    pub every: std::time::Duration,
+}
+
+#[async_trait]
+impl BackgroundService for LimitPruner {
+    async fn start(&self, mut watch: ShutdownWatch) {
+        let mut last = usize::MAX;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                _ = watch.changed() => return,
+            }
+            let tracked = self.limits.prune(&self.routes);
+            if tracked != last {
+                tracing::info!(
+                    tracked,
+                    open_streams = self.limits.open_streams(),
+                    "limits pruned"
+                );
+                last = tracked;
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //!
 //! A response that is not `text/event-stream` is passed through task by task.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,8 +23,71 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::SseSettings;
+use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
 use crate::proxy::ClientInfo;
 use crate::sse;
+
+/// Whether the relay may start a stream, and how to say no.
+pub struct Admission {
+    /// The stream slot taken before the request went upstream (for requests that said
+    /// they want an event stream); otherwise one is taken when a stream shows up.
+    pub slot: Option<StreamSlot>,
+    /// The limits to take a slot from.
+    pub limits: Arc<Limits>,
+    /// How to answer a refusal.
+    pub refusal: Refusal,
+}
+
+/// How a refusal is answered.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// Answer with a 200 event stream carrying `retry:` (for `EventSource` clients).
+    pub as_event_stream: bool,
+    /// Smallest retry delay to give.
+    pub base_retry: Duration,
+    /// Random stretch of the delay.
+    pub jitter: f64,
+}
+
+/// Answers a refused request. An `EventSource` that gets anything but a 200 event
+/// stream stops for good, so stream clients get a 200 stream that sets a (jittered)
+/// reconnection delay and ends; others get 429 with `Retry-After`.
+pub async fn refuse(
+    session: &mut Session,
+    how: &Refusal,
+    reason: RefuseReason,
+    retry_after: Duration,
+) -> Result<()> {
+    let delay = limit::jittered(retry_after.max(how.base_retry), how.jitter);
+    tracing::debug!(reason = reason.as_str(), ?delay, "refused");
+    if how.as_event_stream {
+        let mut resp = ResponseHeader::build(200, Some(5))?;
+        resp.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
+        resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
+        resp.insert_header("x-ssegate-refused", reason.as_str())?;
+        let body = Bytes::from(format!(
+            ": ssegate: refused ({}), come back later\nretry: {}\n\n",
+            reason.as_str(),
+            delay.as_millis()
+        ));
+        resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        return session.write_response_body(Some(body), true).await;
+    }
+    let body: &'static str = "429 Too Many Requests: slow down and retry later\n";
+    let mut resp = ResponseHeader::build(429, Some(5))?;
+    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(
+        header::RETRY_AFTER,
+        delay.as_secs_f64().ceil().max(1.0).to_string(),
+    )?;
+    resp.insert_header("x-ssegate-refused", reason.as_str())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .await
+}
 
 /// On shutdown, how long to wait for an upstream to finish the event it is sending.
 const MID_EVENT_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
@@ -39,6 +103,8 @@ pub struct RelayStats {
     pub heartbeats: u64,
     /// Why the relay stopped early, if it did.
     pub error: Option<String>,
+    /// The limits refused the stream when it showed up.
+    pub refused: Option<RefuseReason>,
 }
 
 /// Is this response an event stream? By `Content-Type` only: any case, parameters allowed.
@@ -82,6 +148,12 @@ struct StreamState {
     shutdown_retry_ms: u64,
     /// The upstream's body is not parseable (compressed): relay without heartbeats.
     opaque: bool,
+    /// The `retry:` block the gateway sends to set or override the client's delay.
+    retry_block: Option<Bytes>,
+    /// An upstream `retry:` went out: send ours again at the next boundary.
+    retry_due: bool,
+    /// Holds the stream's place in the limits while it lives.
+    _slot: Option<StreamSlot>,
 }
 
 /// Serves the request in `session` (the outer pass) through a subrequest. Errors are
@@ -89,10 +161,11 @@ struct StreamState {
 pub async fn serve(
     session: &mut Session,
     client: ClientInfo,
+    mut admission: Admission,
     mut shutdown: watch::Receiver<bool>,
 ) -> RelayStats {
     let mut stats = RelayStats::default();
-    if let Err(e) = run(session, client, &mut shutdown, &mut stats).await {
+    if let Err(e) = run(session, client, &mut admission, &mut shutdown, &mut stats).await {
         tracing::debug!("relay ended: {e}");
         let client_gone = e.esource() == &pingora::ErrorSource::Downstream
             && matches!(
@@ -128,10 +201,12 @@ async fn write_error(session: &mut Session, code: u16, body: &'static str) -> Re
 async fn run(
     session: &mut Session,
     client: ClientInfo,
+    admission: &mut Admission,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
 ) -> Result<()> {
     let route = client.route.clone();
+    let key = client.key;
     let response_timeout = route.upstream.response_timeout;
 
     // A subrequest re-reads the request as HTTP/1 text: give an HTTP/2 request the
@@ -211,7 +286,8 @@ async fn run(
                     batch.push(more);
                 }
                 for t in batch {
-                    if handle_task(session, &mut phase, t, stats, &route.sse).await? {
+                    let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, admission: &mut *admission, key };
+                    if handle_task(session, &mut phase, t, &mut cx).await? {
                         if matches!(phase, Phase::Plain) {
                             // Let the subrequest finish, so it can reuse its upstream
                             // connection; a stream's upstream may still be open, so it
@@ -311,13 +387,21 @@ async fn run(
 }
 
 /// Handles one task from the subrequest. Returns `true` when the response is complete.
+/// What `handle_task` needs beside the session and the phase.
+struct TaskCx<'a> {
+    stats: &'a mut RelayStats,
+    settings: &'a SseSettings,
+    admission: &'a mut Admission,
+    key: Option<limit::ClientKey>,
+}
+
 async fn handle_task(
     session: &mut Session,
     phase: &mut Phase,
     t: HttpTask,
-    stats: &mut RelayStats,
-    settings: &SseSettings,
+    cx: &mut TaskCx<'_>,
 ) -> Result<bool> {
+    let stats = &mut *cx.stats;
     match phase {
         Phase::Waiting => match t {
             HttpTask::Header(resp, end) if resp.status.is_informational() => {
@@ -330,12 +414,37 @@ async fn handle_task(
             HttpTask::Header(resp, end)
                 if !end && resp.status == StatusCode::OK && is_event_stream(&resp) =>
             {
-                let s = start_stream(session, resp, settings).await?;
+                let slot = match (cx.admission.slot.take(), cx.key) {
+                    (Some(slot), _) => Some(slot),
+                    // Not announced as a stream: admit it now that it turned out to be one.
+                    (None, Some(key)) => match cx.admission.limits.open_stream(&key) {
+                        Decision::Allow(slot) => Some(slot),
+                        Decision::Refuse {
+                            reason,
+                            retry_after,
+                        } => {
+                            stats.refused = Some(reason);
+                            refuse(session, &cx.admission.refusal, reason, retry_after).await?;
+                            return Ok(true);
+                        }
+                    },
+                    (None, None) => None,
+                };
+                let s = start_stream(
+                    session,
+                    resp,
+                    cx.settings,
+                    cx.admission.refusal.jitter,
+                    slot,
+                )
+                .await?;
                 stats.stream = true;
                 *phase = Phase::Stream(Box::new(s));
                 Ok(false)
             }
             other => {
+                // Not a stream after all: give the slot back now.
+                cx.admission.slot = None;
                 *phase = Phase::Plain;
                 session.write_response_tasks(vec![other]).await
             }
@@ -353,7 +462,10 @@ async fn handle_task(
                         s.parser.push(&bytes);
                         loop {
                             match s.parser.next_event() {
-                                Ok(Some(_ev)) => stats.events += 1,
+                                Ok(Some(ev)) => {
+                                    stats.events += 1;
+                                    s.retry_due |= ev.retry.is_some() && s.retry_block.is_some();
+                                }
                                 Ok(None) => break,
                                 Err(e) => {
                                     tracing::warn!("closing stream: upstream sent an {e}");
@@ -365,6 +477,13 @@ async fn handle_task(
                     }
                     session.write_response_body(Some(bytes), false).await?;
                     s.heartbeat_at = Instant::now() + s.interval;
+                    if s.retry_due && s.parser.at_boundary() {
+                        // The upstream just set its own delay: ours goes right after it.
+                        s.retry_due = false;
+                        if let Some(b) = s.retry_block.clone() {
+                            session.write_response_body(Some(b), false).await?;
+                        }
+                    }
                 }
                 if end {
                     session.write_response_body(None, true).await?;
@@ -401,6 +520,8 @@ async fn start_stream(
     session: &mut Session,
     mut resp: Box<ResponseHeader>,
     settings: &SseSettings,
+    jitter: f64,
+    slot: Option<StreamSlot>,
 ) -> Result<StreamState> {
     resp.remove_header(&header::CONTENT_LENGTH);
     resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
@@ -416,9 +537,24 @@ async fn start_stream(
         resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     session.write_response_header(resp, false).await?;
+    let retry_block = settings.retry.map(|r| {
+        Bytes::from(format!(
+            "retry: {}\n\n",
+            limit::jittered(r, jitter).as_millis()
+        ))
+    });
+    let mut bom = None;
+    if let Some(b) = &retry_block {
+        // Written before the upstream's first byte, so a BOM from it would now be late.
+        session.write_response_body(Some(b.clone()), false).await?;
+        bom = Some(sse::BomStripper::default());
+    }
     Ok(StreamState {
+        retry_block,
+        retry_due: false,
+        _slot: slot,
         parser: sse::Parser::new(settings.max_event_bytes),
-        bom: None,
+        bom,
         upstream_spoke: false,
         heartbeat_at: Instant::now() + settings.heartbeat_interval,
         interval: settings.heartbeat_interval,

@@ -10,7 +10,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
 use crate::config::Config;
-use crate::proxy::{Gateway, ShutdownBridge};
+use crate::proxy::{Gateway, LimitPruner, ShutdownBridge};
 use crate::shutdown::Shutdown;
 use crate::tls::SingleCert;
 
@@ -45,6 +45,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
 
     let shutdown = Shutdown::new();
     let gateway = Gateway::new(config.clone(), shutdown.clone());
+    let (limits, route_limits) = gateway.limits();
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     let mut proxy = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, gateway)
@@ -65,6 +66,14 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     }
     server.add_service(proxy);
     server.add_service(background_service("shutdown", ShutdownBridge { shutdown }));
+    server.add_service(background_service(
+        "limit pruner",
+        LimitPruner {
+            limits,
+            routes: route_limits,
+            every: config.limits.prune_interval,
+        },
+    ));
     Ok(server)
 }
 

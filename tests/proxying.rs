@@ -107,12 +107,7 @@ fn status_codes_pass_through() {
 #[test]
 fn dead_upstream_is_502_with_a_short_body() {
     let dead = free_port();
-    let gw = Gateway::start(GatewayOptions {
-        extra: String::new(),
-        servers: vec![format!("127.0.0.1:{dead}")],
-        tls: false,
-        upstream_extra: String::new(),
-    });
+    let gw = GatewayOptions::to_servers(vec![format!("127.0.0.1:{dead}")]).start();
     let (_, out) = curl(&["-w", "\n%{http_code}", &gw.url("/echo.php")]);
     let text = String::from_utf8_lossy(&out);
     assert!(text.ends_with("\n502"), "{text}");
@@ -186,12 +181,7 @@ fn websocket_upgrade_passes_through() {
         .expect("run node (the README's test command installs it)");
     wait_port(port, &mut child, "ws echo backend");
     let _backend = Proc { child };
-    let gw = Gateway::start(GatewayOptions {
-        extra: String::new(),
-        servers: vec![format!("127.0.0.1:{port}")],
-        tls: false,
-        upstream_extra: String::new(),
-    });
+    let gw = GatewayOptions::to_servers(vec![format!("127.0.0.1:{port}")]).start();
     let out = std::process::Command::new("node")
         .arg(repo().join("tests/node/ws_client.mjs"))
         .args([&format!("ws://127.0.0.1:{}/chat", gw.port), "3"])

@@ -114,16 +114,29 @@ pub struct GatewayOptions {
     pub tls: bool,
     /// `[upstreams]` keys beyond name and servers.
     pub upstream_extra: String,
+    /// Body of the `[limits]` section. Tests not about limits turn the rates off, since
+    /// they open streams and requests faster than any client should.
+    pub limits: String,
 }
 
 impl GatewayOptions {
     pub fn to(php: &Php) -> GatewayOptions {
+        Self::to_servers(vec![format!("127.0.0.1:{}", php.port)])
+    }
+
+    pub fn to_servers(servers: Vec<String>) -> GatewayOptions {
         GatewayOptions {
             extra: String::new(),
-            servers: vec![format!("127.0.0.1:{}", php.port)],
+            servers,
             tls: false,
             upstream_extra: String::new(),
+            limits: "request_rate = 0\nstream_connect_rate = 0\n".into(),
         }
+    }
+
+    pub fn limits(mut self, toml: &str) -> Self {
+        self.limits = toml.into();
+        self
     }
 
     pub fn extra(mut self, toml: &str) -> Self {
@@ -169,7 +182,8 @@ impl Gateway {
         }
         let servers: Vec<String> = o.servers.iter().map(|s| format!("\"{s}\"")).collect();
         toml.push_str(&format!(
-            "\n[[upstreams]]\nname = \"php\"\nservers = [{}]\n{}\n\n[[routes]]\nupstream = \"php\"\n\n{}\n",
+            "\n[limits]\n{}\n\n[[upstreams]]\nname = \"php\"\nservers = [{}]\n{}\n\n[[routes]]\nupstream = \"php\"\n\n{}\n",
+            o.limits,
             servers.join(", "),
             o.upstream_extra,
             o.extra
