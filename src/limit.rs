@@ -410,13 +410,14 @@ impl Limits {
         if s.max_streams > 0 && total > s.max_streams {
             return Decision::Refuse {
                 reason: RefuseReason::TotalStreams,
-                retry_after: Duration::from_secs(5),
+                // No telling when a slot frees up: the configured base delay applies.
+                retry_after: Duration::ZERO,
             };
         }
         if s.max_streams_per_client > 0 && mine > s.max_streams_per_client {
             return Decision::Refuse {
                 reason: RefuseReason::ClientStreams,
-                retry_after: Duration::from_secs(5),
+                retry_after: Duration::ZERO,
             };
         }
         if let Some(l) = &self.stream_connects {

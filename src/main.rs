@@ -50,7 +50,14 @@ fn main() -> ExitCode {
         .or_else(|_| EnvFilter::try_new(&config.server.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // `init` also routes pingora's `log` records into tracing.
-    if let Err(e) = tracing_subscriber::fmt().with_env_filter(filter).try_init() {
+    // Colours only on a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if let Err(e) = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init()
+    {
         eprintln!("ssegate: cannot set up logging: {e}");
     }
     let server = match ssegate::server::build(Arc::new(config), cli.upgrade) {

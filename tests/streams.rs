@@ -253,3 +253,24 @@ fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
         "id: 1\ndata: first\n\nid: 2\ndata: half"
     );
 }
+
+#[test]
+fn gateway_sets_and_overrides_the_reconnection_delay() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("request_rate = 0\nstream_connect_rate = 0\nretry_jitter = 0\n")
+        .extra("[sse]\nretry = \"2s\"\n")
+        .start();
+    let out = body_of(&[&gw.url("/split.php?at=0&pause=0")]);
+    let text = String::from_utf8_lossy(&out);
+    // Set at the start (the upstream's BOM, now late, was dropped)...
+    assert!(text.starts_with("retry: 2000\n\n: hello\r\n"), "{text:?}");
+    // ...and restated right after the upstream's own `retry: 2500` event.
+    assert!(
+        text.ends_with("retry: 2500\ndata:  two spaces\n\nretry: 2000\n\n"),
+        "{text:?}"
+    );
+    // Events are untouched.
+    let direct = body_of(&[&php.url("/split.php?at=0&pause=0")]);
+    assert_eq!(parse_stream(&out).0, parse_stream(&direct).0);
+}

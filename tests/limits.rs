@@ -1,0 +1,303 @@
+//! Rate limits that streams survive: request bursts, stream caps, reconnect damping,
+//! trusted forwarding headers, bounded limiter memory, and a real browser EventSource
+//! that is refused and comes back by itself.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SSE: &str = "Accept: text/event-stream";
+
+/// Status codes of `urls` fetched one after another by ONE curl process (so the burst
+/// is as fast as the machine allows).
+fn statuses(extra: &[&str], urls: &[String]) -> Vec<u16> {
+    let mut args: Vec<String> = vec!["-s".into(), "-w".into(), "%{http_code}\\n".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    for u in urls {
+        args.push("-o".into());
+        args.push("/dev/null".into());
+        args.push(u.clone());
+    }
+    let out = Command::new("curl").args(&args).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn head_and_body(args: &[&str]) -> (String, String) {
+    let (_, out) = curl(&[&["-i", "-N", "--max-time", "10"], args].concat());
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (h, b) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (h.to_ascii_lowercase(), b.to_owned())
+}
+
+fn spawn_stream(url: &str) -> std::process::Child {
+    Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "30", "-H", SSE, url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl")
+}
+
+#[test]
+fn request_burst_gets_429_while_an_open_stream_keeps_flowing() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("request_rate = 5\nrequest_burst = 10\nstream_connect_rate = 0\n")
+        .start();
+    let stream = spawn_stream(&gw.url("/legacy.php?n=30&interval=0.1"));
+    std::thread::sleep(Duration::from_millis(300));
+    let urls: Vec<String> = (0..200)
+        .map(|i| gw.url(&format!("/echo.php?i={i}")))
+        .collect();
+    let codes = statuses(&[], &urls);
+    assert_eq!(codes.len(), 200);
+    let ok = codes.iter().filter(|&&c| c == 200).count();
+    let limited = codes.iter().filter(|&&c| c == 429).count();
+    assert_eq!(ok + limited, 200, "{codes:?}");
+    assert!(
+        (1..=30).contains(&ok),
+        "{ok} passed of 200 with burst 10 at 5/s"
+    );
+    let (head, body) = head_and_body(&[&gw.url("/echo.php")]);
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    let retry_after: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert!(body.contains("Too Many Requests"), "{body}");
+    // The stream opened before the burst was never cut: all 30 events, in order.
+    let out = read_all_with_limit(stream, Duration::from_secs(20));
+    let (events, _) = parse_stream(&out);
+    let ids: Vec<u32> = events.iter().filter_map(|e| e.0.parse().ok()).collect();
+    assert_eq!(ids, (1..=30).collect::<Vec<_>>());
+}
+
+#[test]
+fn stream_cap_refuses_then_recovers() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("request_rate = 0\nstream_connect_rate = 0\nmax_streams_per_client = 2\nrefusal_retry = \"1s\"\nretry_jitter = 0.5\n")
+        .start();
+    let a = spawn_stream(&gw.url("/quiet.php?quiet=30"));
+    let b = spawn_stream(&gw.url("/quiet.php?quiet=30"));
+    std::thread::sleep(Duration::from_millis(500));
+    // An EventSource-style request is refused with a 200 stream that sets `retry:`.
+    let (head, body) = head_and_body(&["-H", SSE, &gw.url("/quiet.php?quiet=0")]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(head.contains("x-ssegate-refused: client_streams"), "{head}");
+    let retry: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("retry: "))
+        .and_then(|v| v.parse().ok())
+        .expect("retry field");
+    assert!(
+        (1000..=1500).contains(&retry),
+        "retry {retry} ms is not 1 s + up to 50 %"
+    );
+    assert!(
+        parse_stream(body.as_bytes()).0.is_empty(),
+        "a refusal carries no event"
+    );
+    // A client that did not ask for an event stream learns at response time: 429.
+    let (head, _) = head_and_body(&[&gw.url("/quiet.php?quiet=0")]);
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    assert!(head.contains("retry-after: "), "{head}");
+    // Ordinary requests are not streams and pass.
+    let (head, _) = head_and_body(&[&gw.url("/echo.php")]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Once a stream ends, its slot is free again.
+    for mut c in [a, b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (head, body) = head_and_body(&["-H", SSE, &gw.url("/quiet.php?quiet=0.2")]);
+    assert!(
+        head.starts_with("http/1.1 200") && !head.contains("x-ssegate-refused"),
+        "{head}"
+    );
+    assert_eq!(parse_stream(body.as_bytes()).0.len(), 2, "{body}");
+}
+
+#[test]
+fn reconnect_limit_refuses_then_recovers() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("request_rate = 0\nstream_connect_rate = 1\nstream_connect_burst = 3\nrefusal_retry = \"1s\"\n")
+        .start();
+    let url = gw.url("/legacy.php?n=1");
+    for i in 0..3 {
+        let (head, body) = head_and_body(&["-H", SSE, &url]);
+        assert!(!head.contains("x-ssegate-refused"), "connect {i}: {head}");
+        assert_eq!(parse_stream(body.as_bytes()).0.len(), 1);
+    }
+    let (head, body) = head_and_body(&["-H", SSE, &url]);
+    assert!(
+        head.contains("x-ssegate-refused: stream_connect_rate"),
+        "{head}"
+    );
+    assert!(body.contains("retry: "), "{body}");
+    std::thread::sleep(Duration::from_millis(1300));
+    let (head, body) = head_and_body(&["-H", SSE, &url]);
+    assert!(!head.contains("x-ssegate-refused"), "{head}");
+    assert_eq!(parse_stream(body.as_bytes()).0.len(), 1);
+}
+
+#[test]
+fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("trusted_proxies = [\"127.0.0.2\"]\nrequest_rate = 0.1\nrequest_burst = 2\nstream_connect_rate = 0\n")
+        .start();
+    let url = gw.url("/echo.php");
+    let from = |iface: &str, xff: &str| {
+        statuses(
+            &[
+                "--interface",
+                iface,
+                "-H",
+                &format!("X-Forwarded-For: {xff}"),
+            ],
+            &[url.clone()],
+        )[0]
+    };
+    // Untrusted peer 127.0.0.1: a spoofed header does not give it a fresh bucket.
+    assert_eq!(from("127.0.0.1", "198.51.100.1"), 200);
+    assert_eq!(from("127.0.0.1", "198.51.100.2"), 200);
+    assert_eq!(from("127.0.0.1", "198.51.100.3"), 429);
+    // Trusted peer 127.0.0.2: each forwarded client has its own bucket.
+    assert_eq!(from("127.0.0.2", "198.51.100.1"), 200);
+    assert_eq!(from("127.0.0.2", "198.51.100.1"), 200);
+    assert_eq!(from("127.0.0.2", "198.51.100.1"), 429);
+    assert_eq!(from("127.0.0.2", "198.51.100.2"), 200);
+    assert!(
+        gw.log().contains("client=\"198.51.100.2\"") || gw.log().contains("client=198.51.100.2"),
+        "access log names the forwarded client"
+    );
+}
+
+/// Sends one GET from each of `n` source addresses 127.0.x.y; returns the statuses.
+async fn from_many_addresses(port: u16, n: u32) -> Vec<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = vec![];
+    for i in 0..n {
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.ok()?;
+            let src = std::net::Ipv4Addr::new(127, 1 + (i / 250) as u8, (i % 250) as u8 + 1, 1);
+            let sock = tokio::net::TcpSocket::new_v4().ok()?;
+            sock.bind((src, 0).into()).ok()?;
+            let mut s = sock.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+            s.write_all(b"GET /echo.php HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut buf = vec![];
+            s.read_to_end(&mut buf).await.ok()?;
+            std::str::from_utf8(buf.get(9..12)?)
+                .ok()?
+                .parse::<u16>()
+                .ok()
+        }));
+    }
+    let mut out = vec![];
+    for t in tasks {
+        if let Ok(Some(code)) = t.await {
+            out.push(code);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_client_addresses_keep_limiter_memory_bounded() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("request_rate = 0.2\nrequest_burst = 1\nstream_connect_rate = 0\nmax_tracked_clients = 200\nprune_interval = \"1s\"\n")
+        .start();
+    let codes = tokio::time::timeout(Duration::from_secs(120), from_many_addresses(gw.port, 1500))
+        .await
+        .expect("requests finished");
+    assert_eq!(codes.len(), 1500, "every request got an answer");
+    let ok = codes.iter().filter(|&&c| c == 200).count();
+    // 200 clients get buckets of their own; the other 1300 share one overflow bucket
+    // (burst 1), so the limiter never holds more than 200 clients.
+    assert!((195..=210).contains(&ok), "{ok} of 1500 passed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = gw.log();
+        let tracked: Vec<u64> = log
+            .lines()
+            .filter(|l| l.contains("limits pruned"))
+            .filter_map(|l| {
+                l.split("tracked=")
+                    .nth(1)?
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if let Some(max) = tracked.iter().max() {
+            assert!(*max <= 200, "limiter tracked {max} clients: {tracked:?}");
+            if tracked.contains(&200) || tracked.last() == Some(&0) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no prune report in the log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn browser_eventsource_refused_by_stream_cap_comes_back_by_itself() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("request_rate = 0\nstream_connect_rate = 0\nmax_streams_per_client = 1\nrefusal_retry = \"300ms\"\n")
+        .start();
+    assert!(
+        repo()
+            .join("tests/node/node_modules/playwright-core")
+            .exists(),
+        "tests/node/node_modules is missing: run scripts/test, which installs it"
+    );
+    // Another stream of the same client holds the only slot.
+    let mut holder = spawn_stream(&gw.url("/broadcast.php?period=0.5"));
+    std::thread::sleep(Duration::from_millis(400));
+    let browser = Command::new("node")
+        .arg(repo().join("tests/node/browser_es.mjs"))
+        .args([&gw.url("/es_page.html"), "5", "25000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run node");
+    // Let the browser be refused a few times, then free the slot.
+    std::thread::sleep(Duration::from_millis(3000));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let out = read_all_with_limit(browser, Duration::from_secs(40));
+    let stats: serde_json::Value = serde_json::from_slice(&out)
+        .unwrap_or_else(|e| panic!("browser output ({e}): {}", String::from_utf8_lossy(&out)));
+    assert_eq!(stats["closedForGood"], false, "{stats}");
+    assert!(
+        stats["errors"].as_u64().unwrap_or(0) >= 2,
+        "never refused? {stats}"
+    );
+    assert!(
+        stats["events"].as_u64().unwrap_or(0) >= 5,
+        "never got through: {stats}"
+    );
+    let refusals = gw.log().matches("refused=\"client_streams\"").count();
+    assert!(refusals >= 2, "gateway logged {refusals} refusals");
+}
