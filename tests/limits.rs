@@ -166,7 +166,7 @@ fn forwarded_for_is_believed_only_from_trusted_proxies() {
                 "-H",
                 &format!("X-Forwarded-For: {xff}"),
             ],
-            &[url.clone()],
+            std::slice::from_ref(&url),
         )[0]
     };
     // Untrusted peer 127.0.0.1: a spoofed header does not give it a fresh bucket.
