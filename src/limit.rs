@@ -175,8 +175,9 @@ pub enum Decision<T> {
     },
 }
 
-/// A keyed GCRA state store that holds at most `max_keys` clients; beyond that, new
-/// clients share one overflow state, so a flood of addresses costs no memory.
+/// A keyed GCRA state store that holds at most `max_keys` clients (give or take the
+/// few that race past the unlocked size check); beyond that, new clients share one
+/// overflow state, so a flood of addresses costs no memory.
 pub struct BoundedStore<K: Hash + Eq> {
     /// Theoretical arrival time per client, in nanoseconds since the limiter's start
     /// (0 = fresh), as governor's own in-memory state.

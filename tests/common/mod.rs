@@ -332,3 +332,15 @@ pub fn median_max(mut v: Vec<f64>) -> (f64, f64) {
     let max = v.last().copied().unwrap_or(f64::NAN);
     (med, max)
 }
+
+/// Polls `cond` for up to 5 s.
+pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}

@@ -1,0 +1,109 @@
+//! The limiter's cost per check, and its memory per tracked client.
+//!
+//! `cargo bench --bench limiter` prints criterion's timings, then a line with the bytes
+//! the limiter's state takes per tracked client (measured with a counting allocator).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use criterion::{criterion_group, Criterion};
+use ssegate::limit::{ClientKey, Decision, LimitSettings, Limits, Rate, RouteLimits};
+
+/// Counts live heap bytes, to measure what the limiter holds per client.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn settings(max_tracked_clients: usize) -> LimitSettings {
+    LimitSettings {
+        request_rate: Some(Rate {
+            per_second: 1e6,
+            burst: NonZeroU32::new(1_000_000).expect("nonzero"),
+        }),
+        stream_connect_rate: Some(Rate {
+            per_second: 1e6,
+            burst: NonZeroU32::new(1_000_000).expect("nonzero"),
+        }),
+        max_streams_per_client: 0,
+        max_streams: 0,
+        max_tracked_clients,
+    }
+}
+
+fn key(i: u32) -> ClientKey {
+    ClientKey(IpAddr::V4(Ipv4Addr::from(0x0A00_0000 + i)))
+}
+
+fn bench(c: &mut Criterion) {
+    let limits = Limits::new(settings(1_000_000));
+    let route = RouteLimits::default();
+    let hot = key(1);
+    c.bench_function("check_request, one client", |b| {
+        b.iter(|| {
+            black_box(matches!(
+                limits.check_request(black_box(&hot), &route),
+                Decision::Allow(())
+            ))
+        })
+    });
+    let mut i = 0u32;
+    c.bench_function("check_request, 100k clients round robin", |b| {
+        b.iter(|| {
+            i = (i + 1) % 100_000;
+            black_box(matches!(
+                limits.check_request(&key(i), &route),
+                Decision::Allow(())
+            ))
+        })
+    });
+    c.bench_function("open_stream + release", |b| {
+        b.iter(|| black_box(limits.open_stream(black_box(&hot))))
+    });
+}
+
+fn memory_per_client() {
+    let n = 100_000u32;
+    let before = LIVE.load(Ordering::Relaxed);
+    let limits = Limits::new(settings(1_000_000));
+    let route = RouteLimits::default();
+    for i in 0..n {
+        let _ = limits.check_request(&key(i), &route);
+    }
+    let after = LIVE.load(Ordering::Relaxed);
+    println!(
+        "limiter memory: {:.1} bytes per tracked client ({} clients, {} bytes, request limiter only)",
+        (after - before) as f64 / f64::from(n),
+        n,
+        after - before
+    );
+    drop(limits);
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    memory_per_client();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
