@@ -73,6 +73,40 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     /// Rate limits and stream caps.
     pub limits: Limits,
+    /// Replay settings that are not per route.
+    pub replay: ReplayGlobal,
+}
+
+/// Replay settings for the whole gateway.
+#[derive(Debug, Clone)]
+pub struct ReplayGlobal {
+    /// Bytes all replay stores may hold together.
+    pub total_max_bytes: usize,
+    /// How many blocks a subscriber may fall behind before it is disconnected.
+    pub lag_blocks: usize,
+}
+
+/// Replay behaviour of one route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaySettings {
+    /// Record streams and resume them (GET streams only).
+    pub enabled: bool,
+    /// Streams are public: one upstream connection for every client of a key.
+    pub shared: bool,
+    /// How long a stream without clients keeps its upstream open and recording.
+    pub linger: Duration,
+    /// Per-stream bounds.
+    pub bounds: crate::replay::RingBounds,
+    /// Request headers that tell users apart (lowercase); part of the stream key.
+    pub identity_headers: Vec<String>,
+    /// A query parameter that also carries the last event ID, for clients that cannot
+    /// set headers; it is left out of the stream key.
+    pub last_event_id_param: Option<String>,
+    /// Shared streams: a new client without `Last-Event-ID` starts with this many of
+    /// the latest blocks.
+    pub on_connect: usize,
+    /// On a miss, also tell the client in-band with an `ssegate-replay-miss` event.
+    pub miss_event: bool,
 }
 
 /// Rate limits, stream caps and how refusals are answered.
@@ -188,8 +222,30 @@ pub struct Route {
     pub sse: SseSettings,
     /// Limits on this route.
     pub limits: RouteLimits,
+    /// Replay on this route.
+    pub replay: ReplaySettings,
     /// Position in `Config::routes`.
     pub index: usize,
+}
+
+impl ReplaySettings {
+    /// The defaults documented in `conf/ssegate.toml`.
+    pub fn defaults() -> ReplaySettings {
+        ReplaySettings {
+            enabled: true,
+            shared: false,
+            linger: Duration::from_secs(30),
+            bounds: crate::replay::RingBounds {
+                max_events: 1000,
+                max_bytes: 1024 * 1024,
+                max_age: Duration::from_secs(300),
+            },
+            identity_headers: vec!["cookie".into(), "authorization".into()],
+            last_event_id_param: None,
+            on_connect: 0,
+            miss_event: false,
+        }
+    }
 }
 
 impl Config {
@@ -368,6 +424,25 @@ impl Checker<'_> {
 
         let global_sse = self.sse(raw.sse.as_ref(), "sse", None);
         let limits = self.limits(raw.limits.as_ref());
+        let global_replay_file = raw.replay.as_ref().map(file::ReplayGlobal::route);
+        let global_replay = self.replay(
+            global_replay_file.as_ref(),
+            "replay",
+            &ReplaySettings::defaults(),
+        );
+        let replay_global = ReplayGlobal {
+            total_max_bytes: raw
+                .replay
+                .as_ref()
+                .and_then(|r| r.total_max_bytes)
+                .unwrap_or(256 * 1024 * 1024),
+            lag_blocks: raw
+                .replay
+                .as_ref()
+                .and_then(|r| r.lag_blocks)
+                .unwrap_or(1024)
+                .max(1),
+        };
         let refuse_default = match raw
             .limits
             .as_ref()
@@ -475,7 +550,9 @@ impl Checker<'_> {
                     continue;
                 }
             };
+            let replay = self.replay(r.replay.as_ref(), &format!("{base}.replay"), &global_replay);
             routes.push(Arc::new(Route {
+                replay,
                 index: routes.len(),
                 limits: route_limits,
                 name: r.name.clone().unwrap_or_else(|| base.clone()),
@@ -492,9 +569,52 @@ impl Checker<'_> {
             upstreams,
             routes,
             limits,
+            replay: replay_global,
         }
     }
 
+    fn replay(
+        &mut self,
+        own: Option<&file::Replay>,
+        base: &str,
+        parent: &ReplaySettings,
+    ) -> ReplaySettings {
+        let Some(own) = own else {
+            return parent.clone();
+        };
+        let mut r = parent.clone();
+        if let Some(v) = own.enabled {
+            r.enabled = v;
+        }
+        if let Some(v) = own.shared {
+            r.shared = v;
+        }
+        if let Some(v) = &own.linger {
+            r.linger = self.duration(v, &format!("{base}.linger"));
+        }
+        if let Some(v) = own.max_events {
+            r.bounds.max_events = v;
+        }
+        if let Some(v) = own.max_bytes {
+            r.bounds.max_bytes = v;
+        }
+        if let Some(v) = &own.max_age {
+            r.bounds.max_age = self.duration(v, &format!("{base}.max_age"));
+        }
+        if let Some(v) = &own.identity_headers {
+            r.identity_headers = v.iter().map(|h| h.to_ascii_lowercase()).collect();
+        }
+        if let Some(v) = &own.last_event_id_param {
+            r.last_event_id_param = (!v.is_empty()).then(|| v.clone());
+        }
+        if let Some(v) = own.on_connect {
+            r.on_connect = v;
+        }
+        if let Some(v) = own.miss_event {
+            r.miss_event = v;
+        }
+        r
+    }
     fn refuse_mode(&mut self, v: &toml::Spanned<String>, key: &str) -> RefuseStreamsWith {
         match v.get_ref().as_str() {
             "event-stream" => RefuseStreamsWith::EventStream,
@@ -722,6 +842,58 @@ mod file {
         #[serde(default)]
         pub routes: Vec<Route>,
         pub limits: Option<Limits>,
+        pub replay: Option<ReplayGlobal>,
+    }
+
+    /// `[replay]`: the route defaults plus two settings of the whole gateway. (Not
+    /// `flatten`ed: serde's flatten loses `Spanned` positions and unknown-key checks.)
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ReplayGlobal {
+        pub enabled: Option<bool>,
+        pub shared: Option<bool>,
+        pub linger: Option<Spanned<String>>,
+        pub max_events: Option<usize>,
+        pub max_bytes: Option<usize>,
+        pub max_age: Option<Spanned<String>>,
+        pub identity_headers: Option<Vec<String>>,
+        pub last_event_id_param: Option<String>,
+        pub on_connect: Option<usize>,
+        pub miss_event: Option<bool>,
+        pub total_max_bytes: Option<usize>,
+        pub lag_blocks: Option<usize>,
+    }
+
+    impl ReplayGlobal {
+        pub fn route(&self) -> Replay {
+            Replay {
+                enabled: self.enabled,
+                shared: self.shared,
+                linger: self.linger.clone(),
+                max_events: self.max_events,
+                max_bytes: self.max_bytes,
+                max_age: self.max_age.clone(),
+                identity_headers: self.identity_headers.clone(),
+                last_event_id_param: self.last_event_id_param.clone(),
+                on_connect: self.on_connect,
+                miss_event: self.miss_event,
+            }
+        }
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Replay {
+        pub enabled: Option<bool>,
+        pub shared: Option<bool>,
+        pub linger: Option<Spanned<String>>,
+        pub max_events: Option<usize>,
+        pub max_bytes: Option<usize>,
+        pub max_age: Option<Spanned<String>>,
+        pub identity_headers: Option<Vec<String>>,
+        pub last_event_id_param: Option<String>,
+        pub on_connect: Option<usize>,
+        pub miss_event: Option<bool>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -804,6 +976,7 @@ mod file {
         pub upstream: Spanned<String>,
         pub sse: Option<Sse>,
         pub limits: Option<RouteLimits>,
+        pub replay: Option<Replay>,
     }
 }
 

@@ -16,9 +16,11 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod hub;
 pub mod limit;
 pub mod proxy;
 pub mod relay;
+pub mod replay;
 pub mod server;
 pub mod shutdown;
 pub mod sse;

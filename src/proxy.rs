@@ -24,8 +24,10 @@ use pingora::services::background::BackgroundService;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::config::{Config, RefuseStreamsWith, Route};
+use crate::hub::{Registry, StreamKey};
 use crate::limit::{self, ClientKey, Decision, Limits};
-use crate::relay::{self, Admission, RelayStats};
+use crate::relay::{self, Admission, RelayStats, ReplayCx};
+use crate::replay::Budget;
 use crate::shutdown::{ActiveGuard, Shutdown};
 
 /// State shared by every request of the proxy service.
@@ -40,6 +42,10 @@ pub struct Gateway {
     limits: Arc<Limits>,
     /// Per-route limiters, by route index.
     route_limits: Vec<Arc<limit::RouteLimits>>,
+    /// Live stream hubs.
+    registry: Arc<Registry>,
+    /// Byte budget of all replay stores.
+    budget: Arc<Budget>,
 }
 
 /// What one request carries between phases.
@@ -106,12 +112,73 @@ impl Gateway {
             })
             .collect();
         Gateway {
+            registry: Arc::new(Registry::new(config.replay.lag_blocks)),
+            budget: Budget::new(config.replay.total_max_bytes),
             limits: Arc::new(Limits::new(config.limits.settings.clone())),
             route_limits,
             config,
             next_server,
             shutdown,
         }
+    }
+
+    /// The hub registry, for metrics and tests.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Replay context for a GET on a replay route: the stream key (route, upstream,
+    /// method, path and query without the last-event-id parameter, identity headers
+    /// unless the route is shared) and the client's last event ID.
+    fn replay_cx(&self, session: &Session, route: &Route) -> Option<ReplayCx> {
+        let settings = &route.replay;
+        let req = session.req_header();
+        if !settings.enabled || req.method != http::Method::GET {
+            return None;
+        }
+        let param = settings.last_event_id_param.as_deref();
+        let mut from_query = None;
+        let mut query = Vec::new();
+        for (name, value) in form_urlencoded::parse(req.uri.query().unwrap_or("").as_bytes()) {
+            if param == Some(&*name) {
+                from_query = Some(value.into_owned());
+            } else {
+                query.extend_from_slice(&(name.len() as u64).to_le_bytes());
+                query.extend_from_slice(name.as_bytes());
+                query.extend_from_slice(&(value.len() as u64).to_le_bytes());
+                query.extend_from_slice(value.as_bytes());
+            }
+        }
+        let route_index = (route.index as u64).to_le_bytes();
+        let mut parts: Vec<Vec<u8>> = vec![
+            route_index.to_vec(),
+            route.upstream.name.as_bytes().to_vec(),
+            req.method.as_str().as_bytes().to_vec(),
+            req.uri.path().as_bytes().to_vec(),
+            query,
+        ];
+        if !settings.shared {
+            for name in &settings.identity_headers {
+                parts.push(name.as_bytes().to_vec());
+                for v in req.headers.get_all(name.as_str()) {
+                    parts.push(v.as_bytes().to_vec());
+                }
+            }
+        }
+        let last_event_id = req
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or(from_query)
+            .filter(|id| !id.is_empty());
+        Some(ReplayCx {
+            registry: self.registry.clone(),
+            budget: self.budget.clone(),
+            key: StreamKey::new(parts.iter().map(Vec::as_slice)),
+            last_event_id,
+            settings: settings.clone(),
+        })
     }
 
     /// The limits, for the pruning service.
@@ -292,6 +359,7 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
         let admission = Admission {
+            replay: self.replay_cx(session, &route),
             slot,
             limits: self.limits.clone(),
             refusal,

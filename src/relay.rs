@@ -19,16 +19,45 @@ use pingora::prelude::*;
 use pingora::protocols::http::HttpTask;
 use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora::ErrorType;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, Instant};
 
-use crate::config::SseSettings;
+use crate::config::{ReplaySettings, SseSettings};
+use crate::hub::{Hub, HubMsg, Registry, Start, StreamKey, Subscription};
 use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
 use crate::proxy::ClientInfo;
+use crate::replay::{Budget, MemoryRing};
 use crate::sse;
+
+/// What a GET stream request needs to use hubs (replay, linger, sharing).
+pub struct ReplayCx {
+    /// Where hubs live.
+    pub registry: Arc<Registry>,
+    /// The total byte budget of replay stores.
+    pub budget: Arc<Budget>,
+    /// The request's stream key.
+    pub key: StreamKey,
+    /// The client's `Last-Event-ID` (header or configured query parameter).
+    pub last_event_id: Option<String>,
+    /// The route's replay settings.
+    pub settings: ReplaySettings,
+}
+
+/// How a subscriber came to its hub, for the response header and the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    /// Its `Last-Event-ID` was found: replayed from the store.
+    Hit,
+    /// Its `Last-Event-ID` was not found.
+    Miss,
+    /// It started the hub, or joined a shared one without an id.
+    Fresh,
+}
 
 /// Whether the relay may start a stream, and how to say no.
 pub struct Admission {
+    /// Hub use for this request, when replay applies (GET streams on replay routes).
+    pub replay: Option<ReplayCx>,
     /// The stream slot taken before the request went upstream (for requests that said
     /// they want an event stream); otherwise one is taken when a stream shows up.
     pub slot: Option<StreamSlot>,
@@ -105,6 +134,10 @@ pub struct RelayStats {
     pub error: Option<String>,
     /// The limits refused the stream when it showed up.
     pub refused: Option<RefuseReason>,
+    /// Replay outcome: `hit`, `miss` or `fresh` (hub streams only).
+    pub replay: Option<&'static str>,
+    /// Blocks sent from the replay store.
+    pub replayed: u64,
 }
 
 /// Is this response an event stream? By `Content-Type` only: any case, parameters allowed.
@@ -209,6 +242,56 @@ async fn run(
     let key = client.key;
     let response_timeout = route.upstream.response_timeout;
 
+    let mut missed = false;
+    if let Some(rcx) = &admission.replay {
+        let shared = rcx.settings.shared;
+        let mut attached = None;
+        if let Some(id) = &rcx.last_event_id {
+            attached = rcx
+                .registry
+                .resume(&rcx.key, id)
+                .map(|(h, s)| (h, s, Attach::Hit));
+            missed = attached.is_none();
+        }
+        if attached.is_none() && shared {
+            // A shared upstream cannot replay for one client: a miss joins live too.
+            let start = match (missed, rcx.settings.on_connect) {
+                (false, n) if n > 0 => Start::Last(n),
+                _ => Start::Live,
+            };
+            attached = rcx
+                .registry
+                .join_shared(&rcx.key, start)
+                .map(|(h, s)| (h, s, if missed { Attach::Miss } else { Attach::Fresh }));
+        }
+        if let Some((hub, sub, how)) = attached {
+            let slot = match (admission.slot.take(), key) {
+                (Some(s), _) => Some(s),
+                (None, Some(k)) => match admission.limits.open_stream(&k) {
+                    Decision::Allow(s) => Some(s),
+                    Decision::Refuse {
+                        reason,
+                        retry_after,
+                    } => {
+                        stats.refused = Some(reason);
+                        return refuse(session, &admission.refusal, reason, retry_after).await;
+                    }
+                },
+                (None, None) => None,
+            };
+            let follow = Follow {
+                how,
+                skip_id: None,
+                sse: &route.sse,
+                replay: &rcx.settings,
+                last_event_id: rcx.last_event_id.as_deref(),
+                jitter: admission.refusal.jitter,
+                _slot: slot,
+            };
+            return follow_hub(session, hub, sub, follow, shutdown, stats).await;
+        }
+    }
+
     // A subrequest re-reads the request as HTTP/1 text: give an HTTP/2 request the
     // version and `Host` an HTTP/1.1 request would have.
     if session.is_http2() {
@@ -252,7 +335,7 @@ async fn run(
     let header_deadline = Instant::now() + response_timeout;
     let far_future = Instant::now() + Duration::from_secs(86400 * 365);
 
-    loop {
+    let first = loop {
         let permit = tx.try_reserve();
         let heartbeat_at = match &phase {
             Phase::Stream(s) if !s.opaque && !s.closing => s.heartbeat_at,
@@ -284,6 +367,14 @@ async fn run(
                 let mut batch = vec![t];
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
+                }
+                if admission.replay.is_some()
+                    && matches!(phase, Phase::Waiting)
+                    && matches!(&batch[0], HttpTask::Header(resp, false) if resp.status == StatusCode::OK && is_event_stream(resp) && !is_compressed(resp))
+                {
+                    // An event stream on a replay route: it becomes a hub that outlives
+                    // this client; this client becomes its first subscriber.
+                    break batch;
                 }
                 for t in batch {
                     let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, admission: &mut *admission, key };
@@ -383,7 +474,269 @@ async fn run(
                 }
             }
         }
+    };
+
+    // Hand the upstream over to a hub.
+    let Some(rcx) = admission.replay.as_ref() else {
+        return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
+    };
+    let mut tasks = first.into_iter();
+    let Some(HttpTask::Header(resp, _)) = tasks.next() else {
+        return Error::e_explain(ErrorType::InternalError, "hub without a response header");
+    };
+    let slot = match (admission.slot.take(), key) {
+        (Some(s), _) => Some(s),
+        (None, Some(k)) => match admission.limits.open_stream(&k) {
+            Decision::Allow(s) => Some(s),
+            Decision::Refuse {
+                reason,
+                retry_after,
+            } => {
+                stats.refused = Some(reason);
+                return refuse(session, &admission.refusal, reason, retry_after).await;
+            }
+        },
+        (None, None) => None,
+    };
+    let head: http::response::Parts = (**resp).clone();
+    let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
+    let (hub, sub, created) = rcx.registry.create(
+        rcx.key.clone(),
+        rcx.settings.shared,
+        head,
+        store,
+        route.sse.max_event_bytes,
+    );
+    if created {
+        abort.disarm();
+        let pump = Pump {
+            hub: hub.clone(),
+            registry: rcx.registry.clone(),
+            rx,
+            _tx: tx,
+            _proxy_error_rx: proxy_error_rx,
+            abort: AbortOnDrop(Some(task.abort_handle())),
+            pending: tasks.collect(),
+            linger: rcx.settings.linger,
+        };
+        tokio::spawn(pump.run());
+    } else {
+        // Another client's request made the shared hub first: ours is not needed.
+        drop(abort);
     }
+    let follow = Follow {
+        how: if missed { Attach::Miss } else { Attach::Fresh },
+        // A new upstream got the client's Last-Event-ID: if it replays that very
+        // event too, the client must not see it twice.
+        skip_id: if missed {
+            rcx.last_event_id.as_deref().map(Arc::from)
+        } else {
+            None
+        },
+        sse: &route.sse,
+        replay: &rcx.settings,
+        last_event_id: rcx.last_event_id.as_deref(),
+        jitter: admission.refusal.jitter,
+        _slot: slot,
+    };
+    follow_hub(session, hub, sub, follow, shutdown, stats).await
+}
+
+/// Feeds a hub from its upstream subrequest until the upstream ends or the hub has had
+/// no subscriber for its linger window; then closes the upstream and unregisters.
+struct Pump {
+    hub: Arc<Hub>,
+    registry: Arc<Registry>,
+    rx: tokio::sync::mpsc::Receiver<HttpTask>,
+    /// The subrequest's request side: kept open, or it would read a client close.
+    _tx: tokio::sync::mpsc::Sender<HttpTask>,
+    /// Kept so the subrequest can report its failure without erroring on a closed
+    /// channel; failures also end `rx`.
+    _proxy_error_rx: tokio::sync::oneshot::Receiver<Box<Error>>,
+    /// Cuts the upstream connection when the pump stops.
+    abort: AbortOnDrop,
+    /// Tasks that came with the response header.
+    pending: Vec<HttpTask>,
+    linger: Duration,
+}
+
+impl Pump {
+    async fn run(mut self) {
+        let mut alive = std::mem::take(&mut self.pending)
+            .into_iter()
+            .all(|t| feed_task(&self.hub, t));
+        while alive {
+            tokio::select! {
+                t = self.rx.recv() => alive = t.is_some_and(|t| feed_task(&self.hub, t)),
+                _ = self.hub.idle_for(self.linger) => {
+                    tracing::debug!("stream without clients for its linger window: closing upstream");
+                    alive = false;
+                }
+            }
+        }
+        self.hub.end();
+        self.registry.remove(&self.hub);
+        drop(self.abort);
+    }
+}
+
+/// Feeds one subrequest task to a hub; `false` when the upstream stream is over.
+fn feed_task(hub: &Hub, t: HttpTask) -> bool {
+    match t {
+        HttpTask::Body(Some(b), end) => match hub.feed(&b) {
+            Ok(_) => !end,
+            Err(e) => {
+                tracing::warn!("closing stream: upstream sent an {e}");
+                false
+            }
+        },
+        HttpTask::Body(None, end) | HttpTask::UpgradedBody(_, end) => !end,
+        HttpTask::Header(..) => true,
+        HttpTask::Trailer(_) | HttpTask::Done | HttpTask::Failed(_) => false,
+    }
+}
+
+/// How a subscriber follows its hub.
+struct Follow<'a> {
+    how: Attach,
+    /// Drop a block that carries exactly this id (the client has it).
+    skip_id: Option<Arc<str>>,
+    sse: &'a SseSettings,
+    replay: &'a ReplaySettings,
+    last_event_id: Option<&'a str>,
+    jitter: f64,
+    /// The stream's place in the limits.
+    _slot: Option<StreamSlot>,
+}
+
+/// Serves one client from a hub: the response head, the replay, then live blocks with
+/// heartbeats between them. A hub only ever hands out whole blocks, so every moment
+/// between two writes is an event boundary.
+async fn follow_hub(
+    session: &mut Session,
+    hub: Arc<Hub>,
+    mut sub: Subscription,
+    f: Follow<'_>,
+    shutdown: &mut watch::Receiver<bool>,
+    stats: &mut RelayStats,
+) -> Result<()> {
+    stats.stream = true;
+    stats.replay = Some(match f.how {
+        Attach::Hit => "hit",
+        Attach::Miss => "miss",
+        Attach::Fresh => "fresh",
+    });
+    let mut resp = ResponseHeader::build(hub.head.status, Some(hub.head.headers.len() + 4))?;
+    for (name, value) in &hub.head.headers {
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    if hub.shared {
+        // A public stream's head came from one client's request: never hand its
+        // cookies to the others.
+        resp.remove_header(&header::SET_COOKIE);
+    }
+    let replay_note = match f.how {
+        Attach::Hit => format!("hit; events={}", sub.replay.len()),
+        Attach::Miss => "miss".to_owned(),
+        Attach::Fresh => "fresh".to_owned(),
+    };
+    resp.insert_header("x-ssegate-replay", replay_note)?;
+    fix_stream_headers(session, &mut resp)?;
+    session.write_response_header(Box::new(resp), false).await?;
+
+    let retry_block = f.sse.retry.map(|r| {
+        Bytes::from(format!(
+            "retry: {}\n\n",
+            limit::jittered(r, f.jitter).as_millis()
+        ))
+    });
+    let mut first = bytes::BytesMut::new();
+    if let Some(b) = &retry_block {
+        first.extend_from_slice(b);
+    }
+    if f.how == Attach::Miss && f.replay.miss_event {
+        first.extend_from_slice(b"event: ssegate-replay-miss\ndata: ");
+        first.extend_from_slice(f.last_event_id.unwrap_or("").as_bytes());
+        first.extend_from_slice(b"\n\n");
+    }
+    stats.replayed = sub.replay.len() as u64;
+    for b in std::mem::take(&mut sub.replay) {
+        first.extend_from_slice(&b.raw);
+        stats.events += 1;
+    }
+    if !first.is_empty() {
+        session
+            .write_response_body(Some(first.freeze()), false)
+            .await?;
+    }
+
+    let heartbeat = sse::heartbeat(&f.sse.heartbeat_comment);
+    let mut heartbeat_at = Instant::now() + f.sse.heartbeat_interval;
+    let mut skip_id = f.skip_id;
+    loop {
+        tokio::select! {
+            m = sub.rx.recv() => match m {
+                Ok(HubMsg::Block(b)) => {
+                    if b.has_id_field && skip_id.as_deref() == Some(&*b.id) {
+                        skip_id = None;
+                        continue;
+                    }
+                    session.write_response_body(Some(b.raw.clone()), false).await?;
+                    stats.events += 1;
+                    if b.sets_retry {
+                        if let Some(r) = &retry_block {
+                            // The upstream just set its own delay: ours goes right after.
+                            session.write_response_body(Some(r.clone()), false).await?;
+                        }
+                    }
+                    heartbeat_at = Instant::now() + f.sse.heartbeat_interval;
+                }
+                Ok(HubMsg::End) | Err(broadcast::error::RecvError::Closed) => {
+                    return session.write_response_body(None, true).await;
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Too slow a reader: it comes back with Last-Event-ID and resumes
+                    // from the store, instead of holding memory here.
+                    tracing::warn!(behind = n, "client fell behind its stream; disconnecting it");
+                    stats.error = Some(format!("fell behind by {n} blocks"));
+                    return session.write_response_body(None, true).await;
+                }
+            },
+            _ = sleep_until(heartbeat_at) => {
+                session.write_response_body(Some(heartbeat.clone()), false).await?;
+                stats.heartbeats += 1;
+                heartbeat_at = Instant::now() + f.sse.heartbeat_interval;
+            }
+            _ = shutdown_started(shutdown) => {
+                session
+                    .write_response_body(Some(sse::shutdown_hint(f.sse.shutdown_retry.as_millis() as u64)), false)
+                    .await?;
+                return session.write_response_body(None, true).await;
+            }
+            r = session.downstream_session.read_body_or_idle(true) => {
+                r.map_err(|e| e.into_down())?;
+                return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
+            }
+        }
+    }
+}
+
+/// Headers every stream response gets, whichever path it takes.
+fn fix_stream_headers(session: &Session, resp: &mut ResponseHeader) -> Result<()> {
+    resp.remove_header(&header::CONTENT_LENGTH);
+    resp.remove_header(&header::TRANSFER_ENCODING);
+    resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
+    resp.insert_header("x-accel-buffering", "no")?;
+    if !session.is_http2() && session.req_header().version == Version::HTTP_11 {
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(())
+}
+
+fn is_compressed(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 /// Handles one task from the subrequest. Returns `true` when the response is complete.

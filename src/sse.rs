@@ -48,6 +48,8 @@ pub struct Event {
     /// The block's bytes, from its first field line to its terminating blank line
     /// inclusive. Comment lines before the first field are not part of any block.
     pub raw: Bytes,
+    /// False for a block that dispatched nothing (no data) but set `id` or `retry`.
+    pub dispatched: bool,
 }
 
 /// Incremental event-stream parser: `push` bytes, then call `next_event` until `None`.
@@ -135,6 +137,17 @@ impl Parser {
 
     /// Process buffered lines until one event is dispatched or the bytes run out.
     pub fn next_event(&mut self) -> Result<Option<Event>, ParseError> {
+        loop {
+            match self.next_block()? {
+                Some(ev) if !ev.dispatched => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Like [`Parser::next_event`], but also returns blocks that had fields yet
+    /// dispatched nothing (an `id` or `retry` alone): what a replay must keep.
+    pub fn next_block(&mut self) -> Result<Option<Event>, ParseError> {
         if self.bom_pending {
             let n = self.buf.len().min(BOM.len());
             if self.buf[..n] != BOM[..n] {
@@ -239,16 +252,27 @@ impl Parser {
         let raw = self.buf.split_to(next).freeze();
         self.scan -= next;
         self.line_start -= next;
-        self.in_block = false;
+        let had_fields = std::mem::take(&mut self.in_block);
         let has_id_field = std::mem::take(&mut self.block_has_id);
         let retry = self.block_retry.take();
         let event_type = std::mem::take(&mut self.event_type);
         if self.data.is_empty() {
-            return None;
+            // No dispatch, but a block that moved the id or set `retry` still matters
+            // to a replay: hand it out as a non-dispatched block.
+            return had_fields.then(|| Event {
+                id: self.last_event_id.clone(),
+                has_id_field,
+                event_type: String::new(),
+                data: String::new(),
+                retry,
+                raw,
+                dispatched: false,
+            });
         }
         let mut data = std::mem::take(&mut self.data);
         data.pop(); // the trailing LF
         Some(Event {
+            dispatched: true,
             id: self.last_event_id.clone(),
             has_id_field,
             event_type: if event_type.is_empty() {
@@ -422,6 +446,19 @@ mod tests {
         let e = parse_all(&[b"id: 7\n\ndata: x\n\n"]);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].id, "7");
+    }
+
+    #[test]
+    fn blocks_without_data_come_out_of_next_block_only() {
+        let mut p = Parser::default();
+        p.push(b"id: 7\n\nretry: 10\n\n: c\n\ndata: x\n\n");
+        let b1 = p.next_block().unwrap().unwrap();
+        assert!(!b1.dispatched && b1.has_id_field && b1.id == "7");
+        let b2 = p.next_block().unwrap().unwrap();
+        assert!(!b2.dispatched && b2.retry == Some(10));
+        let b3 = p.next_block().unwrap().unwrap();
+        assert!(b3.dispatched && b3.data == "x" && &b3.raw[..] == b"data: x\n\n");
+        assert!(p.next_block().unwrap().is_none());
     }
 
     #[test]

@@ -91,9 +91,9 @@ fn status_codes_pass_through() {
         "/dev/null",
         "-w",
         "%{http_code}",
-        &gw.url("/echo.php?status=418"),
+        &gw.url("/echo.php?status=422"),
     ]);
-    assert_eq!(out, b"418");
+    assert_eq!(out, b"422");
     let (_, out) = curl(&[
         "-o",
         "/dev/null",

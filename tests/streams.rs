@@ -47,16 +47,37 @@ fn heartbeats_fill_upstream_silence() {
 #[test]
 fn no_heartbeat_inside_an_unfinished_event() {
     let php = Php::start();
+    // Without replay the relay forwards upstream bytes as they come, so it must wait
+    // for the upstream to finish the event before it may write a heartbeat.
+    let gw = GatewayOptions::to(&php)
+        .replay("enabled = false\n")
+        .extra("[sse]\nheartbeat_interval = \"200ms\"\n")
+        .start();
+    let out = body_of(&[&gw.url("/quiet.php?quiet=1.5&partial=1")]);
+    let text = String::from_utf8(out).expect("utf8");
+    assert_eq!(
+        text, "id: 1\ndata: first\n\nid: 2\ndata: half and half\n\n",
+        "{text}"
+    );
+}
+
+#[test]
+fn hub_holds_a_partial_event_and_keeps_the_client_alive_meanwhile() {
+    let php = Php::start();
+    // With replay (the default) a hub hands out whole blocks only, so the client is
+    // always between events and heartbeats continue while the upstream pauses inside one.
     let gw = GatewayOptions::to(&php)
         .extra("[sse]\nheartbeat_interval = \"200ms\"\n")
         .start();
     let out = body_of(&[&gw.url("/quiet.php?quiet=1.5&partial=1")]);
     let text = String::from_utf8(out).expect("utf8");
-    // The upstream goes quiet mid-event: the gateway must wait for the event's end.
-    assert_eq!(
-        text, "id: 1\ndata: first\n\nid: 2\ndata: half and half\n\n",
-        "{text}"
+    let hb = text.matches(":heartbeat\n\n").count();
+    assert!(hb >= 3, "{text}");
+    let expected = format!(
+        "id: 1\ndata: first\n\n{}id: 2\ndata: half and half\n\n",
+        ":heartbeat\n\n".repeat(hb)
     );
+    assert_eq!(text, expected);
 }
 
 #[test]
@@ -142,7 +163,7 @@ fn post_stream_without_accept_header_is_a_stream() {
 fn client_disconnect_closes_the_upstream() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php).start();
-    let log = gw.dir.path().join("abort.log");
+    let log = php.file("abort.log");
     let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
     let mut child = Command::new("curl")
         .args(["-sS", "-N", &url])
@@ -229,6 +250,34 @@ fn sigterm_ends_streams_with_retry_and_exits_promptly() {
 #[test]
 fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
     let php = Php::start();
+    let mut gw = GatewayOptions::to(&php).replay("enabled = false\n").start();
+    let client = Command::new("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "30",
+            &gw.url("/quiet.php?partial=1&quiet=20"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(800));
+    gw.signal("TERM");
+    // Without replay the client already has half an event: the gateway waits a bounded
+    // time for the rest, then ends without appending to the unfinished line.
+    let exited = gw.wait_exit(Duration::from_secs(12));
+    assert!(exited.is_some(), "gateway still running 12 s after SIGTERM");
+    let out = read_all_with_limit(client, Duration::from_secs(5));
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "id: 1\ndata: first\n\nid: 2\ndata: half"
+    );
+}
+
+#[test]
+fn sigterm_while_the_upstream_is_mid_event_ends_a_hub_stream_at_once() {
+    let php = Php::start();
     let mut gw = GatewayOptions::to(&php).start();
     let client = Command::new("curl")
         .args([
@@ -243,14 +292,12 @@ fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
         .expect("curl");
     std::thread::sleep(Duration::from_millis(800));
     gw.signal("TERM");
-    // The upstream is mid-event for 20 s: the gateway waits a bounded time, then ends
-    // the stream without appending anything to the unfinished line.
-    let exited = gw.wait_exit(Duration::from_secs(12));
-    assert!(exited.is_some(), "gateway still running 12 s after SIGTERM");
+    let exited = gw.wait_exit(Duration::from_secs(5));
+    assert!(exited.is_some(), "gateway still running 5 s after SIGTERM");
     let out = read_all_with_limit(client, Duration::from_secs(5));
     assert_eq!(
         String::from_utf8_lossy(&out),
-        "id: 1\ndata: first\n\nid: 2\ndata: half"
+        "id: 1\ndata: first\n\n: ssegate shutting down\nretry: 1000\n\n"
     );
 }
 
@@ -263,8 +310,9 @@ fn gateway_sets_and_overrides_the_reconnection_delay() {
         .start();
     let out = body_of(&[&gw.url("/split.php?at=0&pause=0")]);
     let text = String::from_utf8_lossy(&out);
-    // Set at the start (the upstream's BOM, now late, was dropped)...
-    assert!(text.starts_with("retry: 2000\n\n: hello\r\n"), "{text:?}");
+    // Set at the start (the hub drops the upstream's BOM and its comments between
+    // events)...
+    assert!(text.starts_with("retry: 2000\n\nid: a1\r\n"), "{text:?}");
     // ...and restated right after the upstream's own `retry: 2500` event.
     assert!(
         text.ends_with("retry: 2500\ndata:  two spaces\n\nretry: 2000\n\n"),

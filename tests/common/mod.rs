@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -49,33 +50,120 @@ impl Drop for Proc {
     }
 }
 
-/// `php -S` serving the test scripts, with enough workers for concurrent streams.
+/// The legacy backend: Apache (prefork) with mod_php serving a copy of `tests/php`,
+/// as the production sites ssegate fronts. Each process serves one connection at a
+/// time, so long streams never queue behind each other (as they can with `php -S`).
 pub struct Php {
     pub port: u16,
-    _proc: Proc,
+    /// Document root and log folder, writable by the Apache user (for scripts' logs).
+    pub dir: tempfile::TempDir,
+    proc: Option<Child>,
+}
+
+fn php_module() -> PathBuf {
+    let dir = Path::new("/usr/lib/apache2/modules");
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|rd| {
+            rd.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libphp") && n.ends_with(".so"))
+            })
+        })
+        .expect("mod_php (the README's test command installs apache2 and libapache2-mod-php)")
 }
 
 impl Php {
     pub fn start() -> Php {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("www");
+        std::fs::create_dir(&root).expect("mkdir");
+        for entry in std::fs::read_dir(repo().join("tests/php")).expect("tests/php") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), root.join(entry.file_name())).expect("copy script");
+        }
+        set_mode(dir.path(), 0o777);
+        set_mode(&root, 0o755);
         let port = free_port();
-        let mut child = Command::new("php")
-            .args(["-S", &format!("127.0.0.1:{port}"), "-t"])
-            .arg(repo().join("tests/php"))
-            .env("PHP_CLI_SERVER_WORKERS", "24")
+        let d = dir.path().display();
+        let conf = format!(
+            r#"ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {d}/httpd.pid
+Mutex file:{d} default
+ErrorLog {d}/error.log
+LogLevel warn
+User nobody
+Group nogroup
+LoadModule mpm_prefork_module /usr/lib/apache2/modules/mod_mpm_prefork.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so
+LoadModule php_module {php}
+TypesConfig /etc/mime.types
+StartServers 16
+MinSpareServers 16
+MaxSpareServers 64
+ServerLimit 400
+MaxRequestWorkers 400
+KeepAlive On
+DocumentRoot {d}/www
+<Directory {d}/www>
+  Require all granted
+</Directory>
+<FilesMatch "\.php$">
+  SetHandler application/x-httpd-php
+</FilesMatch>
+"#,
+            php = php_module().display()
+        );
+        let conf_path = dir.path().join("httpd.conf");
+        std::fs::write(&conf_path, conf).expect("write httpd.conf");
+        let mut child = Command::new("apache2")
+            .process_group(0)
+            .arg("-f")
+            .arg(&conf_path)
+            .arg("-DFOREGROUND")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("run php (the README's test command installs php-cli)");
-        wait_port(port, &mut child, "php -S");
+            .expect("run apache2 (the README's test command installs it)");
+        wait_port(port, &mut child, "apache2");
         Php {
             port,
-            _proc: Proc { child },
+            dir,
+            proc: Some(child),
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
+
+    /// A file in the backend's writable folder (scripts log there).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Php {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.proc.take() {
+            // Apache runs in its own process group: kill the parent and every child
+            // at once, so no PHP worker outlives the test.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost, written to `dir`.
@@ -117,6 +205,10 @@ pub struct GatewayOptions {
     /// Body of the `[limits]` section. Tests not about limits turn the rates off, since
     /// they open streams and requests faster than any client should.
     pub limits: String,
+    /// Body of the `[replay]` section. Tests not about replay close upstreams as soon
+    /// as their client leaves (no linger), as before hubs existed: `php -S` workers
+    /// serve one stream each and would otherwise stay busy.
+    pub replay: String,
 }
 
 impl GatewayOptions {
@@ -131,7 +223,13 @@ impl GatewayOptions {
             tls: false,
             upstream_extra: String::new(),
             limits: "request_rate = 0\nstream_connect_rate = 0\n".into(),
+            replay: "linger = \"0s\"\n".into(),
         }
+    }
+
+    pub fn replay(mut self, toml: &str) -> Self {
+        self.replay = toml.into();
+        self
     }
 
     pub fn limits(mut self, toml: &str) -> Self {
@@ -182,7 +280,8 @@ impl Gateway {
         }
         let servers: Vec<String> = o.servers.iter().map(|s| format!("\"{s}\"")).collect();
         toml.push_str(&format!(
-            "\n[limits]\n{}\n\n[[upstreams]]\nname = \"php\"\nservers = [{}]\n{}\n\n[[routes]]\nupstream = \"php\"\n\n{}\n",
+            "\n[replay]\n{}\n\n[limits]\n{}\n\n[[upstreams]]\nname = \"php\"\nservers = [{}]\n{}\n\n[[routes]]\nupstream = \"php\"\n\n{}\n",
+            o.replay,
             o.limits,
             servers.join(", "),
             o.upstream_extra,

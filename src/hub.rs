@@ -1,0 +1,406 @@
+//! Stream hubs: one upstream event stream, its recent blocks, and the clients reading it.
+//!
+//! A hub is fed upstream bytes (by `relay`, which owns the pingora subrequest), cuts them
+//! into blocks with [`sse::Parser`], records each in its [`ReplayStore`] and broadcasts
+//! it, under one lock, so a subscriber that attaches with a `Last-Event-ID` gets the
+//! replay and then the live blocks with no gap and no duplicate.
+//!
+//! The [`Registry`] finds hubs by [`StreamKey`]. Keys include the identity headers of the
+//! route, so two users never share a hub unless the route says its streams are public.
+//! When a hub's last subscriber leaves it lingers, still recording, so a client that comes
+//! back soon misses nothing even if the backend ignores `Last-Event-ID`.
+//!
+//! Knows nothing of pingora: only tokio's sync primitives and the `http` header types.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, Notify};
+
+use crate::replay::{Lookup, ReplayStore, StoredEvent};
+use crate::sse;
+
+/// What identifies one stream: route, upstream, method, path and query, and the values
+/// of the route's identity headers (for public routes, none). Values are kept whole, not
+/// hashed, so two different identities can never collide.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamKey(Arc<[u8]>);
+
+impl StreamKey {
+    /// Builds a key from its parts; each part is length-prefixed so no value can be
+    /// crafted to look like another split.
+    pub fn new<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> StreamKey {
+        let mut buf = Vec::new();
+        for p in parts {
+            buf.extend_from_slice(&(p.len() as u64).to_le_bytes());
+            buf.extend_from_slice(p);
+        }
+        StreamKey(buf.into())
+    }
+}
+
+/// A message from a hub to its subscribers.
+#[derive(Debug, Clone)]
+pub enum HubMsg {
+    /// A block to forward as is.
+    Block(StoredEvent),
+    /// The upstream stream ended (or failed): end the client's stream.
+    End,
+}
+
+/// Counters the metrics work exports.
+#[derive(Debug, Default)]
+pub struct ReplayCounters {
+    /// Resumes whose `Last-Event-ID` was found.
+    pub hits: AtomicU64,
+    /// Resumes whose `Last-Event-ID` was not found.
+    pub misses: AtomicU64,
+    /// Blocks sent from stores on resume.
+    pub events_replayed: AtomicU64,
+    /// Clients served from an existing hub instead of a new upstream request.
+    pub upstreams_saved: AtomicU64,
+    /// Hubs alive (with subscribers or lingering).
+    pub hubs: AtomicUsize,
+    /// Hubs with no subscriber, waiting out their linger window.
+    pub lingering: AtomicUsize,
+}
+
+/// Where a new subscriber starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Live, from the next block.
+    Live,
+    /// After the block that carried this id; fails if the id is unknown.
+    After(&'a str),
+    /// With the last `n` blocks, then live.
+    Last(usize),
+}
+
+/// A subscriber's view of a hub.
+pub struct Subscription {
+    /// Blocks to send first (the replay).
+    pub replay: Vec<StoredEvent>,
+    /// Then these, live.
+    pub rx: broadcast::Receiver<HubMsg>,
+    /// Keeps the subscriber counted; dropping it lets the hub linger.
+    _guard: SubscriberGuard,
+}
+
+struct SubscriberGuard(Arc<Hub>);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        if self.0.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.counters.lingering.fetch_add(1, Ordering::Relaxed);
+        }
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// State changed together under the hub's lock.
+struct Inner {
+    /// Cuts upstream bytes into blocks.
+    parser: sse::Parser,
+    /// Recent blocks.
+    store: Box<dyn ReplayStore>,
+    /// Live blocks to subscribers.
+    tx: broadcast::Sender<HubMsg>,
+    /// No more blocks will come.
+    ended: bool,
+}
+
+/// One upstream stream and its subscribers.
+pub struct Hub {
+    /// The stream's key, to leave the registry.
+    key: StreamKey,
+    /// Public route: new clients without `Last-Event-ID` join this hub.
+    pub shared: bool,
+    /// The upstream's response status and headers, for every subscriber.
+    pub head: http::response::Parts,
+    inner: Mutex<Inner>,
+    /// Subscribers now.
+    subscribers: AtomicUsize,
+    /// Has had a subscriber: from then on, zero subscribers means lingering.
+    lingered: AtomicBool,
+    /// Woken when `subscribers` changes or the hub ends.
+    changed: Notify,
+    /// Shared counters.
+    counters: Arc<ReplayCounters>,
+}
+
+/// Why a block could not be taken from the upstream.
+pub type FeedError = sse::ParseError;
+
+impl Hub {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (each step is atomic
+        // enough for a replay cache); keep serving rather than poison every stream.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Feeds upstream bytes: each finished block is recorded and broadcast.
+    pub fn feed(&self, bytes: &[u8]) -> Result<usize, FeedError> {
+        let mut inner = self.lock();
+        inner.parser.push(bytes);
+        let mut n = 0;
+        while let Some(ev) = inner.parser.next_block()? {
+            let block = StoredEvent {
+                id: ev.id.as_str().into(),
+                has_id_field: ev.has_id_field,
+                sets_retry: ev.retry.is_some(),
+                raw: ev.raw,
+                at: Instant::now(),
+            };
+            inner.store.push(block.clone());
+            // No receiver is fine: the hub is lingering and only records.
+            let _ = inner.tx.send(HubMsg::Block(block));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The upstream stream is over: tell the subscribers.
+    pub fn end(&self) {
+        let mut inner = self.lock();
+        if !inner.ended {
+            inner.ended = true;
+            let _ = inner.tx.send(HubMsg::End);
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the upstream stream is over.
+    pub fn ended(&self) -> bool {
+        self.lock().ended
+    }
+
+    /// Subscribers now.
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Acquire)
+    }
+
+    /// Attaches a subscriber. `None` when `start` names an id the store does not hold,
+    /// or the hub has ended.
+    pub fn subscribe(self: &Arc<Self>, start: Start<'_>) -> Option<Subscription> {
+        let mut inner = self.lock();
+        if inner.ended {
+            return None;
+        }
+        let replay = match start {
+            Start::Live => vec![],
+            Start::Last(n) => inner.store.last(n),
+            Start::After(id) => match inner.store.after(id) {
+                Lookup::After(v) => v,
+                Lookup::Unknown => return None,
+            },
+        };
+        // Subscribing under the same lock the feeder holds: nothing slips between the
+        // replay and the live blocks.
+        let rx = inner.tx.subscribe();
+        drop(inner);
+        if self.subscribers.fetch_add(1, Ordering::AcqRel) == 0 && self.was_lingering() {
+            self.counters.lingering.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+        Some(Subscription {
+            replay,
+            rx,
+            _guard: SubscriberGuard(self.clone()),
+        })
+    }
+
+    /// A hub is born with its first subscriber about to attach; after that, a count
+    /// of zero means it is lingering.
+    fn was_lingering(&self) -> bool {
+        self.lingered.swap(true, Ordering::AcqRel)
+    }
+
+    /// Resolves when the hub has had no subscriber for `linger` in a row, or has ended.
+    pub async fn idle_for(&self, linger: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.ended() {
+                return;
+            }
+            if self.subscribers() == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(linger) => {
+                        if self.subscribers() == 0 {
+                            return;
+                        }
+                    }
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// All live hubs, by key.
+pub struct Registry {
+    hubs: Mutex<HashMap<StreamKey, Vec<Arc<Hub>>>>,
+    /// Shared counters.
+    pub counters: Arc<ReplayCounters>,
+    /// Broadcast capacity per hub: how far a subscriber may fall behind before it is
+    /// disconnected (it comes back with `Last-Event-ID`).
+    pub lag_blocks: usize,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(lag_blocks: usize) -> Registry {
+        Registry {
+            hubs: Mutex::new(HashMap::new()),
+            counters: Arc::new(ReplayCounters::default()),
+            lag_blocks: lag_blocks.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<StreamKey, Vec<Arc<Hub>>>> {
+        self.hubs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resumes `key` after `last_id` from any live hub that still holds that id
+    /// (newest hub first).
+    pub fn resume(&self, key: &StreamKey, last_id: &str) -> Option<(Arc<Hub>, Subscription)> {
+        let hubs: Vec<Arc<Hub>> = self.lock().get(key).cloned().unwrap_or_default();
+        let found = hubs
+            .iter()
+            .rev()
+            .find_map(|h| h.subscribe(Start::After(last_id)).map(|s| (h.clone(), s)));
+        let c = &self.counters;
+        match &found {
+            Some((_, s)) => {
+                c.hits.fetch_add(1, Ordering::Relaxed);
+                c.events_replayed
+                    .fetch_add(s.replay.len() as u64, Ordering::Relaxed);
+                c.upstreams_saved.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                c.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        found
+    }
+
+    /// Joins the live shared hub of `key`, if there is one.
+    pub fn join_shared(
+        &self,
+        key: &StreamKey,
+        start: Start<'_>,
+    ) -> Option<(Arc<Hub>, Subscription)> {
+        let hubs: Vec<Arc<Hub>> = self.lock().get(key).cloned().unwrap_or_default();
+        let found = hubs
+            .iter()
+            .rev()
+            .filter(|h| h.shared)
+            .find_map(|h| h.subscribe(start).map(|s| (h.clone(), s)));
+        if let Some((_, s)) = &found {
+            self.counters
+                .upstreams_saved
+                .fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .events_replayed
+                .fetch_add(s.replay.len() as u64, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Creates and registers a hub for a stream whose response head is `head`, and
+    /// subscribes its first client. For a shared key that gained a live hub meanwhile,
+    /// joins that one instead and returns `created = false` (the caller drops its own
+    /// upstream request).
+    pub fn create(
+        &self,
+        key: StreamKey,
+        shared: bool,
+        head: http::response::Parts,
+        store: Box<dyn ReplayStore>,
+        max_event_bytes: usize,
+    ) -> (Arc<Hub>, Subscription, bool) {
+        let mut map = self.lock();
+        if shared {
+            if let Some(existing) = map.get(&key).and_then(|v| {
+                v.iter()
+                    .rev()
+                    .find_map(|h| h.subscribe(Start::Live).map(|s| (h.clone(), s)))
+            }) {
+                self.counters
+                    .upstreams_saved
+                    .fetch_add(1, Ordering::Relaxed);
+                return (existing.0, existing.1, false);
+            }
+        }
+        let (tx, _) = broadcast::channel(self.lag_blocks);
+        let hub = Arc::new(Hub {
+            key: key.clone(),
+            shared,
+            head,
+            inner: Mutex::new(Inner {
+                parser: sse::Parser::new(max_event_bytes),
+                store,
+                tx,
+                ended: false,
+            }),
+            subscribers: AtomicUsize::new(0),
+            lingered: AtomicBool::new(false),
+            changed: Notify::new(),
+            counters: self.counters.clone(),
+        });
+        map.entry(key).or_default().push(hub.clone());
+        self.counters.hubs.fetch_add(1, Ordering::Relaxed);
+        drop(map);
+        let sub = match hub.subscribe(Start::Live) {
+            Some(s) => s,
+            // A hub that has not started cannot have ended.
+            None => unreachable_subscription(&hub),
+        };
+        (hub, sub, true)
+    }
+
+    /// Removes a hub that ended or lingered out.
+    pub fn remove(&self, hub: &Arc<Hub>) {
+        let mut map = self.lock();
+        if let Some(v) = map.get_mut(&hub.key) {
+            let before = v.len();
+            v.retain(|h| !Arc::ptr_eq(h, hub));
+            if v.len() < before {
+                self.counters.hubs.fetch_sub(1, Ordering::Relaxed);
+                if hub.subscribers() == 0 && hub.lingered.load(Ordering::Acquire) {
+                    self.counters.lingering.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            if v.is_empty() {
+                map.remove(&hub.key);
+            }
+        }
+    }
+
+    /// Hubs registered now.
+    pub fn len(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    /// True when no hub is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Builds a subscription by hand for a hub that cannot have ended yet.
+fn unreachable_subscription(hub: &Arc<Hub>) -> Subscription {
+    let rx = hub.lock().tx.subscribe();
+    hub.subscribers.fetch_add(1, Ordering::AcqRel);
+    Subscription {
+        replay: vec![],
+        rx,
+        _guard: SubscriberGuard(hub.clone()),
+    }
+}
