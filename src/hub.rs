@@ -246,6 +246,9 @@ impl Hub {
 /// All live hubs, by key.
 pub struct Registry {
     hubs: Mutex<HashMap<StreamKey, Vec<Arc<Hub>>>>,
+    /// One lock per shared key being opened, so simultaneous first clients send one
+    /// upstream request, not one each.
+    opening: Mutex<HashMap<StreamKey, std::sync::Weak<tokio::sync::Mutex<()>>>>,
     /// Shared counters.
     pub counters: Arc<ReplayCounters>,
     /// Broadcast capacity per hub: how far a subscriber may fall behind before it is
@@ -258,6 +261,7 @@ impl Registry {
     pub fn new(lag_blocks: usize) -> Registry {
         Registry {
             hubs: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
             counters: Arc::new(ReplayCounters::default()),
             lag_blocks: lag_blocks.max(1),
         }
@@ -363,6 +367,26 @@ impl Registry {
             None => unreachable_subscription(&hub),
         };
         (hub, sub, true)
+    }
+
+    /// Waits for the right to open `key`'s upstream. Whoever holds the guard opens (or
+    /// finds) the hub; the others then join it.
+    pub async fn open_lock(&self, key: &StreamKey) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() > 1024 {
+                map.retain(|_, w| w.strong_count() > 0);
+            }
+            match map.get(key).and_then(std::sync::Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key.clone(), Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        lock.lock_owned().await
     }
 
     /// Removes a hub that ended or lingered out.

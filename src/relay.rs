@@ -243,6 +243,8 @@ async fn run(
     let response_timeout = route.upstream.response_timeout;
 
     let mut missed = false;
+    // Held while this request opens a shared key's upstream (see `Registry::open_lock`).
+    let mut opening = None;
     if let Some(rcx) = &admission.replay {
         let shared = rcx.settings.shared;
         let mut attached = None;
@@ -259,10 +261,23 @@ async fn run(
                 (false, n) if n > 0 => Start::Last(n),
                 _ => Start::Live,
             };
+            let how = if missed { Attach::Miss } else { Attach::Fresh };
             attached = rcx
                 .registry
                 .join_shared(&rcx.key, start)
-                .map(|(h, s)| (h, s, if missed { Attach::Miss } else { Attach::Fresh }));
+                .map(|(h, s)| (h, s, how));
+            if attached.is_none() {
+                // Nobody streams this key yet: one client opens it while the others
+                // wait here, then join.
+                let guard = rcx.registry.open_lock(&rcx.key).await;
+                attached = rcx
+                    .registry
+                    .join_shared(&rcx.key, start)
+                    .map(|(h, s)| (h, s, how));
+                if attached.is_none() {
+                    opening = Some(guard);
+                }
+            }
         }
         if let Some((hub, sub, how)) = attached {
             let slot = match (admission.slot.take(), key) {
@@ -507,6 +522,8 @@ async fn run(
         store,
         route.sse.max_event_bytes,
     );
+    // The hub is registered: waiting clients of a shared key may join it now.
+    drop(opening);
     if created {
         abort.disarm();
         let pump = Pump {

@@ -9,8 +9,8 @@ const results = [];
 let done = 0;
 
 function finish() {
-  console.log(JSON.stringify({ clients: results }));
-  process.exit(0);
+  // Exit only once the whole line is out: a pipe is written asynchronously.
+  process.stdout.write(JSON.stringify({ clients: results }) + '\n', () => process.exit(0));
 }
 
 const timer = setTimeout(finish, timeoutMs);

@@ -1,0 +1,377 @@
+//! Replay: clients that come back with `Last-Event-ID` get exactly what they missed,
+//! from backends that ignore it (Apache + mod_php scripts), through curl, the npm
+//! `eventsource` package and headless Chromium.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// What one SSE request returned: the lowercased head and the events.
+struct Seen {
+    head: String,
+    events: Vec<SeenEvent>,
+}
+
+impl Seen {
+    fn ids(&self) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter_map(|e| e.0.parse().ok())
+            .collect()
+    }
+
+    fn replay_header(&self) -> &str {
+        self.head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-ssegate-replay: "))
+            .unwrap_or("")
+    }
+}
+
+/// Reads an event stream for `secs` seconds (then drops the connection, as a client
+/// that loses its network would).
+fn sse(url: &str, headers: &[&str], secs: f64) -> Seen {
+    let mut args: Vec<String> = vec![
+        "-s".into(),
+        "-i".into(),
+        "-N".into(),
+        "--max-time".into(),
+        secs.to_string(),
+    ];
+    for h in headers {
+        args.push("-H".into());
+        args.push(h.to_string());
+    }
+    args.push(url.into());
+    let out = Command::new("curl").args(&args).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Seen {
+        head: head.to_ascii_lowercase(),
+        events: parse_stream(body.as_bytes()).0,
+    }
+}
+
+fn consecutive(ids: &[u64]) -> bool {
+    ids.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+#[test]
+fn reconnect_with_last_event_id_gets_exactly_what_was_missed() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\n")
+        .start();
+    let url = gw.url("/broadcast.php?period=0.1");
+    let first = sse(&url, &[], 1.0);
+    let ids = first.ids();
+    assert!(ids.len() >= 5 && consecutive(&ids), "{ids:?}");
+    let k = *ids.last().expect("ids");
+    // Away for a second: about ten events happen meanwhile.
+    std::thread::sleep(Duration::from_millis(1000));
+    let started = Instant::now();
+    let lines = curl_lines(&[
+        "-N",
+        "--max-time",
+        "1.5",
+        "-H",
+        &format!("Last-Event-ID: {k}"),
+        &url,
+    ]);
+    let first_replayed = lines.iter().find(|l| l.line.starts_with("id: ")).map(|l| {
+        l.at.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    });
+    let text: String = lines.iter().map(|l| format!("{}\n", l.line)).collect();
+    let ids: Vec<u64> = parse_stream(text.as_bytes())
+        .0
+        .iter()
+        .filter_map(|e| e.0.parse().ok())
+        .collect();
+    assert_eq!(
+        ids.first(),
+        Some(&(k + 1)),
+        "no gap, no duplicate at the join: {ids:?}"
+    );
+    assert!(consecutive(&ids), "{ids:?}");
+    assert!(ids.len() >= 15, "replayed ~10 and then live: {ids:?}");
+    if let Some(at) = first_replayed {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let since_start = started.elapsed().as_secs_f64() - (now.as_secs_f64() - at.as_secs_f64());
+        println!(
+            "reconnect to first replayed event: {:.1} ms (curl start included)",
+            since_start * 1000.0
+        );
+    }
+    // The same through the response header.
+    let again = sse(
+        &url,
+        &[&format!("Last-Event-ID: {}", ids[ids.len() - 1])],
+        0.5,
+    );
+    assert!(
+        again.replay_header().starts_with("hit; events="),
+        "{}",
+        again.head
+    );
+}
+
+#[test]
+fn unknown_id_is_a_documented_miss_and_the_stream_goes_on() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"0s\"\nmiss_event = true\n")
+        .start();
+    let seen = sse(
+        &gw.url("/broadcast.php?period=0.1"),
+        &["Last-Event-ID: no-such-id"],
+        0.8,
+    );
+    assert_eq!(seen.replay_header(), "miss", "{}", seen.head);
+    assert_eq!(seen.events[0].1, "ssegate-replay-miss");
+    assert_eq!(seen.events[0].2, "no-such-id");
+    assert!(seen.events.len() >= 3, "live events follow the miss");
+}
+
+#[test]
+fn upstream_that_replays_too_does_not_cause_duplicates() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    // The backend itself replays from the id it is given, inclusive.
+    let direct = sse(&php.url("/honors.php"), &["Last-Event-ID: 5"], 0.5);
+    assert_eq!(direct.ids().first(), Some(&5));
+    let seen = sse(&gw.url("/honors.php"), &["Last-Event-ID: 5"], 0.8);
+    assert_eq!(seen.replay_header(), "miss");
+    let ids = seen.ids();
+    assert_eq!(ids.first(), Some(&6), "event 5 again: {ids:?}");
+    assert!(consecutive(&ids), "{ids:?}");
+}
+
+#[test]
+fn ids_persist_across_idless_events_and_an_empty_id_resets() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\n")
+        .start();
+    let url = gw.url("/mixed.php");
+    let all = sse(&url, &[], 0.8);
+    let got: Vec<(&str, &str)> = all
+        .events
+        .iter()
+        .map(|e| (e.0.as_str(), e.2.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [("1", "a"), ("1", "b"), ("", "c"), ("2", "d"), ("2", "e")]
+    );
+    // Resume points are the blocks that carried the id.
+    let from1 = sse(&url, &["Last-Event-ID: 1"], 0.5);
+    assert!(from1.replay_header().starts_with("hit"), "{}", from1.head);
+    // (A browser keeps its last event ID "1" for "b"; this fresh parser starts empty.)
+    let got: Vec<(&str, &str)> = from1
+        .events
+        .iter()
+        .map(|e| (e.0.as_str(), e.2.as_str()))
+        .collect();
+    assert_eq!(got, [("", "b"), ("", "c"), ("2", "d"), ("2", "e")]);
+    let from2 = sse(&url, &["Last-Event-ID: 2"], 0.5);
+    let got: Vec<&str> = from2.events.iter().map(|e| e.2.as_str()).collect();
+    assert_eq!(got, ["e"]);
+}
+
+#[test]
+fn evicted_id_is_a_miss() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\nmax_events = 5\n")
+        .start();
+    let url = gw.url("/broadcast.php?period=0.1");
+    let k = *sse(&url, &[], 0.6).ids().last().expect("events");
+    std::thread::sleep(Duration::from_millis(1200));
+    let seen = sse(&url, &[&format!("Last-Event-ID: {k}")], 0.5);
+    assert_eq!(seen.replay_header(), "miss", "{}", seen.head);
+}
+
+#[test]
+fn users_never_see_each_others_events_live_or_replayed() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\n")
+        .start();
+    let url = gw.url("/broadcast.php?period=0.1");
+    let users_of = |s: &Seen| -> Vec<String> {
+        s.events
+            .iter()
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.2).ok())
+            .map(|v| v["user"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    let alice = sse(&url, &["Cookie: user=alice"], 0.8);
+    assert!(users_of(&alice).iter().all(|u| u == "alice"));
+    let k = *alice.ids().last().expect("events");
+    std::thread::sleep(Duration::from_millis(500));
+    // Bob presents Alice's last id: her recorded stream must not be replayed to him.
+    let bob = sse(
+        &url,
+        &["Cookie: user=bob", &format!("Last-Event-ID: {k}")],
+        0.8,
+    );
+    assert_eq!(bob.replay_header(), "miss", "{}", bob.head);
+    let bob_users = users_of(&bob);
+    assert!(
+        !bob_users.is_empty() && bob_users.iter().all(|u| u == "bob"),
+        "{bob_users:?}"
+    );
+    // Alice herself resumes from her own recording.
+    let back = sse(
+        &url,
+        &["Cookie: user=alice", &format!("Last-Event-ID: {k}")],
+        0.5,
+    );
+    assert!(back.replay_header().starts_with("hit"), "{}", back.head);
+    assert!(users_of(&back).iter().all(|u| u == "alice"));
+    assert_eq!(back.ids().first(), Some(&(k + 1)));
+}
+
+#[test]
+fn large_events_stay_within_the_byte_bound() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\nmax_bytes = 1048576\n")
+        .start();
+    let url = gw.url("/big.php?size=100000&n=50");
+    let all = sse(&url, &[], 2.0);
+    assert_eq!(all.ids().len(), 50);
+    // 1 MiB holds ten 100 kB events: 41..=50.
+    let hit = sse(&url, &["Last-Event-ID: 41"], 0.5);
+    assert_eq!(hit.replay_header(), "hit; events=9", "{}", hit.head);
+    assert_eq!(hit.ids(), (42..=50).collect::<Vec<_>>());
+    let miss = sse(&url, &["Last-Event-ID: 39"], 0.5);
+    assert_eq!(miss.replay_header(), "miss");
+}
+
+#[test]
+fn shared_route_serves_1000_clients_from_one_upstream_request() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("shared = true\nlinger = \"30s\"\n")
+        .start();
+    let log = php.file("requests.log");
+    let url = gw.url(&format!("/broadcast.php?period=0.2&log={}", log.display()));
+    let script = repo().join("tests/node/es_clients.mjs");
+    let started = Instant::now();
+    let out = Command::new("node")
+        .arg(script)
+        .args([&url, "1000", "5", "60000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run node");
+    println!(
+        "1000 clients got 5 events each in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    let clients = v["clients"].as_array().expect("clients");
+    assert_eq!(clients.len(), 1000);
+    for c in clients {
+        let ids: Vec<u64> = c["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .filter_map(|i| i.as_str()?.parse().ok())
+            .collect();
+        assert_eq!(ids.len(), 5, "{c}");
+        assert!(consecutive(&ids), "{ids:?}");
+    }
+    let requests = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    println!("shared route: 1000 clients, {requests} upstream request(s) at the backend");
+    assert_eq!(requests, 1, "the backend saw {requests} requests");
+}
+
+/// A TCP forwarder whose connections the test can cut, to drop a browser's stream
+/// without the browser choosing to.
+struct Cutter {
+    port: u16,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Cutter {
+    async fn start(target: u16) -> Cutter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().expect("lock").push(task.abort_handle());
+            }
+        });
+        Cutter { port, conns }
+    }
+
+    fn cut(&self) {
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_eventsource_cut_off_resumes_without_gap_or_duplicate() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\n")
+        .start();
+    let cutter = Cutter::start(gw.port).await;
+    let page = format!("http://127.0.0.1:{}/replay_page.html", cutter.port);
+    let browser = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(repo().join("tests/node/browser_es.mjs"))
+            .args([&page, "70", "40000"])
+            .output()
+            .expect("run node")
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cutter.cut();
+    let out = browser.await.expect("browser task");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "browser output ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let ids: Vec<u64> = stats["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|i| i.as_str()?.parse().ok())
+        .collect();
+    assert!(
+        stats["errors"].as_u64().unwrap_or(0) >= 1,
+        "the cut was not noticed: {stats}"
+    );
+    assert_eq!(stats["closedForGood"], false);
+    assert!(ids.len() >= 70, "{stats}");
+    assert!(
+        consecutive(&ids),
+        "gap or duplicate across the cut: {ids:?}"
+    );
+}
