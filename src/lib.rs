@@ -5,6 +5,8 @@
 //! - [`config`]: the TOML file, its defaults and validation (pure).
 //! - [`sse`]: the WHATWG event-stream parser and the bytes the gateway writes (pure).
 //! - [`shutdown`]: graceful-shutdown signal and in-flight count (pure).
+//! - [`replay`]: the bounded store of a stream's recent events (pure).
+//! - [`hub`]: one upstream stream, its store and its subscribers; the registry (pure).
 //! - [`limit`]: request, stream-connect and concurrent-stream limits (pure).
 //! - [`tls`]: certificate loading and the rustls resolver.
 //! - [`proxy`]: the pingora `ProxyHttp` glue: routing, upstream choice, headers.
@@ -12,7 +14,10 @@
 //! - [`server`]: builds the pingora server from a [`config::Config`].
 //!
 //! One event's path: upstream socket → pingora subrequest (`proxy`, inner pass) →
-//! `relay` (parsed by `sse::Parser`, heartbeats between events) → client session.
+//! `relay::Pump` → `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the
+//! `replay` store, broadcast) → `relay::follow_hub` (replay first, heartbeats between
+//! blocks) → client session. Streams without replay (POST, or replay off) go from the
+//! subrequest straight through `relay::run` with the parser tracking boundaries.
 #![warn(missing_docs)]
 
 pub mod config;

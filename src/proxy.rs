@@ -550,6 +550,8 @@ impl ProxyHttp for Gateway {
             kind,
             events,
             heartbeats,
+            replay = ctx.relay.as_ref().and_then(|r| r.replay),
+            replayed = ctx.relay.as_ref().map_or(0, |r| r.replayed),
             refused = ctx.refused.or(ctx.relay.as_ref().and_then(|r| r.refused)).map(|r| r.as_str()),
             error = e.map(|e| e.to_string()),
         );
@@ -565,6 +567,8 @@ pub struct LimitPruner {
     pub routes: Vec<Arc<limit::RouteLimits>>,
     /// How often.
     pub every: std::time::Duration,
+    /// Hub counters, reported alongside.
+    pub registry: Arc<Registry>,
 }
 
 #[async_trait]

@@ -46,6 +46,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     let shutdown = Shutdown::new();
     let gateway = Gateway::new(config.clone(), shutdown.clone());
     let (limits, route_limits) = gateway.limits();
+    let registry = gateway.registry();
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     let mut proxy = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, gateway)
@@ -72,6 +73,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
             limits,
             routes: route_limits,
             every: config.limits.prune_interval,
+            registry: registry.clone(),
         },
     ));
     Ok(server)
