@@ -150,7 +150,10 @@ impl Hub {
                 id: ev.id.as_str().into(),
                 has_id_field: ev.has_id_field,
                 sets_retry: ev.retry.is_some(),
-                raw: ev.raw,
+                // A block split from the parser's buffer would pin that whole buffer
+                // for as long as the store keeps it: copy it out, so the byte bounds
+                // count what is really held.
+                raw: bytes::Bytes::copy_from_slice(&ev.raw),
                 at: Instant::now(),
             };
             inner.store.push(block.clone());

@@ -375,3 +375,51 @@ async fn browser_eventsource_cut_off_resumes_without_gap_or_duplicate() {
         "gap or duplicate across the cut: {ids:?}"
     );
 }
+
+#[test]
+fn a_client_that_cannot_keep_up_is_cut_after_a_bounded_lag_and_resumes() {
+    use std::io::{Read, Write};
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\nlag_blocks = 16\nmax_bytes = 4194304\n")
+        .start();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
+    s.write_all(b"GET /big.php?size=100000&n=400 HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    // Do not read while 40 MB go by: the socket fills up and the client falls behind.
+    std::thread::sleep(Duration::from_secs(4));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    let events = text.matches("\nid: ").count() + usize::from(text.contains("\r\n\r\nid: "));
+    assert!(
+        events < 400,
+        "a stalled client still got all {events} events"
+    );
+    assert!(
+        wait_for(|| gw.log().contains("fell behind")),
+        "no lag disconnect in the log"
+    );
+    // It comes back with its last id and resumes from the store.
+    let last = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .last()
+        .expect("some events arrived");
+    let back = sse(
+        &gw.url("/big.php?size=100000&n=400"),
+        &[&format!("Last-Event-ID: {last}")],
+        2.0,
+    );
+    assert!(
+        back.replay_header().starts_with("hit") || back.replay_header() == "miss",
+        "{}",
+        back.head
+    );
+    if back.replay_header().starts_with("hit") {
+        assert_eq!(back.ids().first(), Some(&(last + 1)));
+    }
+}
