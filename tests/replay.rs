@@ -407,7 +407,7 @@ fn a_client_that_cannot_keep_up_is_cut_after_a_bounded_lag_and_resumes() {
         .lines()
         .filter_map(|l| l.strip_prefix("id: "))
         .filter_map(|v| v.trim().parse::<u64>().ok())
-        .last()
+        .next_back()
         .expect("some events arrived");
     let back = sse(
         &gw.url("/big.php?size=100000&n=400"),
