@@ -3,37 +3,17 @@
 //! `cargo bench --bench limiter` prints criterion's timings, then a line with the bytes
 //! the limiter's state takes per tracked client (measured with a counting allocator).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicIsize, Ordering};
+
+mod common;
 
 use criterion::{criterion_group, Criterion};
 use ssegate::limit::{ClientKey, Decision, LimitSettings, Limits, Rate, RouteLimits};
 
-/// Counts live heap bytes, to measure what the limiter holds per client.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: common::Counting = common::Counting;
 
 fn settings(max_tracked_clients: usize) -> LimitSettings {
     LimitSettings {
@@ -84,13 +64,13 @@ fn bench(c: &mut Criterion) {
 
 fn memory_per_client() {
     let n = 100_000u32;
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = common::live();
     let limits = Limits::new(settings(1_000_000));
     let route = RouteLimits::default();
     for i in 0..n {
         let _ = limits.check_request(&key(i), &route);
     }
-    let after = LIVE.load(Ordering::Relaxed);
+    let after = common::live();
     println!(
         "limiter memory: {:.1} bytes per tracked client ({} clients, {} bytes, request limiter only)",
         (after - before) as f64 / f64::from(n),

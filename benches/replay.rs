@@ -3,36 +3,17 @@
 //! `cargo bench --bench replay` prints the bytes held per cached event (counting
 //! allocator), then criterion's timings for feeding events through a hub.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
+
+mod common;
 
 use criterion::{criterion_group, Criterion, Throughput};
 use ssegate::hub::{Registry, StreamKey};
 use ssegate::replay::{Budget, MemoryRing, RingBounds};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: common::Counting = common::Counting;
 
 fn bounds(max_events: usize) -> RingBounds {
     RingBounds {
@@ -53,7 +34,7 @@ fn memory_per_event() {
     let registry = Registry::new(1024);
     let budget = Budget::new(usize::MAX / 2);
     let head = http::Response::new(()).into_parts().0;
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = common::live();
     let (hub, sub, _) = registry.create(
         StreamKey::new([&b"bench"[..]]),
         false,
@@ -68,7 +49,7 @@ fn memory_per_event() {
         raw_bytes += e.len();
         let _ = hub.feed(&e);
     }
-    let after = LIVE.load(Ordering::Relaxed);
+    let after = common::live();
     let per = (after - before) as f64 / n as f64;
     println!(
         "replay memory: {per:.0} bytes per cached event of {:.0} raw bytes ({:.0} bytes of overhead); store reports {} bytes",

@@ -67,6 +67,27 @@ pub struct Admission {
     pub refusal: Refusal,
 }
 
+/// The stream's slot: the one taken before the request went upstream, or a new one now
+/// that a stream showed up. `Err` when the limits refuse it. (Takes the two fields, not
+/// the `Admission`, so callers may hold its replay settings meanwhile.)
+fn take_slot(
+    slot: &mut Option<StreamSlot>,
+    limits: &Limits,
+    key: Option<limit::ClientKey>,
+) -> std::result::Result<Option<StreamSlot>, (RefuseReason, Duration)> {
+    match (slot.take(), key) {
+        (Some(s), _) => Ok(Some(s)),
+        (None, Some(k)) => match limits.open_stream(&k) {
+            Decision::Allow(s) => Ok(Some(s)),
+            Decision::Refuse {
+                reason,
+                retry_after,
+            } => Err((reason, retry_after)),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
 /// How a refusal is answered.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -280,19 +301,12 @@ async fn run(
             }
         }
         if let Some((hub, sub, how)) = attached {
-            let slot = match (admission.slot.take(), key) {
-                (Some(s), _) => Some(s),
-                (None, Some(k)) => match admission.limits.open_stream(&k) {
-                    Decision::Allow(s) => Some(s),
-                    Decision::Refuse {
-                        reason,
-                        retry_after,
-                    } => {
-                        stats.refused = Some(reason);
-                        return refuse(session, &admission.refusal, reason, retry_after).await;
-                    }
-                },
-                (None, None) => None,
+            let slot = match take_slot(&mut admission.slot, &admission.limits, key) {
+                Ok(slot) => slot,
+                Err((reason, retry_after)) => {
+                    stats.refused = Some(reason);
+                    return refuse(session, &admission.refusal, reason, retry_after).await;
+                }
             };
             let follow = Follow {
                 how,
@@ -499,19 +513,12 @@ async fn run(
     let Some(HttpTask::Header(resp, _)) = tasks.next() else {
         return Error::e_explain(ErrorType::InternalError, "hub without a response header");
     };
-    let slot = match (admission.slot.take(), key) {
-        (Some(s), _) => Some(s),
-        (None, Some(k)) => match admission.limits.open_stream(&k) {
-            Decision::Allow(s) => Some(s),
-            Decision::Refuse {
-                reason,
-                retry_after,
-            } => {
-                stats.refused = Some(reason);
-                return refuse(session, &admission.refusal, reason, retry_after).await;
-            }
-        },
-        (None, None) => None,
+    let slot = match take_slot(&mut admission.slot, &admission.limits, key) {
+        Ok(slot) => slot,
+        Err((reason, retry_after)) => {
+            stats.refused = Some(reason);
+            return refuse(session, &admission.refusal, reason, retry_after).await;
+        }
     };
     let head: http::response::Parts = (**resp).clone();
     let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
@@ -784,21 +791,14 @@ async fn handle_task(
             HttpTask::Header(resp, end)
                 if !end && resp.status == StatusCode::OK && is_event_stream(&resp) =>
             {
-                let slot = match (cx.admission.slot.take(), cx.key) {
-                    (Some(slot), _) => Some(slot),
-                    // Not announced as a stream: admit it now that it turned out to be one.
-                    (None, Some(key)) => match cx.admission.limits.open_stream(&key) {
-                        Decision::Allow(slot) => Some(slot),
-                        Decision::Refuse {
-                            reason,
-                            retry_after,
-                        } => {
-                            stats.refused = Some(reason);
-                            refuse(session, &cx.admission.refusal, reason, retry_after).await?;
-                            return Ok(true);
-                        }
-                    },
-                    (None, None) => None,
+                // Not announced as a stream: admitted now that it turned out to be one.
+                let slot = match take_slot(&mut cx.admission.slot, &cx.admission.limits, cx.key) {
+                    Ok(slot) => slot,
+                    Err((reason, retry_after)) => {
+                        stats.refused = Some(reason);
+                        refuse(session, &cx.admission.refusal, reason, retry_after).await?;
+                        return Ok(true);
+                    }
                 };
                 let s = start_stream(
                     session,
