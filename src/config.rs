@@ -205,6 +205,9 @@ pub struct SseSettings {
     /// When set, the reconnection delay the gateway gives clients at stream start and
     /// after every upstream `retry:` (overriding it), stretched by `limits.retry_jitter`.
     pub retry: Option<Duration>,
+    /// A write to a stream's client that does not complete within this long (a client
+    /// that stopped reading) ends the stream.
+    pub write_timeout: Duration,
 }
 
 /// One routing rule.
@@ -762,6 +765,7 @@ impl Checker<'_> {
             shutdown_retry: Duration::from_millis(1000),
             max_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
             retry: None,
+            write_timeout: Duration::from_secs(30),
         };
         let parent = parent.unwrap_or(&defaults);
         let Some(own) = own else {
@@ -806,12 +810,17 @@ impl Checker<'_> {
             Some(v) => Some(self.duration(v, &format!("{base}.retry"))),
             None => parent.retry,
         };
+        let write_timeout = match &own.write_timeout {
+            Some(v) => self.duration(v, &format!("{base}.write_timeout")),
+            None => parent.write_timeout,
+        };
         SseSettings {
             heartbeat_interval,
             heartbeat_comment,
             shutdown_retry,
             max_event_bytes,
             retry,
+            write_timeout,
         }
     }
 }
@@ -955,6 +964,7 @@ mod file {
         pub shutdown_retry: Option<Spanned<String>>,
         pub max_event_bytes: Option<Spanned<usize>>,
         pub retry: Option<Spanned<String>>,
+        pub write_timeout: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Deserialize)]

@@ -553,7 +553,9 @@ impl ProxyHttp for Gateway {
             replay = ctx.relay.as_ref().and_then(|r| r.replay),
             replayed = ctx.relay.as_ref().map_or(0, |r| r.replayed),
             refused = ctx.refused.or(ctx.relay.as_ref().and_then(|r| r.refused)).map(|r| r.as_str()),
-            error = e.map(|e| e.to_string()),
+            error = e
+                .map(|e| e.to_string())
+                .or_else(|| ctx.relay.as_ref().and_then(|r| r.error.clone())),
         );
     }
 }

@@ -666,6 +666,11 @@ async fn follow_hub(
     };
     resp.insert_header("x-ssegate-replay", replay_note)?;
     fix_stream_headers(session, &mut resp)?;
+    // A client that stops reading must not hold its stream (and the hub's unread
+    // events) forever: a write that cannot finish in time ends the stream.
+    session
+        .as_downstream_mut()
+        .set_write_timeout(Some(f.sse.write_timeout));
     session.write_response_header(Box::new(resp), false).await?;
 
     let retry_block = f.sse.retry.map(|r| {
@@ -907,6 +912,9 @@ async fn start_stream(
         resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     session.write_response_header(resp, false).await?;
+    session
+        .as_downstream_mut()
+        .set_write_timeout(Some(settings.write_timeout));
     let retry_block = settings.retry.map(|r| {
         Bytes::from(format!(
             "retry: {}\n\n",

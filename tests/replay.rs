@@ -423,3 +423,35 @@ fn a_client_that_cannot_keep_up_is_cut_after_a_bounded_lag_and_resumes() {
         assert_eq!(back.ids().first(), Some(&(last + 1)));
     }
 }
+
+#[test]
+fn a_client_that_never_reads_is_disconnected_and_its_stream_freed() {
+    use std::io::Write;
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"0s\"\nlag_blocks = 16\n")
+        .extra("[sse]\nwrite_timeout = \"2s\"\n")
+        .start();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
+    s.write_all(
+        b"GET /big.php?size=100000&n=400 HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .expect("request");
+    // Never read. The gateway's writes stall once the socket buffers are full; after
+    // the write timeout it gives up on this client and the stream's access line shows it.
+    assert!(
+        wait_for(|| gw.log().contains("kind=\"stream\"")),
+        "the stalled stream did not end within 5 s:\n{}",
+        gw.log()
+    );
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("kind=\"stream\""))
+        .unwrap_or("");
+    assert!(
+        line.contains("WriteTimedout") || line.contains("fell behind"),
+        "{line}"
+    );
+    drop(s);
+}
