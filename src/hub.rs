@@ -13,7 +13,7 @@
 //! Knows nothing of pingora: only tokio's sync primitives and the `http` header types.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,6 @@ pub struct ReplayCounters {
     pub upstreams_saved: AtomicU64,
     /// Hubs alive (with subscribers or lingering).
     pub hubs: AtomicUsize,
-    /// Hubs with no subscriber, waiting out their linger window.
-    pub lingering: AtomicUsize,
 }
 
 /// Where a new subscriber starts.
@@ -92,9 +90,10 @@ struct SubscriberGuard(Arc<Hub>);
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        if self.0.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.counters.lingering.fetch_add(1, Ordering::Relaxed);
-        }
+        // Under the hub's lock, so an idle check never races an attach or a leave.
+        let inner = self.0.lock();
+        self.0.subscribers.fetch_sub(1, Ordering::AcqRel);
+        drop(inner);
         self.0.changed.notify_waiters();
     }
 }
@@ -120,14 +119,10 @@ pub struct Hub {
     /// The upstream's response status and headers, for every subscriber.
     pub head: http::response::Parts,
     inner: Mutex<Inner>,
-    /// Subscribers now.
+    /// Subscribers now; changed only under `inner`'s lock.
     subscribers: AtomicUsize,
-    /// Has had a subscriber: from then on, zero subscribers means lingering.
-    lingered: AtomicBool,
     /// Woken when `subscribers` changes or the hub ends.
     changed: Notify,
-    /// Shared counters.
-    counters: Arc<ReplayCounters>,
 }
 
 /// Why a block could not be taken from the upstream.
@@ -201,12 +196,11 @@ impl Hub {
             },
         };
         // Subscribing under the same lock the feeder holds: nothing slips between the
-        // replay and the live blocks.
+        // replay and the live blocks. Counted under it too, so `end_if_idle` cannot
+        // end the hub in between.
         let rx = inner.tx.subscribe();
+        self.subscribers.fetch_add(1, Ordering::AcqRel);
         drop(inner);
-        if self.subscribers.fetch_add(1, Ordering::AcqRel) == 0 && self.was_lingering() {
-            self.counters.lingering.fetch_sub(1, Ordering::Relaxed);
-        }
         self.changed.notify_waiters();
         Some(Subscription {
             replay,
@@ -215,13 +209,22 @@ impl Hub {
         })
     }
 
-    /// A hub is born with its first subscriber about to attach; after that, a count
-    /// of zero means it is lingering.
-    fn was_lingering(&self) -> bool {
-        self.lingered.swap(true, Ordering::AcqRel)
+    /// Ends the hub if it still has no subscriber (checked under the lock attaches
+    /// take); returns whether it ended.
+    pub fn end_if_idle(&self) -> bool {
+        let mut inner = self.lock();
+        if self.subscribers() > 0 {
+            return false;
+        }
+        if !inner.ended {
+            inner.ended = true;
+            let _ = inner.tx.send(HubMsg::End);
+        }
+        true
     }
 
     /// Resolves when the hub has had no subscriber for `linger` in a row, or has ended.
+    /// (Create it once and keep polling the same future: each new call starts over.)
     pub async fn idle_for(&self, linger: Duration) {
         loop {
             let changed = self.changed.notified();
@@ -357,9 +360,7 @@ impl Registry {
                 ended: false,
             }),
             subscribers: AtomicUsize::new(0),
-            lingered: AtomicBool::new(false),
             changed: Notify::new(),
-            counters: self.counters.clone(),
         });
         map.entry(key).or_default().push(hub.clone());
         self.counters.hubs.fetch_add(1, Ordering::Relaxed);
@@ -400,14 +401,20 @@ impl Registry {
             v.retain(|h| !Arc::ptr_eq(h, hub));
             if v.len() < before {
                 self.counters.hubs.fetch_sub(1, Ordering::Relaxed);
-                if hub.subscribers() == 0 && hub.lingered.load(Ordering::Acquire) {
-                    self.counters.lingering.fetch_sub(1, Ordering::Relaxed);
-                }
             }
             if v.is_empty() {
                 map.remove(&hub.key);
             }
         }
+    }
+
+    /// Hubs without a subscriber now, waiting out their linger window.
+    pub fn lingering(&self) -> usize {
+        self.lock()
+            .values()
+            .flatten()
+            .filter(|h| h.subscribers() == 0)
+            .count()
     }
 
     /// Hubs registered now.
@@ -423,8 +430,10 @@ impl Registry {
 
 /// Builds a subscription by hand for a hub that cannot have ended yet.
 fn unreachable_subscription(hub: &Arc<Hub>) -> Subscription {
-    let rx = hub.lock().tx.subscribe();
+    let inner = hub.lock();
+    let rx = inner.tx.subscribe();
     hub.subscribers.fetch_add(1, Ordering::AcqRel);
+    drop(inner);
     Subscription {
         replay: vec![],
         rx,

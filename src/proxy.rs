@@ -171,7 +171,9 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .or(from_query)
-            .filter(|id| !id.is_empty());
+            // An id with a line break or NUL cannot have come from an event stream,
+            // and must never be echoed into one.
+            .filter(|id| !id.is_empty() && !id.contains(['\r', '\n', '\0']));
         Some(ReplayCx {
             registry: self.registry.clone(),
             budget: self.budget.clone(),

@@ -290,13 +290,17 @@ async fn run(
             if attached.is_none() {
                 // Nobody streams this key yet: one client opens it while the others
                 // wait here, then join.
-                let guard = rcx.registry.open_lock(&rcx.key).await;
+                // Bounded: if the opener's upstream is slow, go to the upstream alone.
+                let guard =
+                    tokio::time::timeout(response_timeout, rcx.registry.open_lock(&rcx.key))
+                        .await
+                        .ok();
                 attached = rcx
                     .registry
                     .join_shared(&rcx.key, start)
                     .map(|(h, s)| (h, s, how));
                 if attached.is_none() {
-                    opening = Some(guard);
+                    opening = guard;
                 }
             }
         }
@@ -405,6 +409,9 @@ async fn run(
                     // this client; this client becomes its first subscriber.
                     break batch;
                 }
+                // Not a hub after all (an error page, a compressed stream...): the other
+                // clients of a shared key must not wait for this response to finish.
+                opening = None;
                 for t in batch {
                     let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, admission: &mut *admission, key };
                     if handle_task(session, &mut phase, t, &mut cx).await? {
@@ -589,12 +596,20 @@ impl Pump {
         let mut alive = std::mem::take(&mut self.pending)
             .into_iter()
             .all(|t| feed_task(&self.hub, t));
+        let hub = self.hub.clone();
+        let idle = hub.idle_for(self.linger);
+        tokio::pin!(idle);
         while alive {
             tokio::select! {
                 t = self.rx.recv() => alive = t.is_some_and(|t| feed_task(&self.hub, t)),
-                _ = self.hub.idle_for(self.linger) => {
-                    tracing::debug!("stream without clients for its linger window: closing upstream");
-                    alive = false;
+                _ = &mut idle => {
+                    if self.hub.end_if_idle() {
+                        tracing::debug!("stream without clients for its linger window: closing upstream");
+                        alive = false;
+                    } else {
+                        // Someone attached just now: wait for the next idle window.
+                        idle.set(hub.idle_for(self.linger));
+                    }
                 }
             }
         }
@@ -706,9 +721,11 @@ async fn follow_hub(
         tokio::select! {
             m = sub.rx.recv() => match m {
                 Ok(HubMsg::Block(b)) => {
-                    if b.has_id_field && skip_id.as_deref() == Some(&*b.id) {
-                        skip_id = None;
-                        continue;
+                    if b.has_id_field {
+                        // Only the upstream's first id can repeat the client's last one.
+                        if skip_id.take().is_some_and(|id| id == b.id) {
+                            continue;
+                        }
                     }
                     session.write_response_body(Some(b.raw.clone()), false).await?;
                     stats.events += 1;

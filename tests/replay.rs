@@ -455,3 +455,54 @@ fn a_client_that_never_reads_is_disconnected_and_its_stream_freed() {
     );
     drop(s);
 }
+
+#[test]
+fn linger_keeps_a_busy_upstream_for_its_window_then_closes_it() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"1500ms\"\n")
+        .start();
+    let log = php.file("ended.log");
+    // The upstream writes every 0.1 s, far more often than the linger window.
+    let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
+    let seen = sse(&url, &[], 0.5);
+    assert!(!seen.events.is_empty());
+    let left = Instant::now();
+    assert!(
+        wait_for(|| log.exists()),
+        "the upstream was still open 5 s after the client left (linger 1.5 s)"
+    );
+    let after = left.elapsed();
+    assert!(
+        after >= Duration::from_millis(1200),
+        "closed after {after:?}, before the linger window"
+    );
+}
+
+#[test]
+fn an_id_with_a_line_break_is_ignored_not_echoed() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"0s\"\nmiss_event = true\nlast_event_id_param = \"lastEventId\"\n")
+        .start();
+    let seen = sse(
+        &gw.url("/broadcast.php?period=0.1&lastEventId=x%0Aevent%3A%20evil"),
+        &[],
+        0.5,
+    );
+    assert_eq!(seen.replay_header(), "fresh", "{}", seen.head);
+    assert!(
+        seen.events.iter().all(|e| e.1 == "tick"),
+        "{:?}",
+        seen.events
+    );
+    // A plain id in the parameter works like the header.
+    let seen = sse(
+        &gw.url("/broadcast.php?period=0.1&lastEventId=42"),
+        &[],
+        0.5,
+    );
+    assert_eq!(seen.replay_header(), "miss");
+    assert_eq!(seen.events[0].1, "ssegate-replay-miss");
+    assert_eq!(seen.events[0].2, "42");
+}
