@@ -31,7 +31,7 @@ fn event(i: u64) -> Vec<u8> {
 
 fn memory_per_event() {
     let n = 10_000u64;
-    let registry = Registry::new(1024);
+    let registry = Registry::new(1024, 10_000);
     let budget = Budget::new(usize::MAX / 2);
     let head = http::Response::new(()).into_parts().0;
     let before = common::live();
@@ -60,7 +60,7 @@ fn memory_per_event() {
 }
 
 fn bench(c: &mut Criterion) {
-    let registry = Registry::new(1024);
+    let registry = Registry::new(1024, 10_000);
     let budget = Budget::new(usize::MAX / 2);
     let head = http::Response::new(()).into_parts().0;
     let (hub, sub, _) = registry.create(

@@ -84,6 +84,9 @@ pub struct ReplayGlobal {
     pub total_max_bytes: usize,
     /// How many blocks a subscriber may fall behind before it is disconnected.
     pub lag_blocks: usize,
+    /// Most hubs at once (live and lingering); past it, new streams are relayed
+    /// directly, without replay.
+    pub max_hubs: usize,
 }
 
 /// Replay behaviour of one route.
@@ -445,6 +448,11 @@ impl Checker<'_> {
                 .and_then(|r| r.lag_blocks)
                 .unwrap_or(1024)
                 .max(1),
+            max_hubs: raw
+                .replay
+                .as_ref()
+                .and_then(|r| r.max_hubs)
+                .unwrap_or(10_000),
         };
         let refuse_default = match raw
             .limits
@@ -871,6 +879,7 @@ mod file {
         pub miss_event: Option<bool>,
         pub total_max_bytes: Option<usize>,
         pub lag_blocks: Option<usize>,
+        pub max_hubs: Option<usize>,
     }
 
     impl ReplayGlobal {

@@ -260,12 +260,15 @@ pub struct Registry {
     /// Broadcast capacity per hub: how far a subscriber may fall behind before it is
     /// disconnected (it comes back with `Last-Event-ID`).
     pub lag_blocks: usize,
+    /// Most hubs at once; each holds an upstream connection, lingering ones too.
+    pub max_hubs: usize,
 }
 
 impl Registry {
     /// An empty registry.
-    pub fn new(lag_blocks: usize) -> Registry {
+    pub fn new(lag_blocks: usize, max_hubs: usize) -> Registry {
         Registry {
+            max_hubs,
             hubs: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             counters: Arc::new(ReplayCounters::default()),
@@ -415,6 +418,11 @@ impl Registry {
             .flatten()
             .filter(|h| h.subscribers() == 0)
             .count()
+    }
+
+    /// Whether another hub may be created.
+    pub fn has_room(&self) -> bool {
+        self.counters.hubs.load(Ordering::Relaxed) < self.max_hubs
     }
 
     /// Hubs registered now.

@@ -112,7 +112,10 @@ impl Gateway {
             })
             .collect();
         Gateway {
-            registry: Arc::new(Registry::new(config.replay.lag_blocks)),
+            registry: Arc::new(Registry::new(
+                config.replay.lag_blocks,
+                config.replay.max_hubs,
+            )),
             budget: Budget::new(config.replay.total_max_bytes),
             limits: Arc::new(Limits::new(config.limits.settings.clone())),
             route_limits,

@@ -401,7 +401,7 @@ async fn run(
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                if admission.replay.is_some()
+                if admission.replay.as_ref().is_some_and(|r| r.registry.has_room())
                     && matches!(phase, Phase::Waiting)
                     && matches!(&batch[0], HttpTask::Header(resp, false) if resp.status == StatusCode::OK && is_event_stream(resp) && !is_compressed(resp))
                 {

@@ -506,3 +506,23 @@ fn an_id_with_a_line_break_is_ignored_not_echoed() {
     assert_eq!(seen.events[0].1, "ssegate-replay-miss");
     assert_eq!(seen.events[0].2, "42");
 }
+
+#[test]
+fn past_max_hubs_new_streams_are_relayed_without_replay() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"0s\"\nmax_hubs = 1\n")
+        .start();
+    let url = gw.url("/broadcast.php?period=0.1");
+    let mut first = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "5", "-H", "Cookie: user=a", &url])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(500));
+    let second = sse(&url, &["Cookie: user=b"], 0.6);
+    assert_eq!(second.replay_header(), "", "{}", second.head);
+    assert!(second.events.len() >= 3, "the stream still flows");
+    let _ = first.kill();
+    let _ = first.wait();
+}
