@@ -155,6 +155,10 @@ pub struct Server {
     pub grace_period: Duration,
     /// `tracing` filter directive (overridden by `RUST_LOG`).
     pub log_level: String,
+    /// Log lines as JSON objects instead of text.
+    pub log_json: bool,
+    /// Admin listener for `/metrics`, `/healthz`, `/readyz`; none when unset.
+    pub admin: Option<SocketAddr>,
     /// pingora's PID file.
     pub pid_file: Option<PathBuf>,
     /// pingora's socket for handing listeners to a new process on upgrade.
@@ -382,6 +386,27 @@ impl Checker<'_> {
                     self.duration(v, "server.grace_period")
                 }),
             log_level: raw.server.log_level.unwrap_or_else(|| "info".into()),
+            log_json: match raw.server.log_format.as_ref() {
+                None => false,
+                Some(v) => match v.get_ref().as_str() {
+                    "text" => false,
+                    "json" => true,
+                    _ => {
+                        self.span_error(v, "server.log_format", "must be \"text\" or \"json\"");
+                        false
+                    }
+                },
+            },
+            admin: match raw.server.admin_address.as_ref() {
+                None => None,
+                Some(v) => match v.get_ref().parse::<SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.span_error(v, "server.admin_address", "not an ip:port address");
+                        None
+                    }
+                },
+            },
             pid_file: raw.server.pid_file.map(|p| self.relative(&p)),
             upgrade_sock: raw.server.upgrade_sock.map(|p| self.relative(&p)),
         };
@@ -947,6 +972,8 @@ mod file {
         pub threads: Option<usize>,
         pub grace_period: Option<Spanned<String>>,
         pub log_level: Option<String>,
+        pub log_format: Option<Spanned<String>>,
+        pub admin_address: Option<Spanned<String>>,
         pub pid_file: Option<String>,
         pub upgrade_sock: Option<String>,
     }

@@ -11,6 +11,7 @@
 //! - [`tls`]: certificate loading and the rustls resolver.
 //! - [`proxy`]: the pingora `ProxyHttp` glue: routing, upstream choice, headers.
 //! - [`relay`]: one response from upstream to client; streams get heartbeats.
+//! - [`metrics`]: Prometheus metrics and the admin endpoints.
 //! - [`server`]: builds the pingora server from a [`config::Config`].
 //!
 //! One event's path: upstream socket → pingora subrequest (`proxy`, inner pass) →
@@ -23,6 +24,7 @@
 pub mod config;
 pub mod hub;
 pub mod limit;
+pub mod metrics;
 pub mod proxy;
 pub mod relay;
 pub mod replay;

@@ -52,12 +52,16 @@ fn main() -> ExitCode {
     // `init` also routes pingora's `log` records into tracing.
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    if let Err(e) = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init()
-    {
+        .with_writer(std::io::stderr);
+    let init = if config.server.log_json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    if let Err(e) = init {
         eprintln!("ssegate: cannot set up logging: {e}");
     }
     let server = match ssegate::server::build(Arc::new(config), cli.upgrade) {

@@ -26,6 +26,7 @@ use pingora::{ErrorSource, ErrorType};
 use crate::config::{Config, RefuseStreamsWith, Route};
 use crate::hub::{Registry, StreamKey};
 use crate::limit::{self, ClientKey, Decision, Limits};
+use crate::metrics::Metrics;
 use crate::relay::{self, Admission, RelayStats, ReplayCx};
 use crate::replay::Budget;
 use crate::shutdown::{ActiveGuard, Shutdown};
@@ -46,6 +47,8 @@ pub struct Gateway {
     registry: Arc<Registry>,
     /// Byte budget of all replay stores.
     budget: Arc<Budget>,
+    /// Prometheus metrics.
+    metrics: Arc<Metrics>,
 }
 
 /// What one request carries between phases.
@@ -92,7 +95,7 @@ pub struct ClientInfo {
 
 impl Gateway {
     /// A gateway serving `config`.
-    pub fn new(config: Arc<Config>, shutdown: Shutdown) -> Self {
+    pub fn new(config: Arc<Config>, shutdown: Shutdown) -> prometheus::Result<Self> {
         let next_server = config
             .upstreams
             .iter()
@@ -111,18 +114,25 @@ impl Gateway {
                 })
             })
             .collect();
-        Gateway {
-            registry: Arc::new(Registry::new(
-                config.replay.lag_blocks,
-                config.replay.max_hubs,
-            )),
+        let registry = Arc::new(Registry::new(
+            config.replay.lag_blocks,
+            config.replay.max_hubs,
+        ));
+        Ok(Gateway {
+            metrics: Metrics::new(registry.clone())?,
+            registry,
             budget: Budget::new(config.replay.total_max_bytes),
             limits: Arc::new(Limits::new(config.limits.settings.clone())),
             route_limits,
             config,
             next_server,
             shutdown,
-        }
+        })
+    }
+
+    /// The metrics, for the admin listener.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The hub registry, for metrics and tests.
@@ -364,6 +374,7 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
         let admission = Admission {
+            metrics: self.metrics.clone(),
             replay: self.replay_cx(session, &route),
             slot,
             limits: self.limits.clone(),
@@ -413,6 +424,12 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         ctx.tries += 1;
         let n = ctx.route.as_ref().map_or(0, |r| r.upstream.servers.len());
+        if let Some(r) = &ctx.route {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[r.upstream.name.as_str()])
+                .inc();
+        }
         tracing::warn!(server = %peer, tries = ctx.tries, "upstream connect failed: {e}");
         // Nothing was sent yet, so trying the next server is safe for any method.
         e.set_retry(ctx.tries < n);
@@ -543,6 +560,17 @@ impl ProxyHttp for Gateway {
             Some(r) if r.stream => ("stream", r.events, r.heartbeats),
             _ => ("request", 0, 0),
         };
+        let refused = ctx.refused.or(ctx.relay.as_ref().and_then(|r| r.refused));
+        if let Some(reason) = refused {
+            self.metrics
+                .refusals
+                .with_label_values(&[reason.as_str()])
+                .inc();
+        }
+        self.metrics
+            .requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
         tracing::info!(
             target: "ssegate::access",
             client,
@@ -557,7 +585,7 @@ impl ProxyHttp for Gateway {
             heartbeats,
             replay = ctx.relay.as_ref().and_then(|r| r.replay),
             replayed = ctx.relay.as_ref().map_or(0, |r| r.replayed),
-            refused = ctx.refused.or(ctx.relay.as_ref().and_then(|r| r.refused)).map(|r| r.as_str()),
+            refused = refused.map(|r| r.as_str()),
             error = e
                 .map(|e| e.to_string())
                 .or_else(|| ctx.relay.as_ref().and_then(|r| r.error.clone())),

@@ -25,6 +25,7 @@ use tokio::time::{sleep_until, Instant};
 use crate::config::{ReplaySettings, SseSettings};
 use crate::hub::{Hub, HubMsg, Registry, Start, StreamKey, Subscription};
 use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
+use crate::metrics::Metrics;
 use crate::proxy::ClientInfo;
 use crate::replay::{Budget, MemoryRing};
 use crate::sse;
@@ -54,8 +55,39 @@ enum Attach {
     Fresh,
 }
 
+/// Metric handles of one stream, looked up once; the open-streams gauge goes back
+/// down when the stream ends, however it ends.
+struct StreamMetrics {
+    open: prometheus::IntGauge,
+    events: prometheus::IntCounter,
+    bytes: prometheus::IntCounter,
+    heartbeats: prometheus::IntCounter,
+}
+
+impl StreamMetrics {
+    fn new(m: &Metrics, route: &str, session: &Session) -> StreamMetrics {
+        let protocol = if session.is_http2() { "h2" } else { "h1" };
+        let open = m.streams_open.with_label_values(&[route, protocol]);
+        open.inc();
+        StreamMetrics {
+            open,
+            events: m.events.with_label_values(&[route]),
+            bytes: m.stream_bytes.with_label_values(&[route]),
+            heartbeats: m.heartbeats.with_label_values(&[route]),
+        }
+    }
+}
+
+impl Drop for StreamMetrics {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
 /// Whether the relay may start a stream, and how to say no.
 pub struct Admission {
+    /// Where stream metrics go.
+    pub metrics: Arc<Metrics>,
     /// Hub use for this request, when replay applies (GET streams on replay routes).
     pub replay: Option<ReplayCx>,
     /// The stream slot taken before the request went upstream (for requests that said
@@ -208,6 +240,8 @@ struct StreamState {
     retry_due: bool,
     /// Holds the stream's place in the limits while it lives.
     _slot: Option<StreamSlot>,
+    /// The stream's metric handles.
+    metrics: StreamMetrics,
 }
 
 /// Serves the request in `session` (the outer pass) through a subrequest. Errors are
@@ -320,6 +354,7 @@ async fn run(
                 last_event_id: rcx.last_event_id.as_deref(),
                 jitter: admission.refusal.jitter,
                 _slot: slot,
+                metrics: StreamMetrics::new(&admission.metrics, &route.name, session),
             };
             return follow_hub(session, hub, sub, follow, shutdown, stats).await;
         }
@@ -413,7 +448,7 @@ async fn run(
                 // clients of a shared key must not wait for this response to finish.
                 opening = None;
                 for t in batch {
-                    let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, admission: &mut *admission, key };
+                    let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, route_name: &route.name, admission: &mut *admission, key };
                     if handle_task(session, &mut phase, t, &mut cx).await? {
                         if matches!(phase, Phase::Plain) {
                             // Let the subrequest finish, so it can reuse its upstream
@@ -472,6 +507,7 @@ async fn run(
                     if s.parser.at_boundary() {
                         session.write_response_body(Some(s.heartbeat.clone()), false).await?;
                         stats.heartbeats += 1;
+                        s.metrics.heartbeats.inc();
                         if !s.upstream_spoke && s.bom.is_none() {
                             s.bom = Some(sse::BomStripper::default());
                         }
@@ -569,6 +605,7 @@ async fn run(
         last_event_id: rcx.last_event_id.as_deref(),
         jitter: admission.refusal.jitter,
         _slot: slot,
+        metrics: StreamMetrics::new(&admission.metrics, &route.name, session),
     };
     follow_hub(session, hub, sub, follow, shutdown, stats).await
 }
@@ -646,6 +683,8 @@ struct Follow<'a> {
     jitter: f64,
     /// The stream's place in the limits.
     _slot: Option<StreamSlot>,
+    /// The stream's metric handles.
+    metrics: StreamMetrics,
 }
 
 /// Serves one client from a hub: the response head, the replay, then live blocks with
@@ -707,7 +746,9 @@ async fn follow_hub(
     for b in std::mem::take(&mut sub.replay) {
         first.extend_from_slice(&b.raw);
         stats.events += 1;
+        f.metrics.events.inc();
     }
+    f.metrics.bytes.inc_by(first.len() as u64);
     if !first.is_empty() {
         session
             .write_response_body(Some(first.freeze()), false)
@@ -729,6 +770,8 @@ async fn follow_hub(
                     }
                     session.write_response_body(Some(b.raw.clone()), false).await?;
                     stats.events += 1;
+                    f.metrics.events.inc();
+                    f.metrics.bytes.inc_by(b.raw.len() as u64);
                     if b.sets_retry {
                         if let Some(r) = &retry_block {
                             // The upstream just set its own delay: ours goes right after.
@@ -751,6 +794,7 @@ async fn follow_hub(
             _ = sleep_until(heartbeat_at) => {
                 session.write_response_body(Some(heartbeat.clone()), false).await?;
                 stats.heartbeats += 1;
+                f.metrics.heartbeats.inc();
                 heartbeat_at = Instant::now() + f.sse.heartbeat_interval;
             }
             _ = shutdown_started(shutdown) => {
@@ -790,6 +834,7 @@ fn is_compressed(resp: &ResponseHeader) -> bool {
 struct TaskCx<'a> {
     stats: &'a mut RelayStats,
     settings: &'a SseSettings,
+    route_name: &'a str,
     admission: &'a mut Admission,
     key: Option<limit::ClientKey>,
 }
@@ -822,12 +867,14 @@ async fn handle_task(
                         return Ok(true);
                     }
                 };
+                let metrics = StreamMetrics::new(&cx.admission.metrics, cx.route_name, session);
                 let s = start_stream(
                     session,
                     resp,
                     cx.settings,
                     cx.admission.refusal.jitter,
                     slot,
+                    metrics,
                 )
                 .await?;
                 stats.stream = true;
@@ -856,6 +903,7 @@ async fn handle_task(
                             match s.parser.next_event() {
                                 Ok(Some(ev)) => {
                                     stats.events += 1;
+                                    s.metrics.events.inc();
                                     s.retry_due |= ev.retry.is_some() && s.retry_block.is_some();
                                 }
                                 Ok(None) => break,
@@ -867,6 +915,7 @@ async fn handle_task(
                             }
                         }
                     }
+                    s.metrics.bytes.inc_by(bytes.len() as u64);
                     session.write_response_body(Some(bytes), false).await?;
                     s.heartbeat_at = Instant::now() + s.interval;
                     if s.retry_due && s.parser.at_boundary() {
@@ -914,6 +963,7 @@ async fn start_stream(
     settings: &SseSettings,
     jitter: f64,
     slot: Option<StreamSlot>,
+    metrics: StreamMetrics,
 ) -> Result<StreamState> {
     resp.remove_header(&header::CONTENT_LENGTH);
     resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
@@ -948,6 +998,7 @@ async fn start_stream(
         retry_block,
         retry_due: false,
         _slot: slot,
+        metrics,
         parser: sse::Parser::new(settings.max_event_bytes),
         bom,
         upstream_spoke: false,

@@ -10,6 +10,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
 use crate::config::Config;
+use crate::metrics::Admin;
 use crate::proxy::{Gateway, LimitPruner, ShutdownBridge};
 use crate::shutdown::Shutdown;
 use crate::tls::SingleCert;
@@ -44,7 +45,9 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     server.bootstrap();
 
     let shutdown = Shutdown::new();
-    let gateway = Gateway::new(config.clone(), shutdown.clone());
+    let gateway = Gateway::new(config.clone(), shutdown.clone())
+        .map_err(|e| Error::because(ErrorType::InternalError, "cannot register metrics", e))?;
+    let metrics = gateway.metrics();
     let (limits, route_limits) = gateway.limits();
     let registry = gateway.registry();
     let mut options = HttpServerOptions::default();
@@ -66,6 +69,17 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         }
     }
     server.add_service(proxy);
+    if let Some(addr) = config.server.admin {
+        let mut admin = pingora::services::listening::Service::new(
+            "ssegate admin".to_owned(),
+            Admin {
+                metrics,
+                shutdown: shutdown.clone(),
+            },
+        );
+        admin.add_tcp(&addr.to_string());
+        server.add_service(admin);
+    }
     server.add_service(background_service("shutdown", ShutdownBridge { shutdown }));
     server.add_service(background_service(
         "limit pruner",

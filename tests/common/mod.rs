@@ -187,6 +187,7 @@ impl TestCert {
 /// The real gateway binary with a generated config.
 pub struct Gateway {
     pub port: u16,
+    pub admin_port: Option<u16>,
     pub tls_port: Option<u16>,
     pub dir: tempfile::TempDir,
     pub proc: Proc,
@@ -209,6 +210,10 @@ pub struct GatewayOptions {
     /// as their client leaves (no linger), as before hubs existed: `php -S` workers
     /// serve one stream each and would otherwise stay busy.
     pub replay: String,
+    /// Serve the admin endpoints on a port of their own.
+    pub admin: bool,
+    /// More `[server]` keys.
+    pub server_extra: String,
 }
 
 impl GatewayOptions {
@@ -224,7 +229,19 @@ impl GatewayOptions {
             upstream_extra: String::new(),
             limits: "request_rate = 0\nstream_connect_rate = 0\n".into(),
             replay: "linger = \"0s\"\n".into(),
+            admin: false,
+            server_extra: String::new(),
         }
+    }
+
+    pub fn server(mut self, toml: &str) -> Self {
+        self.server_extra.push_str(toml);
+        self
+    }
+
+    pub fn admin(mut self) -> Self {
+        self.admin = true;
+        self
     }
 
     pub fn replay(mut self, toml: &str) -> Self {
@@ -265,6 +282,15 @@ impl Gateway {
             dir.path().join("ssegate.pid").display(),
             dir.path().join("upgrade.sock").display(),
         );
+        toml = toml.replacen("[server]\n", &format!("[server]\n{}", o.server_extra), 1);
+        let admin_port = o.admin.then(free_port);
+        if let Some(p) = admin_port {
+            toml = toml.replacen(
+                "[server]\n",
+                &format!("[server]\nadmin_address = \"127.0.0.1:{p}\"\n"),
+                1,
+            );
+        }
         let mut tls_port = None;
         let mut cert = None;
         if o.tls {
@@ -301,8 +327,12 @@ impl Gateway {
         if let Some(p) = tls_port {
             wait_port(p, &mut child, "ssegate (TLS)");
         }
+        if let Some(p) = admin_port {
+            wait_port(p, &mut child, "ssegate (admin)");
+        }
         Gateway {
             port,
+            admin_port,
             tls_port,
             dir,
             proc: Proc { child },

@@ -1,0 +1,214 @@
+//! Prometheus metrics and the admin endpoints (`/metrics`, `/healthz`, `/readyz`),
+//! served on their own listener, apart from the public one.
+//!
+//! An adapter: counters are updated by `proxy` and `relay`; hub counters are read from
+//! the [`Registry`] at scrape time.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, TextEncoder};
+
+use crate::hub::Registry;
+use crate::shutdown::Shutdown;
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: prometheus::Registry,
+    /// Streams open now, by route and protocol (`h1`, `h2`).
+    pub streams_open: IntGaugeVec,
+    /// Events written to clients (replayed ones included), by route.
+    pub events: IntCounterVec,
+    /// Stream bytes written to clients, by route.
+    pub stream_bytes: IntCounterVec,
+    /// Heartbeat comments written, by route.
+    pub heartbeats: IntCounterVec,
+    /// Finished requests (streams included), by route and status.
+    pub requests: IntCounterVec,
+    /// Requests and streams refused by the limits, by reason.
+    pub refusals: IntCounterVec,
+    /// Failed upstream connects and responses, by upstream.
+    pub upstream_errors: IntCounterVec,
+    replay_hits: IntCounter,
+    replay_misses: IntCounter,
+    events_replayed: IntCounter,
+    upstreams_saved: IntCounter,
+    hubs: IntGauge,
+    hubs_lingering: IntGauge,
+    /// Hub counters live in the registry; read at scrape time.
+    hub_registry: Arc<Registry>,
+}
+
+fn counter_vec(
+    r: &prometheus::Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter(r: &prometheus::Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &prometheus::Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new(hub_registry: Arc<Registry>) -> prometheus::Result<Arc<Metrics>> {
+        let r = prometheus::Registry::new();
+        let streams_open = IntGaugeVec::new(
+            Opts::new("ssegate_streams_open", "Event streams open now"),
+            &["route", "protocol"],
+        )?;
+        r.register(Box::new(streams_open.clone()))?;
+        Ok(Arc::new(Metrics {
+            streams_open,
+            events: counter_vec(
+                &r,
+                "ssegate_events_total",
+                "Events written to clients",
+                &["route"],
+            )?,
+            stream_bytes: counter_vec(
+                &r,
+                "ssegate_stream_bytes_total",
+                "Stream bytes written to clients",
+                &["route"],
+            )?,
+            heartbeats: counter_vec(
+                &r,
+                "ssegate_heartbeats_total",
+                "Heartbeat comments written",
+                &["route"],
+            )?,
+            requests: counter_vec(
+                &r,
+                "ssegate_requests_total",
+                "Finished requests and streams",
+                &["route", "status"],
+            )?,
+            refusals: counter_vec(
+                &r,
+                "ssegate_refusals_total",
+                "Requests and streams refused by limits",
+                &["reason"],
+            )?,
+            upstream_errors: counter_vec(
+                &r,
+                "ssegate_upstream_errors_total",
+                "Failed upstream connects and responses",
+                &["upstream"],
+            )?,
+            replay_hits: counter(
+                &r,
+                "ssegate_replay_hits_total",
+                "Resumes whose Last-Event-ID was found",
+            )?,
+            replay_misses: counter(
+                &r,
+                "ssegate_replay_misses_total",
+                "Resumes whose Last-Event-ID was not found",
+            )?,
+            events_replayed: counter(
+                &r,
+                "ssegate_events_replayed_total",
+                "Events sent from replay stores",
+            )?,
+            upstreams_saved: counter(
+                &r,
+                "ssegate_upstream_requests_saved_total",
+                "Clients served from an existing hub instead of a new upstream request",
+            )?,
+            hubs: gauge(&r, "ssegate_hubs", "Stream hubs alive")?,
+            hubs_lingering: gauge(
+                &r,
+                "ssegate_hubs_lingering",
+                "Stream hubs without clients, waiting out their linger window",
+            )?,
+            hub_registry,
+            registry: r,
+        }))
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let c = &self.hub_registry.counters;
+        let set = |m: &IntCounter, v: u64| {
+            m.reset();
+            m.inc_by(v);
+        };
+        set(&self.replay_hits, c.hits.load(Ordering::Relaxed));
+        set(&self.replay_misses, c.misses.load(Ordering::Relaxed));
+        set(
+            &self.events_replayed,
+            c.events_replayed.load(Ordering::Relaxed),
+        );
+        set(
+            &self.upstreams_saved,
+            c.upstreams_saved.load(Ordering::Relaxed),
+        );
+        self.hubs.set(c.hubs.load(Ordering::Relaxed) as i64);
+        self.hubs_lingering
+            .set(self.hub_registry.lingering() as i64);
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+/// The admin listener's endpoints.
+pub struct Admin {
+    /// What `/metrics` shows.
+    pub metrics: Arc<Metrics>,
+    /// `/readyz` turns 503 once a graceful shutdown has started.
+    pub shutdown: Shutdown,
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = r.body().len();
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, len.into());
+    r
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match session.req_header().uri.path() {
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.encode(),
+            ),
+            "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/readyz" if self.shutdown.started() => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                b"shutting down\n".to_vec(),
+            ),
+            "/readyz" => reply(StatusCode::OK, "text/plain", b"ready\n".to_vec()),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+        }
+    }
+}
