@@ -142,3 +142,22 @@ fn version_and_help() {
         assert!(help.contains(flag), "{help}");
     }
 }
+
+#[test]
+fn production_example_is_valid_with_its_certificates_in_place() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cert = TestCert::generate(dir.path());
+    let conf =
+        std::fs::read_to_string(repo().join("conf/production.toml")).expect("production.toml");
+    let conf = conf
+        .replace(
+            "/etc/ssegate/tls/fullchain.pem",
+            &cert.cert.display().to_string(),
+        )
+        .replace(
+            "/etc/ssegate/tls/privkey.pem",
+            &cert.key.display().to_string(),
+        );
+    let (code, text, _, _d) = check(&conf);
+    assert_eq!(code, 0, "{text}");
+}

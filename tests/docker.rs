@@ -1,0 +1,130 @@
+//! The docker-compose demo, checked without a Docker engine (none runs on our machines):
+//! the compose file's structure and paths, the Dockerfile's stages and hygiene, and the
+//! gateway config the container runs (with a generated certificate, and the compose
+//! service name replaced by a local address). The same services run natively in the
+//! other tests: Apache + mod_php from Debian serving the same scripts.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn compose() -> serde_yaml::Value {
+    let text =
+        std::fs::read_to_string(repo().join("docker-compose.yml")).expect("docker-compose.yml");
+    serde_yaml::from_str(&text).expect("docker-compose.yml is valid YAML")
+}
+
+#[test]
+fn compose_file_is_complete_and_its_paths_exist() {
+    let c = compose();
+    let services = c["services"].as_mapping().expect("services");
+    for name in ["backend", "dev-cert", "gateway"] {
+        assert!(services.contains_key(name), "service {name} missing");
+    }
+    assert!(c["services"]["backend"]["image"]
+        .as_str()
+        .is_some_and(|i| i.starts_with("php:") && i.ends_with("-apache")));
+    let gw = &c["services"]["gateway"];
+    assert_eq!(gw["build"]["context"].as_str(), Some("."));
+    let dockerfile = gw["build"]["dockerfile"].as_str().expect("dockerfile");
+    assert!(repo().join(dockerfile).exists(), "{dockerfile} missing");
+    assert_eq!(
+        gw["depends_on"]["dev-cert"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    let ports: Vec<&str> = gw["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    assert_eq!(ports, ["8080:8080", "8443:8443", "127.0.0.1:9901:9901"]);
+    // Every bind mount's host side exists; named volumes are declared.
+    for (name, svc) in services {
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let v = v.as_str().expect("short volume syntax");
+            let host = v.split(':').next().unwrap_or("");
+            if host.starts_with("./") {
+                assert!(repo().join(host).exists(), "{name:?}: {host} does not exist");
+            } else {
+                assert!(
+                    c["volumes"]
+                        .as_mapping()
+                        .is_some_and(|m| m.contains_key(host)),
+                    "{name:?}: volume {host} undeclared"
+                );
+            }
+        }
+    }
+    let cmd: Vec<&str> = gw["command"]
+        .as_sequence()
+        .expect("command")
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert_eq!(cmd, ["-c", "/etc/ssegate/docker.toml"]);
+    assert!(repo().join("conf/docker.toml").exists());
+}
+
+#[test]
+fn dockerfile_is_multi_stage_small_and_non_root() {
+    let d = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    let froms: Vec<&str> = d.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "{froms:?}");
+    assert!(froms[0].contains(" AS build"));
+    assert!(
+        froms[1].contains("-slim"),
+        "runtime image should be slim: {}",
+        froms[1]
+    );
+    // What the build copies exists.
+    for l in d
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(repo().join(src).exists(), "COPY source {src} missing");
+        }
+    }
+    // Hygiene a linter would ask for.
+    for l in d.lines().filter(|l| l.contains("apt-get install")) {
+        assert!(
+            l.contains("--no-install-recommends") && l.contains("-y"),
+            "{l}"
+        );
+    }
+    assert!(d.contains("rm -rf /var/lib/apt/lists/*"));
+    assert!(d
+        .lines()
+        .any(|l| l.starts_with("USER ") && !l.contains("root")));
+    assert!(d.contains("--locked"));
+    assert!(d.contains("EXPOSE 8080 8443 9901"));
+}
+
+#[test]
+fn container_config_is_valid() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(dir.path().join("certs")).expect("mkdir");
+    let cert = TestCert::generate(&dir.path().join("certs"));
+    std::fs::rename(&cert.cert, dir.path().join("certs/dev-cert.pem")).expect("mv");
+    std::fs::rename(&cert.key, dir.path().join("certs/dev-key.pem")).expect("mv");
+    let conf = std::fs::read_to_string(repo().join("conf/docker.toml")).expect("docker.toml");
+    assert!(conf.contains("\"backend:80\""));
+    // `backend` resolves only inside compose's network.
+    let path = dir.path().join("docker.toml");
+    std::fs::write(&path, conf.replace("\"backend:80\"", "\"127.0.0.1:80\"")).expect("write");
+    let out = Command::new(bin())
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
