@@ -12,6 +12,7 @@
 //! - [`proxy`]: the pingora `ProxyHttp` glue: routing, upstream choice, headers.
 //! - [`relay`]: one response from upstream to client; streams get heartbeats.
 //! - [`metrics`]: Prometheus metrics and the admin endpoints.
+//! - [`reload`]: config reload on SIGHUP.
 //! - [`server`]: builds the pingora server from a [`config::Config`].
 //!
 //! One event's path: upstream socket → pingora subrequest (`proxy`, inner pass) →
@@ -27,6 +28,7 @@ pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod replay;
 pub mod server;
 pub mod shutdown;

@@ -302,7 +302,7 @@ pub struct RouteLimits {
 }
 
 /// Settings for [`Limits`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LimitSettings {
     /// Per-client request rate across all routes.
     pub request_rate: Option<Rate>,

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub refusals: IntCounterVec,
     /// Failed upstream connects and responses, by upstream.
     pub upstream_errors: IntCounterVec,
+    /// Config reloads, by result (`ok`, `error`).
+    pub reloads: IntCounterVec,
     replay_hits: IntCounter,
     replay_misses: IntCounter,
     events_replayed: IntCounter,
@@ -106,6 +108,12 @@ impl Metrics {
                 "ssegate_refusals_total",
                 "Requests and streams refused by limits",
                 &["reason"],
+            )?,
+            reloads: counter_vec(
+                &r,
+                "ssegate_config_reloads_total",
+                "Config reloads on SIGHUP",
+                &["result"],
             )?,
             upstream_errors: counter_vec(
                 &r,

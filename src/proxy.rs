@@ -23,6 +23,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::{ErrorSource, ErrorType};
 
+use arc_swap::ArcSwap;
+
 use crate::config::{Config, RefuseStreamsWith, Route};
 use crate::hub::{Registry, StreamKey};
 use crate::limit::{self, ClientKey, Decision, Limits};
@@ -31,18 +33,74 @@ use crate::relay::{self, Admission, RelayStats, ReplayCx};
 use crate::replay::Budget;
 use crate::shutdown::{ActiveGuard, Shutdown};
 
-/// State shared by every request of the proxy service.
-pub struct Gateway {
+/// Everything derived from the config file. A reload swaps it whole; a request keeps
+/// the one it started with.
+pub struct Live {
+    /// How many configs were loaded so far, this one included (1 at start).
+    pub generation: u64,
     /// The checked configuration.
-    config: Arc<Config>,
+    pub config: Arc<Config>,
     /// Round-robin position per upstream, by index in `config.upstreams`.
     next_server: Vec<AtomicUsize>,
+    /// Rate limits and stream caps.
+    pub limits: Arc<Limits>,
+    /// Per-route limiters, by route index.
+    pub route_limits: Vec<Arc<limit::RouteLimits>>,
+}
+
+impl Live {
+    /// Builds the live state for `config`, keeping the limiters of `previous` when
+    /// their settings did not change (so a reload does not hand out fresh quotas).
+    pub fn new(config: Arc<Config>, previous: Option<&Live>) -> Live {
+        let next_server = config
+            .upstreams
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let max = config.limits.settings.max_tracked_clients;
+        let route_limits = config
+            .routes
+            .iter()
+            .map(|r| {
+                Arc::new(limit::RouteLimits {
+                    requests: r
+                        .limits
+                        .request_rate
+                        .and_then(|rate| limit::ClientRate::new(rate, max)),
+                })
+            })
+            .collect();
+        let limits = match previous {
+            Some(p) if p.config.limits.settings == config.limits.settings => p.limits.clone(),
+            _ => Arc::new(Limits::new(config.limits.settings.clone())),
+        };
+        Live {
+            generation: previous.map_or(1, |p| p.generation + 1),
+            config,
+            next_server,
+            limits,
+            route_limits,
+        }
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Live(generation {} of {})",
+            self.generation,
+            self.config.path.display()
+        )
+    }
+}
+
+/// State shared by every request of the proxy service.
+pub struct Gateway {
+    /// The configuration and what is built from it; swapped by reloads.
+    live: Arc<ArcSwap<Live>>,
     /// Graceful shutdown signal and in-flight count.
     shutdown: Shutdown,
-    /// Rate limits and stream caps.
-    limits: Arc<Limits>,
-    /// Per-route limiters, by route index.
-    route_limits: Vec<Arc<limit::RouteLimits>>,
     /// Live stream hubs.
     registry: Arc<Registry>,
     /// Byte budget of all replay stores.
@@ -54,6 +112,8 @@ pub struct Gateway {
 /// What one request carries between phases.
 #[derive(Default)]
 pub struct RequestCtx {
+    /// The configuration this request runs under.
+    live: Option<Arc<Live>>,
     /// The route chosen for the request.
     route: Option<Arc<Route>>,
     /// Facts about the client, computed once in the outer pass.
@@ -91,29 +151,13 @@ pub struct ClientInfo {
     pub route: Arc<Route>,
     /// Index of the route's upstream.
     pub upstream_index: usize,
+    /// The configuration the request runs under.
+    pub live: Arc<Live>,
 }
 
 impl Gateway {
     /// A gateway serving `config`.
     pub fn new(config: Arc<Config>, shutdown: Shutdown) -> prometheus::Result<Self> {
-        let next_server = config
-            .upstreams
-            .iter()
-            .map(|_| AtomicUsize::new(0))
-            .collect();
-        let max = config.limits.settings.max_tracked_clients;
-        let route_limits = config
-            .routes
-            .iter()
-            .map(|r| {
-                Arc::new(limit::RouteLimits {
-                    requests: r
-                        .limits
-                        .request_rate
-                        .and_then(|rate| limit::ClientRate::new(rate, max)),
-                })
-            })
-            .collect();
         let registry = Arc::new(Registry::new(
             config.replay.lag_blocks,
             config.replay.max_hubs,
@@ -122,12 +166,14 @@ impl Gateway {
             metrics: Metrics::new(registry.clone())?,
             registry,
             budget: Budget::new(config.replay.total_max_bytes),
-            limits: Arc::new(Limits::new(config.limits.settings.clone())),
-            route_limits,
-            config,
-            next_server,
+            live: Arc::new(ArcSwap::from_pointee(Live::new(config, None))),
             shutdown,
         })
+    }
+
+    /// The swappable live state, for reloads and housekeeping.
+    pub fn live(&self) -> Arc<ArcSwap<Live>> {
+        self.live.clone()
     }
 
     /// The metrics, for the admin listener.
@@ -162,9 +208,9 @@ impl Gateway {
                 query.extend_from_slice(value.as_bytes());
             }
         }
-        let route_index = (route.index as u64).to_le_bytes();
+        // By route name, not position, so streams keep their keys across reloads.
         let mut parts: Vec<Vec<u8>> = vec![
-            route_index.to_vec(),
+            route.name.as_bytes().to_vec(),
             route.upstream.name.as_bytes().to_vec(),
             req.method.as_str().as_bytes().to_vec(),
             req.uri.path().as_bytes().to_vec(),
@@ -196,14 +242,9 @@ impl Gateway {
         })
     }
 
-    /// The limits, for the pruning service.
-    pub fn limits(&self) -> (Arc<Limits>, Vec<Arc<limit::RouteLimits>>) {
-        (self.limits.clone(), self.route_limits.clone())
-    }
-
     /// The client's address as limits see it: the peer, or the forwarded client when the
     /// peer is a trusted proxy.
-    fn client_ip(&self, session: &Session) -> Option<std::net::IpAddr> {
+    fn client_ip(&self, live: &Live, session: &Session) -> Option<std::net::IpAddr> {
         let peer = session.client_addr().and_then(PingoraAddr::as_inet)?.ip();
         let req = session.req_header();
         let values = |name| {
@@ -212,15 +253,15 @@ impl Gateway {
                 .iter()
                 .filter_map(|v| v.to_str().ok())
         };
-        Some(self.config.limits.identity.client_ip(
+        Some(live.config.limits.identity.client_ip(
             peer,
             values("x-forwarded-for"),
             values("forwarded"),
         ))
     }
 
-    fn upstream_index(&self, route: &Route) -> usize {
-        self.config
+    fn upstream_index(live: &Live, route: &Route) -> usize {
+        live.config
             .upstreams
             .iter()
             .position(|u| Arc::ptr_eq(u, &route.upstream))
@@ -284,6 +325,7 @@ impl ProxyHttp for Gateway {
                     Error::explain(ErrorType::InternalError, "subrequest without client info")
                 })?;
             ctx.inner = true;
+            ctx.live = Some(info.live.clone());
             ctx.upstream_index = info.upstream_index;
             ctx.route = Some(info.route.clone());
             ctx.client = Some(info);
@@ -292,8 +334,10 @@ impl ProxyHttp for Gateway {
         ctx.started = Some(Instant::now());
         ctx._active = Some(self.shutdown.track());
 
+        let live = self.live.load_full();
+        ctx.live = Some(live.clone());
         let req = session.req_header();
-        let Some(route) = self
+        let Some(route) = live
             .config
             .route_for(request_host(req), req.uri.path())
             .cloned()
@@ -315,16 +359,17 @@ impl ProxyHttp for Gateway {
             } else {
                 "http"
             },
-            upstream_index: self.upstream_index(&route),
+            upstream_index: Self::upstream_index(&live, &route),
             client_ip: None,
             key: None,
             route: route.clone(),
+            live: live.clone(),
         };
         let mut client = client;
-        client.client_ip = self.client_ip(session);
+        client.client_ip = self.client_ip(&live, session);
         client.key = client
             .client_ip
-            .map(|ip| self.config.limits.identity.key(ip));
+            .map(|ip| live.config.limits.identity.key(ip));
         ctx.upstream_index = client.upstream_index;
         ctx.route = Some(route.clone());
         ctx.client = Some(client.clone());
@@ -333,12 +378,12 @@ impl ProxyHttp for Gateway {
         let refusal = relay::Refusal {
             as_event_stream: wants_stream
                 && route.limits.refuse_streams_with == RefuseStreamsWith::EventStream,
-            base_retry: self.config.limits.refusal_retry,
-            jitter: self.config.limits.retry_jitter,
+            base_retry: live.config.limits.refusal_retry,
+            jitter: live.config.limits.retry_jitter,
         };
         let mut slot = None;
         if let Some(key) = client.key {
-            let route_limits = self
+            let route_limits = live
                 .route_limits
                 .get(route.index)
                 .cloned()
@@ -346,7 +391,7 @@ impl ProxyHttp for Gateway {
             if let Decision::Refuse {
                 reason,
                 retry_after,
-            } = self.limits.check_request(&key, &route_limits)
+            } = live.limits.check_request(&key, &route_limits)
             {
                 ctx.refused = Some(reason);
                 relay::refuse(session, &refusal, reason, retry_after).await?;
@@ -355,7 +400,7 @@ impl ProxyHttp for Gateway {
             if wants_stream {
                 // A stream request (EventSource always says so): admit it before the
                 // upstream is bothered, so a reconnect storm never reaches the backend.
-                match self.limits.open_stream(&key) {
+                match live.limits.open_stream(&key) {
                     Decision::Allow(s) => slot = Some(s),
                     Decision::Refuse {
                         reason,
@@ -377,7 +422,7 @@ impl ProxyHttp for Gateway {
             metrics: self.metrics.clone(),
             replay: self.replay_cx(session, &route),
             slot,
-            limits: self.limits.clone(),
+            limits: live.limits.clone(),
             refusal,
         };
         let stats = relay::serve(session, client, admission, self.shutdown.subscribe()).await;
@@ -400,9 +445,10 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::ConnectNoRoute, "upstream has no servers");
         }
         if ctx.tries == 0 {
-            ctx.first_server = self
-                .next_server
-                .get(ctx.upstream_index)
+            ctx.first_server = ctx
+                .live
+                .as_ref()
+                .and_then(|l| l.next_server.get(ctx.upstream_index))
                 .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
         }
         let addr = upstream.servers[(ctx.first_server + ctx.tries) % n];
@@ -596,10 +642,8 @@ impl ProxyHttp for Gateway {
 /// Drops limiter state of clients idle long enough to be fresh again, so limiter
 /// memory follows the active clients, not every address ever seen.
 pub struct LimitPruner {
-    /// Global limits.
-    pub limits: Arc<Limits>,
-    /// Per-route limiters.
-    pub routes: Vec<Arc<limit::RouteLimits>>,
+    /// The live limits (swapped by reloads).
+    pub live: Arc<ArcSwap<Live>>,
     /// How often.
     pub every: std::time::Duration,
     /// Hub counters, reported alongside.
@@ -615,11 +659,12 @@ impl BackgroundService for LimitPruner {
                 _ = tokio::time::sleep(self.every) => {}
                 _ = watch.changed() => return,
             }
-            let tracked = self.limits.prune(&self.routes);
+            let live = self.live.load();
+            let tracked = live.limits.prune(&live.route_limits);
             if tracked != last {
                 tracing::info!(
                     tracked,
-                    open_streams = self.limits.open_streams(),
+                    open_streams = live.limits.open_streams(),
                     "limits pruned"
                 );
                 last = tracked;

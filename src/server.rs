@@ -12,8 +12,9 @@ use pingora::services::background::background_service;
 use crate::config::Config;
 use crate::metrics::Admin;
 use crate::proxy::{Gateway, LimitPruner, ShutdownBridge};
+use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
-use crate::tls::SingleCert;
+use crate::tls::ReloadableCert;
 
 /// Makes pingora's settings from ours.
 pub fn server_conf(config: &Config) -> ServerConf {
@@ -48,7 +49,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     let gateway = Gateway::new(config.clone(), shutdown.clone())
         .map_err(|e| Error::because(ErrorType::InternalError, "cannot register metrics", e))?;
     let metrics = gateway.metrics();
-    let (limits, route_limits) = gateway.limits();
+    let live = gateway.live();
     let registry = gateway.registry();
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -56,13 +57,16 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         .name("ssegate")
         .server_options(options)
         .build();
+    let mut certs = vec![];
     for l in &config.listeners {
         let addr = l.address.to_string();
         match &l.tls {
             None => proxy.add_tcp(&addr),
             Some(tls) => {
                 let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))?;
-                settings.set_cert_resolver(Arc::new(SingleCert(tls.cert_key.certified.clone())));
+                let cert = Arc::new(ReloadableCert::new(tls.cert_key.certified.clone()));
+                certs.push((l.address, cert.clone()));
+                settings.set_cert_resolver(cert);
                 settings.enable_h2();
                 proxy.add_tls_with_settings(&addr, None, settings);
             }
@@ -73,7 +77,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         let mut admin = pingora::services::listening::Service::new(
             "ssegate admin".to_owned(),
             Admin {
-                metrics,
+                metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
             },
         );
@@ -82,10 +86,18 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     }
     server.add_service(background_service("shutdown", ShutdownBridge { shutdown }));
     server.add_service(background_service(
+        "reload",
+        Reloader {
+            path: config.path.clone(),
+            live: live.clone(),
+            certs,
+            metrics: metrics.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "limit pruner",
         LimitPruner {
-            limits,
-            routes: route_limits,
+            live: live.clone(),
             every: config.limits.prune_interval,
             registry: registry.clone(),
         },

@@ -83,12 +83,25 @@ impl CertKey {
     }
 }
 
-/// Serves one certificate for every handshake.
+/// Serves one certificate for every handshake; a reload can replace it, and the next
+/// handshake uses the new one.
 #[derive(Debug)]
-pub struct SingleCert(pub Arc<CertifiedKey>);
+pub struct ReloadableCert(arc_swap::ArcSwap<CertifiedKey>);
 
-impl ResolvesServerCert for SingleCert {
+impl ReloadableCert {
+    /// Starts with `cert`.
+    pub fn new(cert: Arc<CertifiedKey>) -> ReloadableCert {
+        ReloadableCert(arc_swap::ArcSwap::new(cert))
+    }
+
+    /// Replaces the certificate for new handshakes.
+    pub fn set(&self, cert: Arc<CertifiedKey>) {
+        self.0.store(cert);
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+        Some(self.0.load_full())
     }
 }

@@ -47,7 +47,10 @@ fn compose_file_is_complete_and_its_paths_exist() {
             let v = v.as_str().expect("short volume syntax");
             let host = v.split(':').next().unwrap_or("");
             if host.starts_with("./") {
-                assert!(repo().join(host).exists(), "{name:?}: {host} does not exist");
+                assert!(
+                    repo().join(host).exists(),
+                    "{name:?}: {host} does not exist"
+                );
             } else {
                 assert!(
                     c["volumes"]
