@@ -21,6 +21,8 @@
 //! blocks) → client session. Streams without replay (POST, or replay off) go from the
 //! subrequest straight through `relay::run` with the parser tracking boundaries.
 #![warn(missing_docs)]
+// Network and file data must never be able to panic the gateway.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
 pub mod hub;

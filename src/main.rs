@@ -1,4 +1,5 @@
 //! The `ssegate` binary: parse flags, load the config, build the server, run.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
