@@ -1,20 +1,29 @@
 <?php
-// Demo feed, written the way legacy PHP feeds are: a loop that echoes and flushes.
-// Event ids follow the wall clock (one per second), so every client sees the same ids.
-// After 5 events it goes quiet for 7 seconds (ssegate fills the silence with
-// heartbeats), sends 5 more, and ends: the browser then reconnects by itself.
+// Demo feed, written the way legacy PHP feeds are: a loop that echoes and flushes, and
+// ignores Last-Event-ID. Events come in bursts of five, one a second, then seven quiet
+// seconds (ssegate fills them with heartbeats). Ids count the events on a shared clock:
+// burst b, position p (0-4) is event 5b+p, due at second 12b+p, so every viewer sees
+// the same consecutive ids.
 header('Content-Type: text/event-stream');
 header('Cache-Control: no-cache');
-echo "retry: 2000\n\n";
-$burst = function () {
-    for ($i = 0; $i < 5; $i++) {
-        $k = (int)floor(microtime(true)) + 1;
-        usleep((int)(($k - microtime(true)) * 1000000));
-        echo "id: $k\nevent: tick\ndata: " . json_encode(['id' => $k, 'time' => date('H:i:s', $k)]) . "\n\n";
-        @ob_flush();
-        flush();
+for ($sent = 0; $sent < 1000; $sent++) {
+    $t = microtime(true);
+    $b = (int)floor($t / 12);
+    $p = (int)ceil($t - 12 * $b);
+    if ($p >= 5) {
+        $b += 1;
+        $p = 0;
     }
-};
-$burst();
-sleep(7);
-$burst();
+    $at = 12 * $b + $p;
+    if ($at > $t) {
+        usleep((int)(($at - $t) * 1000000));
+    }
+    $n = 5 * $b + $p;
+    echo "id: $n\nevent: tick\ndata: " . json_encode(['id' => $n, 'time' => date('H:i:s', $at)]) . "\n\n";
+    @ob_flush();
+    flush();
+    if (connection_aborted()) {
+        exit;
+    }
+    usleep(10000); // past this event's second
+}
