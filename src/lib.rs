@@ -22,7 +22,10 @@
 //! subrequest straight through `relay::run` with the parser tracking boundaries.
 #![warn(missing_docs)]
 // Network and file data must never be able to panic the gateway.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod config;
 pub mod hub;
