@@ -455,29 +455,17 @@ impl Checker<'_> {
 
         let global_sse = self.sse(raw.sse.as_ref(), "sse", None);
         let limits = self.limits(raw.limits.as_ref());
-        let global_replay_file = raw.replay.as_ref().map(file::ReplayGlobal::route);
-        let global_replay = self.replay(
-            global_replay_file.as_ref(),
-            "replay",
-            &ReplaySettings::defaults(),
-        );
+        let global_replay = self.replay(raw.replay.as_ref(), "replay", &ReplaySettings::defaults());
+        let gateway_wide = |f: fn(&file::Replay) -> Option<&toml::Spanned<usize>>| {
+            raw.replay.as_ref().and_then(f).map(|v| *v.get_ref())
+        };
         let replay_global = ReplayGlobal {
-            total_max_bytes: raw
-                .replay
-                .as_ref()
-                .and_then(|r| r.total_max_bytes)
+            total_max_bytes: gateway_wide(|r| r.total_max_bytes.as_ref())
                 .unwrap_or(256 * 1024 * 1024),
-            lag_blocks: raw
-                .replay
-                .as_ref()
-                .and_then(|r| r.lag_blocks)
+            lag_blocks: gateway_wide(|r| r.lag_blocks.as_ref())
                 .unwrap_or(1024)
                 .max(1),
-            max_hubs: raw
-                .replay
-                .as_ref()
-                .and_then(|r| r.max_hubs)
-                .unwrap_or(10_000),
+            max_hubs: gateway_wide(|r| r.max_hubs.as_ref()).unwrap_or(10_000),
         };
         let refuse_default = match raw
             .limits
@@ -618,6 +606,21 @@ impl Checker<'_> {
         let Some(own) = own else {
             return parent.clone();
         };
+        if base != "replay" {
+            for (name, v) in [
+                ("total_max_bytes", &own.total_max_bytes),
+                ("lag_blocks", &own.lag_blocks),
+                ("max_hubs", &own.max_hubs),
+            ] {
+                if let Some(v) = v {
+                    self.span_error(
+                        v,
+                        &format!("{base}.{name}"),
+                        "gateway-wide: set it in [replay]",
+                    );
+                }
+            }
+        }
         let mut r = parent.clone();
         if let Some(v) = own.enabled {
             r.enabled = v;
@@ -884,44 +887,7 @@ mod file {
         #[serde(default)]
         pub routes: Vec<Route>,
         pub limits: Option<Limits>,
-        pub replay: Option<ReplayGlobal>,
-    }
-
-    /// `[replay]`: the route defaults plus two settings of the whole gateway. (Not
-    /// `flatten`ed: serde's flatten loses `Spanned` positions and unknown-key checks.)
-    #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct ReplayGlobal {
-        pub enabled: Option<bool>,
-        pub shared: Option<bool>,
-        pub linger: Option<Spanned<String>>,
-        pub max_events: Option<usize>,
-        pub max_bytes: Option<usize>,
-        pub max_age: Option<Spanned<String>>,
-        pub identity_headers: Option<Vec<String>>,
-        pub last_event_id_param: Option<String>,
-        pub on_connect: Option<usize>,
-        pub miss_event: Option<bool>,
-        pub total_max_bytes: Option<usize>,
-        pub lag_blocks: Option<usize>,
-        pub max_hubs: Option<usize>,
-    }
-
-    impl ReplayGlobal {
-        pub fn route(&self) -> Replay {
-            Replay {
-                enabled: self.enabled,
-                shared: self.shared,
-                linger: self.linger.clone(),
-                max_events: self.max_events,
-                max_bytes: self.max_bytes,
-                max_age: self.max_age.clone(),
-                identity_headers: self.identity_headers.clone(),
-                last_event_id_param: self.last_event_id_param.clone(),
-                on_connect: self.on_connect,
-                miss_event: self.miss_event,
-            }
-        }
+        pub replay: Option<Replay>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -937,6 +903,10 @@ mod file {
         pub last_event_id_param: Option<String>,
         pub on_connect: Option<usize>,
         pub miss_event: Option<bool>,
+        // Gateway-wide: accepted in `[replay]` only (a route that sets them is an error).
+        pub total_max_bytes: Option<Spanned<usize>>,
+        pub lag_blocks: Option<Spanned<usize>>,
+        pub max_hubs: Option<Spanned<usize>>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -1114,6 +1084,18 @@ upstream = "missing"
         .unwrap();
         assert_eq!(c.routes[0].sse.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(c.routes[0].sse.heartbeat_comment, "hb");
+    }
+
+    #[test]
+    fn gateway_wide_replay_keys_are_refused_on_routes() {
+        let c = load(&format!(
+            "{MIN}replay = {{ shared = true }}\n[replay]\nlag_blocks = 7\n"
+        ))
+        .unwrap();
+        assert_eq!(c.replay.lag_blocks, 7);
+        assert!(c.routes[0].replay.shared);
+        let e = load(&format!("{MIN}replay = {{ lag_blocks = 7 }}\n")).unwrap_err();
+        assert_eq!(e.0[0].key, "routes[0].replay.lag_blocks", "{e}");
     }
 
     #[test]
