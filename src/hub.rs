@@ -357,7 +357,7 @@ impl Registry {
             shared,
             head,
             inner: Mutex::new(Inner {
-                parser: sse::Parser::new(max_event_bytes),
+                parser: sse::Parser::boundaries_only(max_event_bytes),
                 store,
                 tx,
                 ended: false,

@@ -999,7 +999,7 @@ async fn start_stream(
         retry_due: false,
         _slot: slot,
         metrics,
-        parser: sse::Parser::new(settings.max_event_bytes),
+        parser: sse::Parser::boundaries_only(settings.max_event_bytes),
         bom,
         upstream_spoke: false,
         heartbeat_at: Instant::now() + settings.heartbeat_interval,

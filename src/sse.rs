@@ -81,6 +81,12 @@ pub struct Parser {
     block_retry: Option<u64>,
     /// Cap on a block's size.
     max_event_bytes: usize,
+    /// Build `data` and `event_type` strings. The gateway itself forwards raw blocks
+    /// and never looks at them, so its parsers skip that work per event.
+    keep_payload: bool,
+    /// The current block has a `data` field (tracked instead of `data` when
+    /// `keep_payload` is off).
+    has_data: bool,
 }
 
 impl Default for Parser {
@@ -105,6 +111,17 @@ impl Parser {
             block_has_id: false,
             block_retry: None,
             max_event_bytes,
+            keep_payload: true,
+            has_data: false,
+        }
+    }
+
+    /// A parser for forwarding: it finds blocks, ids and `retry`, but leaves `data`
+    /// empty and `event_type` as `message` in what it returns (the raw bytes carry them).
+    pub fn boundaries_only(max_event_bytes: usize) -> Self {
+        Parser {
+            keep_payload: false,
+            ..Self::new(max_event_bytes)
         }
     }
 
@@ -227,11 +244,14 @@ impl Parser {
             None => (line, &b""[..]),
         };
         match name {
+            b"data" if !self.keep_payload => self.has_data = true,
             b"data" => {
                 self.data.push_str(&String::from_utf8_lossy(value));
                 self.data.push('\n');
             }
-            b"event" => self.event_type = String::from_utf8_lossy(value).into_owned(),
+            b"event" if self.keep_payload => {
+                self.event_type = String::from_utf8_lossy(value).into_owned()
+            }
             b"id" if !value.contains(&0) => {
                 self.last_event_id = String::from_utf8_lossy(value).into_owned();
                 self.block_has_id = true;
@@ -256,7 +276,8 @@ impl Parser {
         let has_id_field = std::mem::take(&mut self.block_has_id);
         let retry = self.block_retry.take();
         let event_type = std::mem::take(&mut self.event_type);
-        if self.data.is_empty() {
+        let has_data = std::mem::take(&mut self.has_data) || !self.data.is_empty();
+        if !has_data {
             // No dispatch, but a block that moved the id or set `retry` still matters
             // to a replay: hand it out as a non-dispatched block.
             return had_fields.then(|| Event {
@@ -459,6 +480,29 @@ mod tests {
         let b3 = p.next_block().unwrap().unwrap();
         assert!(b3.dispatched && b3.data == "x" && &b3.raw[..] == b"data: x\n\n");
         assert!(p.next_block().unwrap().is_none());
+    }
+
+    #[test]
+    fn boundaries_only_finds_the_same_blocks() {
+        let input = b"id: 1\nevent: x\ndata: a\n\nid: 2\n\ndata\n\nevent: y\n\n";
+        let mut full = Parser::default();
+        let mut lean = Parser::boundaries_only(DEFAULT_MAX_EVENT_BYTES);
+        full.push(input);
+        lean.push(input);
+        loop {
+            let (a, b) = (full.next_block().unwrap(), lean.next_block().unwrap());
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    assert_eq!(
+                        (a.id, a.has_id_field, a.raw, a.dispatched),
+                        (b.id, b.has_id_field, b.raw, b.dispatched)
+                    );
+                    assert!(b.data.is_empty());
+                }
+                (None, None) => break,
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
