@@ -164,40 +164,11 @@ fn tls_needs_tls12_plus_and_sets_forwarded_proto() {
     assert_eq!(v["headers"]["x-forwarded-proto"], "https");
 }
 
-fn node_clients(
-    url: &str,
-    n: usize,
-    want: usize,
-    extra_ca: Option<&std::path::Path>,
-) -> serde_json::Value {
-    let script = repo().join("tests/node/es_clients.mjs");
-    assert!(
-        repo().join("tests/node/node_modules/eventsource").exists(),
-        "tests/node/node_modules is missing: run the README's test command (scripts/test), which installs it"
-    );
-    let mut cmd = Command::new("node");
-    cmd.arg(script)
-        .args([url, &n.to_string(), &want.to_string(), "20000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(ca) = extra_ca {
-        cmd.env("NODE_EXTRA_CA_CERTS", ca);
-    }
-    let out = cmd.output().expect("run node");
-    assert!(out.status.success(), "node client failed");
-    serde_json::from_slice(&out.stdout).expect("client JSON")
-}
-
 fn assert_consecutive(v: &serde_json::Value, n: usize, want: usize) {
     let clients = v["clients"].as_array().expect("clients");
     assert_eq!(clients.len(), n);
     for c in clients {
-        let ids: Vec<u64> = c["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .filter_map(|i| i.as_str()?.parse().ok())
-            .collect();
+        let ids = json_ids(c);
         assert_eq!(ids.len(), want, "{c}");
         assert!(
             ids.windows(2).all(|w| w[1] == w[0] + 1),
@@ -211,9 +182,15 @@ fn assert_consecutive(v: &serde_json::Value, n: usize, want: usize) {
 fn npm_eventsource_clients_over_http1_and_tls() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php).tls().start();
-    let v = node_clients(&gw.url("/broadcast.php?period=0.1"), 10, 8, None);
+    let v = node_clients(&gw.url("/broadcast.php?period=0.1"), 10, 8, 20_000, None);
     assert_consecutive(&v, 10, 8);
     let ca = gw.cert.as_ref().expect("cert").cert.clone();
-    let v = node_clients(&gw.tls_url("/broadcast.php?period=0.1"), 10, 8, Some(&ca));
+    let v = node_clients(
+        &gw.tls_url("/broadcast.php?period=0.1"),
+        10,
+        8,
+        20_000,
+        Some(&ca),
+    );
     assert_consecutive(&v, 10, 8);
 }

@@ -264,29 +264,16 @@ fn shared_route_serves_1000_clients_from_one_upstream_request() {
         .start();
     let log = php.file("requests.log");
     let url = gw.url(&format!("/broadcast.php?period=0.2&log={}", log.display()));
-    let script = repo().join("tests/node/es_clients.mjs");
     let started = Instant::now();
-    let out = Command::new("node")
-        .arg(script)
-        .args([&url, "1000", "5", "60000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run node");
+    let v = node_clients(&url, 1000, 5, 60_000, None);
     println!(
         "1000 clients got 5 events each in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client JSON");
     let clients = v["clients"].as_array().expect("clients");
     assert_eq!(clients.len(), 1000);
     for c in clients {
-        let ids: Vec<u64> = c["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .filter_map(|i| i.as_str()?.parse().ok())
-            .collect();
+        let ids = json_ids(c);
         assert_eq!(ids.len(), 5, "{c}");
         assert!(consecutive(&ids), "{ids:?}");
     }
@@ -341,7 +328,7 @@ async fn browser_eventsource_cut_off_resumes_without_gap_or_duplicate() {
         .replay("linger = \"30s\"\n")
         .start();
     let cutter = Cutter::start(gw.port).await;
-    let page = format!("http://127.0.0.1:{}/replay_page.html", cutter.port);
+    let page = format!("http://127.0.0.1:{}/es_page.html?period=0.1", cutter.port);
     let browser = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(repo().join("tests/node/browser_es.mjs"))
@@ -358,12 +345,7 @@ async fn browser_eventsource_cut_off_resumes_without_gap_or_duplicate() {
             String::from_utf8_lossy(&out.stdout)
         )
     });
-    let ids: Vec<u64> = stats["ids"]
-        .as_array()
-        .expect("ids")
-        .iter()
-        .filter_map(|i| i.as_str()?.parse().ok())
-        .collect();
+    let ids = json_ids(&stats);
     assert!(
         stats["errors"].as_u64().unwrap_or(0) >= 1,
         "the cut was not noticed: {stats}"

@@ -473,3 +473,42 @@ pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Runs `n` npm `eventsource` clients on `url` until each has `want` events (or
+/// `timeout_ms` passes); returns their report (`tests/node/es_clients.mjs`).
+pub fn node_clients(
+    url: &str,
+    n: usize,
+    want: usize,
+    timeout_ms: u64,
+    extra_ca: Option<&Path>,
+) -> serde_json::Value {
+    assert!(
+        repo().join("tests/node/node_modules/eventsource").exists(),
+        "tests/node/node_modules is missing: run the README's test command (scripts/test), which installs it"
+    );
+    let mut cmd = Command::new("node");
+    cmd.arg(repo().join("tests/node/es_clients.mjs"))
+        .args([
+            url,
+            &n.to_string(),
+            &want.to_string(),
+            &timeout_ms.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(ca) = extra_ca {
+        cmd.env("NODE_EXTRA_CA_CERTS", ca);
+    }
+    let out = cmd.output().expect("run node");
+    assert!(out.status.success(), "node client failed");
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
+/// The numeric event ids a JS client reported in its `ids` array.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u64> {
+    v["ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i.as_str()?.parse().ok()).collect())
+        .unwrap_or_default()
+}
