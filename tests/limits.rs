@@ -36,11 +36,7 @@ fn head_and_body(args: &[&str]) -> (String, String) {
 }
 
 fn spawn_stream(url: &str) -> std::process::Child {
-    Command::new("curl")
-        .args(["-sS", "-N", "--max-time", "30", "-H", SSE, url])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl")
+    curl_stream(url, 30, &["-H", SSE])
 }
 
 #[test]

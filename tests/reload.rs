@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -19,17 +18,7 @@ fn reload_changes_routes_for_new_requests_and_keeps_open_streams() {
     let gw = GatewayOptions::to(&php).admin().start();
     let conf = gw.dir.path().join("ssegate.toml");
     let original = std::fs::read_to_string(&conf).expect("config");
-    let stream = Command::new("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "20",
-            &gw.url("/legacy.php?n=40&interval=0.1"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl");
+    let stream = curl_stream(&gw.url("/legacy.php?n=40&interval=0.1"), 20, &[]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(status(&gw.url("/echo.php")), "200");
 

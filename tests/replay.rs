@@ -496,11 +496,7 @@ fn past_max_hubs_new_streams_are_relayed_without_replay() {
         .replay("linger = \"0s\"\nmax_hubs = 1\n")
         .start();
     let url = gw.url("/broadcast.php?period=0.1");
-    let mut first = Command::new("curl")
-        .args(["-sS", "-N", "--max-time", "5", "-H", "Cookie: user=a", &url])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("curl");
+    let mut first = curl_stream(&url, 5, &["-H", "Cookie: user=a"]);
     std::thread::sleep(Duration::from_millis(500));
     let second = sse(&url, &["Cookie: user=b"], 0.6);
     assert_eq!(second.replay_header(), "", "{}", second.head);

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -165,11 +164,7 @@ fn client_disconnect_closes_the_upstream() {
     let gw = GatewayOptions::to(&php).start();
     let log = php.file("abort.log");
     let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
-    let mut child = Command::new("curl")
-        .args(["-sS", "-N", &url])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("curl");
+    let mut child = curl_stream(&url, 30, &[]);
     std::thread::sleep(Duration::from_millis(800));
     let _ = child.kill();
     let _ = child.wait();
@@ -213,19 +208,7 @@ fn sigterm_ends_streams_with_retry_and_exits_promptly() {
         .extra("[sse]\nshutdown_retry = \"750ms\"\n")
         .start();
     let clients: Vec<_> = (0..3)
-        .map(|_| {
-            Command::new("curl")
-                .args([
-                    "-sS",
-                    "-N",
-                    "--max-time",
-                    "20",
-                    &gw.url("/broadcast.php?period=0.2"),
-                ])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("curl")
-        })
+        .map(|_| curl_stream(&gw.url("/broadcast.php?period=0.2"), 20, &[]))
         .collect();
     std::thread::sleep(Duration::from_millis(1200));
     gw.signal("TERM");
@@ -251,17 +234,7 @@ fn sigterm_ends_streams_with_retry_and_exits_promptly() {
 fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
     let php = Php::start();
     let mut gw = GatewayOptions::to(&php).replay("enabled = false\n").start();
-    let client = Command::new("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "30",
-            &gw.url("/quiet.php?partial=1&quiet=20"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl");
+    let client = curl_stream(&gw.url("/quiet.php?partial=1&quiet=20"), 30, &[]);
     std::thread::sleep(Duration::from_millis(800));
     gw.signal("TERM");
     // Without replay the client already has half an event: the gateway waits a bounded
@@ -279,17 +252,7 @@ fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
 fn sigterm_while_the_upstream_is_mid_event_ends_a_hub_stream_at_once() {
     let php = Php::start();
     let mut gw = GatewayOptions::to(&php).start();
-    let client = Command::new("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "30",
-            &gw.url("/quiet.php?partial=1&quiet=20"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl");
+    let client = curl_stream(&gw.url("/quiet.php?partial=1&quiet=20"), 30, &[]);
     std::thread::sleep(Duration::from_millis(800));
     gw.signal("TERM");
     let exited = gw.wait_exit(Duration::from_secs(5));

@@ -512,3 +512,15 @@ pub fn json_ids(v: &serde_json::Value) -> Vec<u64> {
         .map(|a| a.iter().filter_map(|i| i.as_str()?.parse().ok()).collect())
         .unwrap_or_default()
 }
+
+/// Starts curl reading a stream (`-N`, at most `max_secs`), with extra curl arguments
+/// (headers...) before the URL; its stdout is piped for `read_all_with_limit`.
+pub fn curl_stream(url: &str, max_secs: u32, extra: &[&str]) -> Child {
+    Command::new("curl")
+        .args(["-sS", "-N", "--max-time", &max_secs.to_string()])
+        .args(extra)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run curl")
+}
