@@ -195,18 +195,26 @@ impl Hub {
                 Lookup::Unknown => return None,
             },
         };
-        // Subscribing under the same lock the feeder holds: nothing slips between the
-        // replay and the live blocks. Counted under it too, so `end_if_idle` cannot
-        // end the hub in between.
+        Some(self.attach(inner, replay))
+    }
+
+    /// Subscribes while holding the lock the feeder takes: nothing slips between the
+    /// replay and the live blocks. Counted under it too, so `end_if_idle` cannot end
+    /// the hub in between.
+    fn attach(
+        self: &Arc<Self>,
+        inner: MutexGuard<'_, Inner>,
+        replay: Vec<StoredEvent>,
+    ) -> Subscription {
         let rx = inner.tx.subscribe();
         self.subscribers.fetch_add(1, Ordering::AcqRel);
         drop(inner);
         self.changed.notify_waiters();
-        Some(Subscription {
+        Subscription {
             replay,
             rx,
             _guard: SubscriberGuard(self.clone()),
-        })
+        }
     }
 
     /// Ends the hub if it still has no subscriber (checked under the lock attaches
@@ -368,11 +376,8 @@ impl Registry {
         map.entry(key).or_default().push(hub.clone());
         self.counters.hubs.fetch_add(1, Ordering::Relaxed);
         drop(map);
-        let sub = match hub.subscribe(Start::Live) {
-            Some(s) => s,
-            // A hub that has not started cannot have ended.
-            None => unreachable_subscription(&hub),
-        };
+        // A hub that has not started cannot have ended: attach directly.
+        let sub = hub.attach(hub.lock(), vec![]);
         (hub, sub, true)
     }
 
@@ -433,18 +438,5 @@ impl Registry {
     /// True when no hub is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Builds a subscription by hand for a hub that cannot have ended yet.
-fn unreachable_subscription(hub: &Arc<Hub>) -> Subscription {
-    let inner = hub.lock();
-    let rx = inner.tx.subscribe();
-    hub.subscribers.fetch_add(1, Ordering::AcqRel);
-    drop(inner);
-    Subscription {
-        replay: vec![],
-        rx,
-        _guard: SubscriberGuard(hub.clone()),
     }
 }
