@@ -41,6 +41,7 @@ fn memory_per_event() {
         head,
         Box::new(MemoryRing::new(bounds(n as usize), budget.clone())),
         1 << 20,
+        None,
     );
     drop(sub); // no subscriber: the hub only records
     let mut raw_bytes = 0;
@@ -69,6 +70,7 @@ fn bench(c: &mut Criterion) {
         head,
         Box::new(MemoryRing::new(bounds(1000), budget)),
         1 << 20,
+        None,
     );
     let chunk: Vec<u8> = (0..100).flat_map(event).collect();
     let mut g = c.benchmark_group("hub");

@@ -12,7 +12,7 @@
 //!
 //! Knows nothing of pingora: only tokio's sync primitives and the `http` header types.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,6 +29,17 @@ use crate::sse;
 pub struct StreamKey(Arc<[u8]>);
 
 impl StreamKey {
+    /// The key's bytes, to name the stream to another process (see `handover`).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A key received from another process. It only ever matches the same bytes, so a
+    /// made-up key finds nothing.
+    pub fn from_bytes(bytes: &[u8]) -> StreamKey {
+        StreamKey(bytes.into())
+    }
+
     /// Builds a key from its parts; each part is length-prefixed so no value can be
     /// crafted to look like another split.
     pub fn new<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> StreamKey {
@@ -63,6 +74,8 @@ pub struct ReplayCounters {
     pub upstreams_saved: AtomicU64,
     /// Hubs alive (with subscribers or lingering).
     pub hubs: AtomicUsize,
+    /// Blocks taken over from the process this one replaced (graceful upgrade).
+    pub handed_over: AtomicU64,
 }
 
 /// Where a new subscriber starts.
@@ -82,6 +95,8 @@ pub struct Subscription {
     pub replay: Vec<StoredEvent>,
     /// Then these, live.
     pub rx: broadcast::Receiver<HubMsg>,
+    /// The subscriber asked to resume after an id and the replay starts right after it.
+    pub resumed: bool,
     /// Keeps the subscriber counted; dropping it lets the hub linger.
     _guard: SubscriberGuard,
 }
@@ -108,6 +123,120 @@ struct Inner {
     tx: broadcast::Sender<HubMsg>,
     /// No more blocks will come.
     ended: bool,
+    /// Set while blocks handed over by the process this one replaced are merged with
+    /// this hub's own upstream.
+    merge: Option<Merge>,
+    /// Most upstream blocks held back while merging.
+    max_pending: usize,
+}
+
+/// Merging two feeds of one stream after an upgrade: the old process's hub (its store,
+/// then its live blocks) and this process's new upstream. Old blocks are published as
+/// they come; new ones are held back until the new upstream repeats an id the old one
+/// handed over ("caught up"). From there on the new upstream alone feeds the hub, minus
+/// the blocks the old feed published already, so each event goes out once and in order.
+#[derive(Default)]
+struct Merge {
+    /// Ids handed over so far.
+    handed: HashSet<Arc<str>>,
+    /// New upstream blocks not yet matched with the old feed.
+    pending: VecDeque<StoredEvent>,
+    /// The new upstream repeated a handed-over id: the old feed is no longer used.
+    caught_up: bool,
+}
+
+impl Merge {
+    fn was_handed(&self, b: &StoredEvent) -> bool {
+        b.has_id_field && self.handed.contains(&b.id)
+    }
+}
+
+impl Inner {
+    /// Records a block and sends it to the subscribers.
+    fn publish(&mut self, block: StoredEvent) {
+        self.store.push(block.clone());
+        // No receiver is fine: the hub is lingering and only records.
+        let _ = self.tx.send(HubMsg::Block(block));
+    }
+
+    /// Whether the old feed is still wanted.
+    fn merging(&self) -> bool {
+        self.merge.as_ref().is_some_and(|m| !m.caught_up)
+    }
+
+    /// A block from this hub's own upstream.
+    fn take_upstream(&mut self, block: StoredEvent) {
+        let Some(merge) = &mut self.merge else {
+            return self.publish(block);
+        };
+        if merge.was_handed(&block) {
+            // The old feed published this one already.
+            if !merge.caught_up {
+                merge.caught_up = true;
+                self.flush_pending();
+            }
+            return;
+        }
+        if merge.caught_up {
+            // Past the last handed-over block: nothing left to filter.
+            self.merge = None;
+            return self.publish(block);
+        }
+        merge.pending.push_back(block);
+        if merge.pending.len() > self.max_pending {
+            // No overlap in sight (ids that never repeat, or none at all): stop waiting.
+            self.end_merge();
+        }
+    }
+
+    /// A block handed over by the old process (ignored once the new upstream caught up).
+    fn take_old(&mut self, block: StoredEvent) {
+        let Some(merge) = self.merge.as_mut().filter(|m| !m.caught_up) else {
+            return;
+        };
+        let matched = block.has_id_field.then(|| {
+            merge
+                .pending
+                .iter()
+                .position(|p| p.has_id_field && p.id == block.id)
+        });
+        match matched.flatten() {
+            Some(i) => {
+                // The new upstream got this one too: it is the overlap, and the held-back
+                // blocks after it are newer than anything the old feed sent.
+                merge.pending.drain(..=i);
+                self.publish(block);
+                self.end_merge();
+            }
+            None => {
+                if block.has_id_field {
+                    merge.handed.insert(block.id.clone());
+                }
+                self.publish(block);
+            }
+        }
+    }
+
+    /// Publishes the held-back blocks the old feed did not publish.
+    fn flush_pending(&mut self) {
+        let Some(merge) = &mut self.merge else {
+            return;
+        };
+        let pending = std::mem::take(&mut merge.pending);
+        let fresh: Vec<StoredEvent> = pending
+            .into_iter()
+            .filter(|b| !merge.was_handed(b))
+            .collect();
+        for b in fresh {
+            self.publish(b);
+        }
+    }
+
+    /// Ends the merge at once: the new upstream alone feeds the hub from now.
+    fn end_merge(&mut self) {
+        self.flush_pending();
+        self.merge = None;
+    }
 }
 
 /// One upstream stream and its subscribers.
@@ -123,6 +252,8 @@ pub struct Hub {
     subscribers: AtomicUsize,
     /// Woken when `subscribers` changes or the hub ends.
     changed: Notify,
+    /// Woken (with a stored permit) when a merge ends or the hub ends.
+    merged: Notify,
 }
 
 /// Why a block could not be taken from the upstream.
@@ -140,23 +271,59 @@ impl Hub {
         let mut inner = self.lock();
         inner.parser.push(bytes);
         let mut n = 0;
+        let was_merging = inner.merging();
         while let Some(ev) = inner.parser.next_block()? {
-            let block = StoredEvent {
-                id: ev.id.as_str().into(),
-                has_id_field: ev.has_id_field,
-                sets_retry: ev.retry.is_some(),
-                // A block split from the parser's buffer would pin that whole buffer
-                // for as long as the store keeps it: copy it out, so the byte bounds
-                // count what is really held.
-                raw: bytes::Bytes::copy_from_slice(&ev.raw),
-                at: Instant::now(),
-            };
-            inner.store.push(block.clone());
-            // No receiver is fine: the hub is lingering and only records.
-            let _ = inner.tx.send(HubMsg::Block(block));
+            let block = stored(&ev);
+            inner.take_upstream(block);
             n += 1;
         }
+        let merge_ended = was_merging && !inner.merging();
+        drop(inner);
+        if merge_ended {
+            self.merged.notify_one();
+        }
         Ok(n)
+    }
+
+    /// Publishes a block handed over by the process this one replaced, unless this
+    /// hub's own upstream has caught up already (see [`Merge`]).
+    pub fn take_handed_over(&self, block: StoredEvent) {
+        let mut inner = self.lock();
+        if inner.ended {
+            return;
+        }
+        inner.take_old(block);
+        let merge_ended = !inner.merging();
+        drop(inner);
+        if merge_ended {
+            self.merged.notify_one();
+        }
+    }
+
+    /// The old process's feed is over: this hub's own upstream takes over (still
+    /// skipping blocks the old feed published).
+    pub fn end_handover(&self) {
+        let mut inner = self.lock();
+        if inner.merging() {
+            if let Some(m) = &mut inner.merge {
+                m.caught_up = true;
+            }
+            inner.flush_pending();
+        }
+        drop(inner);
+        self.merged.notify_one();
+    }
+
+    /// Whether blocks handed over are still wanted.
+    pub fn merging(&self) -> bool {
+        self.lock().merging()
+    }
+
+    /// Resolves once the merge is over or the hub has ended.
+    pub async fn merge_over(&self) {
+        while self.merging() && !self.ended() {
+            self.merged.notified().await;
+        }
     }
 
     /// The upstream stream is over: tell the subscribers.
@@ -168,6 +335,7 @@ impl Hub {
         }
         drop(inner);
         self.changed.notify_waiters();
+        self.merged.notify_one();
     }
 
     /// Whether the upstream stream is over.
@@ -213,6 +381,7 @@ impl Hub {
         Subscription {
             replay,
             rx,
+            resumed: false,
             _guard: SubscriberGuard(self.clone()),
         }
     }
@@ -228,6 +397,8 @@ impl Hub {
             inner.ended = true;
             let _ = inner.tx.send(HubMsg::End);
         }
+        drop(inner);
+        self.merged.notify_one();
         true
     }
 
@@ -255,6 +426,30 @@ impl Hub {
             }
         }
     }
+}
+
+/// A parsed block as hubs keep it.
+pub fn stored(ev: &sse::Event) -> StoredEvent {
+    StoredEvent {
+        id: ev.id.as_str().into(),
+        has_id_field: ev.has_id_field,
+        sets_retry: ev.retry.is_some(),
+        // A block split from the parser's buffer would pin that whole buffer for as long
+        // as the store keeps it: copy it out, so the byte bounds count what is really
+        // held.
+        raw: bytes::Bytes::copy_from_slice(&ev.raw),
+        at: Instant::now(),
+    }
+}
+
+/// What a new hub starts with after an upgrade: the blocks the old process handed over,
+/// and the first client's `Last-Event-ID` to resume after.
+#[derive(Debug, Default)]
+pub struct Seed {
+    /// The old store's blocks, oldest first.
+    pub blocks: Vec<StoredEvent>,
+    /// Resume the first subscriber after this id, if the blocks hold it.
+    pub resume_after: Option<String>,
 }
 
 /// All live hubs, by key.
@@ -297,16 +492,12 @@ impl Registry {
             .rev()
             .find_map(|h| h.subscribe(Start::After(last_id)).map(|s| (h.clone(), s)));
         let c = &self.counters;
-        match &found {
-            Some((_, s)) => {
-                c.hits.fetch_add(1, Ordering::Relaxed);
-                c.events_replayed
-                    .fetch_add(s.replay.len() as u64, Ordering::Relaxed);
-                c.upstreams_saved.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                c.misses.fetch_add(1, Ordering::Relaxed);
-            }
+        // A miss is counted by the caller, once it knows no handover covered it.
+        if let Some((_, s)) = &found {
+            c.hits.fetch_add(1, Ordering::Relaxed);
+            c.events_replayed
+                .fetch_add(s.replay.len() as u64, Ordering::Relaxed);
+            c.upstreams_saved.fetch_add(1, Ordering::Relaxed);
         }
         found
     }
@@ -337,14 +528,16 @@ impl Registry {
     /// Creates and registers a hub for a stream whose response head is `head`, and
     /// subscribes its first client. For a shared key that gained a live hub meanwhile,
     /// joins that one instead and returns `created = false` (the caller drops its own
-    /// upstream request).
+    /// upstream request). A `seed` fills the store first and starts a merge with the
+    /// old process's feed.
     pub fn create(
         &self,
         key: StreamKey,
         shared: bool,
         head: http::response::Parts,
-        store: Box<dyn ReplayStore>,
+        mut store: Box<dyn ReplayStore>,
         max_event_bytes: usize,
+        seed: Option<Seed>,
     ) -> (Arc<Hub>, Subscription, bool) {
         let mut map = self.lock();
         if shared {
@@ -360,6 +553,23 @@ impl Registry {
             }
         }
         let (tx, _) = broadcast::channel(self.lag_blocks);
+        let mut merge = None;
+        let mut replay = None;
+        if let Some(seed) = seed {
+            let mut m = Merge::default();
+            for b in seed.blocks {
+                if b.has_id_field {
+                    m.handed.insert(b.id.clone());
+                }
+                store.push(b);
+            }
+            if let Some(id) = &seed.resume_after {
+                if let Lookup::After(v) = store.after(id) {
+                    replay = Some(v);
+                }
+            }
+            merge = Some(m);
+        }
         let hub = Arc::new(Hub {
             key: key.clone(),
             shared,
@@ -369,16 +579,42 @@ impl Registry {
                 store,
                 tx,
                 ended: false,
+                merge,
+                max_pending: self.lag_blocks,
             }),
             subscribers: AtomicUsize::new(0),
             changed: Notify::new(),
+            merged: Notify::new(),
         });
         map.entry(key).or_default().push(hub.clone());
         self.counters.hubs.fetch_add(1, Ordering::Relaxed);
         drop(map);
         // A hub that has not started cannot have ended: attach directly.
-        let sub = hub.attach(hub.lock(), vec![]);
+        let resumed = replay.is_some();
+        let mut sub = hub.attach(hub.lock(), replay.unwrap_or_default());
+        sub.resumed = resumed;
         (hub, sub, true)
+    }
+
+    /// Keeps every live hub from lingering out (each held as by a subscriber) for as
+    /// long as the result is kept: the old process of an upgrade holds its hubs so the
+    /// new one can take them over.
+    pub fn hold_all(&self) -> Vec<Subscription> {
+        let hubs: Vec<Arc<Hub>> = self.lock().values().flatten().cloned().collect();
+        hubs.iter()
+            .filter_map(|h| h.subscribe(Start::Last(0)))
+            .collect()
+    }
+
+    /// For the new process of an upgrade: all the recent blocks of `key`'s hub, then
+    /// its live ones. Prefers the newest hub that holds `last_id`, else the newest.
+    pub fn hand_over(&self, key: &StreamKey, last_id: Option<&str>) -> Option<Subscription> {
+        let hubs: Vec<Arc<Hub>> = self.lock().get(key).cloned().unwrap_or_default();
+        let holds = |h: &&Arc<Hub>| {
+            last_id.is_some_and(|id| matches!(h.lock().store.after(id), Lookup::After(_)))
+        };
+        let hub = hubs.iter().rev().find(holds).or(hubs.last())?;
+        hub.subscribe(Start::Last(usize::MAX))
     }
 
     /// Waits for the right to open `key`'s upstream. Whoever holds the guard opens (or
@@ -438,5 +674,142 @@ impl Registry {
     /// True when no hub is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::{Budget, MemoryRing, RingBounds};
+
+    fn block(id: u32) -> StoredEvent {
+        let raw = format!("id: {id}\ndata: {id}\n\n");
+        let mut p = sse::Parser::boundaries_only(1 << 16);
+        p.push(raw.as_bytes());
+        stored(&p.next_block().unwrap().unwrap())
+    }
+
+    fn raw(ids: &[u32]) -> Vec<u8> {
+        ids.iter()
+            .flat_map(|i| format!("id: {i}\ndata: {i}\n\n").into_bytes())
+            .collect()
+    }
+
+    /// A hub seeded with `seed` as handed over, its first subscriber resuming after
+    /// `after`.
+    fn seeded(seed: &[u32], after: &str) -> (Arc<Hub>, Subscription) {
+        let registry = Registry::new(64, 10);
+        let bounds = RingBounds {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+        };
+        let (hub, sub, created) = registry.create(
+            StreamKey::new([&b"k"[..]]),
+            false,
+            http::Response::new(()).into_parts().0,
+            Box::new(MemoryRing::new(bounds, Budget::new(1 << 20))),
+            1 << 16,
+            Some(Seed {
+                blocks: seed.iter().map(|i| block(*i)).collect(),
+                resume_after: Some(after.into()),
+            }),
+        );
+        assert!(created);
+        (hub, sub)
+    }
+
+    fn received(sub: &mut Subscription) -> Vec<String> {
+        let mut ids: Vec<String> = sub.replay.iter().map(|b| b.id.to_string()).collect();
+        while let Ok(HubMsg::Block(b)) = sub.rx.try_recv() {
+            ids.push(b.id.to_string());
+        }
+        ids
+    }
+
+    #[test]
+    fn seed_resumes_the_first_subscriber_after_its_id() {
+        let (_hub, mut sub) = seeded(&[1, 2, 3, 4], "2");
+        assert!(sub.resumed);
+        assert_eq!(received(&mut sub), ["3", "4"]);
+    }
+
+    #[test]
+    fn new_upstream_behind_the_old_feed_is_cut_at_the_overlap() {
+        let (hub, mut sub) = seeded(&[1, 2, 3], "3");
+        hub.take_handed_over(block(4));
+        hub.take_handed_over(block(5));
+        // The new upstream starts at 4: the old feed had 4 and 5 already.
+        hub.feed(&raw(&[4, 5, 6, 7])).unwrap();
+        assert!(!hub.merging());
+        // Late blocks of the old feed are ignored now.
+        hub.take_handed_over(block(6));
+        assert_eq!(received(&mut sub), ["4", "5", "6", "7"]);
+    }
+
+    #[test]
+    fn new_upstream_ahead_of_the_old_feed_waits_for_it() {
+        let (hub, mut sub) = seeded(&[1, 2], "2");
+        // The new upstream is quicker than the old feed: held back until they meet.
+        hub.feed(&raw(&[4, 5])).unwrap();
+        assert!(hub.merging());
+        hub.take_handed_over(block(3));
+        hub.take_handed_over(block(4));
+        assert!(!hub.merging());
+        hub.feed(&raw(&[6])).unwrap();
+        assert_eq!(received(&mut sub), ["3", "4", "5", "6"]);
+    }
+
+    #[test]
+    fn old_feed_ending_without_overlap_releases_the_new_upstream() {
+        let (hub, mut sub) = seeded(&[1, 2], "2");
+        hub.take_handed_over(block(3));
+        hub.feed(&raw(&[5])).unwrap();
+        hub.end_handover();
+        hub.feed(&raw(&[6])).unwrap();
+        assert_eq!(received(&mut sub), ["3", "5", "6"]);
+    }
+
+    #[test]
+    fn hand_over_prefers_the_hub_that_holds_the_id() {
+        let registry = Registry::new(64, 10);
+        let key = StreamKey::new([&b"k"[..]]);
+        let bounds = RingBounds {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+        };
+        let mut hubs = vec![];
+        for ids in [&[1u32, 2][..], &[7, 8][..]] {
+            let (hub, sub, _) = registry.create(
+                key.clone(),
+                false,
+                http::Response::new(()).into_parts().0,
+                Box::new(MemoryRing::new(bounds, Budget::new(1 << 20))),
+                1 << 16,
+                None,
+            );
+            hub.feed(&raw(ids)).unwrap();
+            hubs.push((hub, sub));
+        }
+        let ids = |s: Subscription| {
+            s.replay
+                .iter()
+                .map(|b| b.id.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(registry.hand_over(&key, Some("1")).unwrap()),
+            ["1", "2"]
+        );
+        assert_eq!(ids(registry.hand_over(&key, None).unwrap()), ["7", "8"]);
+        assert!(registry
+            .hand_over(&StreamKey::new([&b"other"[..]]), None)
+            .is_none());
+        // Held hubs do not linger out.
+        let held = registry.hold_all();
+        assert_eq!(held.len(), 2);
+        drop(hubs);
+        assert_eq!((registry.lingering(), registry.len()), (0, 2));
     }
 }

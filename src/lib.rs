@@ -13,6 +13,8 @@
 //! - [`relay`]: one response from upstream to client; streams get heartbeats.
 //! - [`metrics`]: Prometheus metrics and the admin endpoints.
 //! - [`reload`]: config reload on SIGHUP.
+//! - [`handover`]: recent events passed from the old process to the new one on a
+//!   graceful upgrade.
 //! - [`server`]: builds the pingora server from a [`config::Config`].
 //!
 //! One event's path: upstream socket → pingora subrequest (`proxy`, inner pass) →
@@ -28,6 +30,7 @@
 )]
 
 pub mod config;
+pub mod handover;
 pub mod hub;
 pub mod limit;
 pub mod metrics;

@@ -65,6 +65,7 @@ fn main() -> ExitCode {
     if let Err(e) = init {
         eprintln!("ssegate: cannot set up logging: {e}");
     }
+    let pid_file = config.server.pid_file.clone();
     let server = match ssegate::server::build(Arc::new(config), cli.upgrade) {
         Ok(s) => s,
         Err(e) => {
@@ -72,6 +73,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(p) = &pid_file {
+        if let Err(e) = ssegate::server::write_pid_file(p) {
+            eprintln!("ssegate: cannot write the PID file {}: {e}", p.display());
+            return ExitCode::from(1);
+        }
+    }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ssegate starting");
     server.run_forever()
 }

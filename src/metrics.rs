@@ -39,6 +39,7 @@ pub struct Metrics {
     replay_misses: IntCounter,
     events_replayed: IntCounter,
     upstreams_saved: IntCounter,
+    handed_over: IntCounter,
     hubs: IntGauge,
     hubs_lingering: IntGauge,
     /// Hub counters live in the registry; read at scrape time.
@@ -141,6 +142,11 @@ impl Metrics {
                 "ssegate_upstream_requests_saved_total",
                 "Clients served from an existing hub instead of a new upstream request",
             )?,
+            handed_over: counter(
+                &r,
+                "ssegate_events_handed_over_total",
+                "Events taken over from the process this one replaced (graceful upgrade)",
+            )?,
             hubs: gauge(&r, "ssegate_hubs", "Stream hubs alive")?,
             hubs_lingering: gauge(
                 &r,
@@ -169,6 +175,7 @@ impl Metrics {
             &self.upstreams_saved,
             c.upstreams_saved.load(Ordering::Relaxed),
         );
+        set(&self.handed_over, c.handed_over.load(Ordering::Relaxed));
         self.hubs.set(c.hubs.load(Ordering::Relaxed) as i64);
         self.hubs_lingering
             .set(self.hub_registry.lingering() as i64);

@@ -19,13 +19,14 @@ use http::header;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::FailToProxy;
-use pingora::server::ShutdownWatch;
+use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use pingora::{ErrorSource, ErrorType};
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, RefuseStreamsWith, Route};
+use crate::handover::{Offer, Source};
 use crate::hub::{Registry, StreamKey};
 use crate::limit::{self, ClientKey, Decision, Limits};
 use crate::metrics::Metrics;
@@ -107,6 +108,8 @@ pub struct Gateway {
     budget: Arc<Budget>,
     /// Prometheus metrics.
     metrics: Arc<Metrics>,
+    /// After a graceful upgrade: where the old process offers its streams' events.
+    handover: Option<Arc<Source>>,
 }
 
 /// What one request carries between phases.
@@ -168,7 +171,14 @@ impl Gateway {
             budget: Budget::new(config.replay.total_max_bytes),
             live: Arc::new(ArcSwap::from_pointee(Live::new(config, None))),
             shutdown,
+            handover: None,
         })
+    }
+
+    /// Takes streams over from the process this one replaces (graceful upgrade).
+    pub fn with_handover(mut self, source: Source) -> Self {
+        self.handover = Some(Arc::new(source));
+        self
     }
 
     /// The swappable live state, for reloads and housekeeping.
@@ -234,6 +244,7 @@ impl Gateway {
             // and must never be echoed into one.
             .filter(|id| !id.is_empty() && !id.contains(['\r', '\n', '\0']));
         Some(ReplayCx {
+            handover: self.handover.clone(),
             registry: self.registry.clone(),
             budget: self.budget.clone(),
             key: StreamKey::new(parts.iter().map(Vec::as_slice)),
@@ -676,16 +687,105 @@ impl BackgroundService for LimitPruner {
 /// Bridges pingora's shutdown watch to [`Shutdown`], and exits the process once a
 /// graceful shutdown has started and no request is left in flight (pingora alone would
 /// sleep out the whole grace period).
+///
+/// On a graceful upgrade (SIGQUIT) it first offers the hubs to the new process (see
+/// [`crate::handover`]) and keeps them, and the process, for a window after the streams
+/// end: long enough for their clients to reconnect to the new process.
 pub struct ShutdownBridge {
     /// The state streams watch.
     pub shutdown: Shutdown,
+    /// pingora's execution phases, to tell an upgrade from a plain shutdown.
+    pub phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
+    /// Where to offer the hubs on an upgrade.
+    pub handover_path: std::path::PathBuf,
+    /// Removed at exit unless a new process took it over.
+    pub pid_file: Option<std::path::PathBuf>,
+    /// The hubs to offer.
+    pub registry: Arc<Registry>,
+    /// For the window: the streams' reconnection delay and the grace period.
+    pub live: Arc<ArcSwap<Live>>,
+}
+
+/// How long after its streams end an upgraded-away process keeps its hubs, beyond the
+/// longest `retry:` it told clients to wait.
+const HANDOVER_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves with the next execution phase; never, once there are no more.
+async fn next_phase(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>,
+) -> ExecutionPhase {
+    if let Some(r) = rx {
+        loop {
+            match r.recv().await {
+                Ok(p) => return p,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+    std::future::pending().await
+}
+
+impl ShutdownBridge {
+    /// How long the old process keeps its hubs for the new one.
+    fn handover_window(&self) -> std::time::Duration {
+        let live = self.live.load();
+        let config = &live.config;
+        let retry = config
+            .routes
+            .iter()
+            .map(|r| r.sse.shutdown_retry)
+            .max()
+            .unwrap_or_default();
+        (retry + HANDOVER_MARGIN).min(config.server.grace_period)
+    }
 }
 
 #[async_trait]
 impl BackgroundService for ShutdownBridge {
     async fn start(&self, mut watch: ShutdownWatch) {
-        if watch.wait_for(|v| *v).await.is_err() {
-            return;
+        let mut phases = self.phases.lock().ok().and_then(|mut p| p.take());
+        let mut offer = None;
+        loop {
+            tokio::select! {
+                biased;
+                p = next_phase(&mut phases) => {
+                    if matches!(p, ExecutionPhase::GracefulUpgradeTransferringFds) {
+                        // Bound before the streams end, so it is there when their
+                        // clients reach the new process.
+                        match Offer::bind(&self.handover_path) {
+                            Ok(o) => offer = Some(o),
+                            Err(e) => tracing::warn!(
+                                "upgrade: cannot offer the streams' events at {}: {e}",
+                                self.handover_path.display()
+                            ),
+                        }
+                    }
+                }
+                r = watch.wait_for(|v| *v) => {
+                    if r.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        let mut keep_until = None;
+        if let Some(offer) = offer {
+            let window = self.handover_window();
+            let until = tokio::time::Instant::now() + window;
+            let holds = self.registry.hold_all();
+            tracing::info!(
+                hubs = holds.len(),
+                window = ?window,
+                "upgrade: offering streams to the new process"
+            );
+            tokio::spawn(offer.serve(self.registry.clone(), self.shutdown.clone(), until));
+            tokio::spawn(async move {
+                tokio::time::sleep_until(until).await;
+                drop(holds);
+            });
+            keep_until = Some(until.into_std());
         }
         tracing::info!(
             active = self.shutdown.active(),
@@ -694,9 +794,14 @@ impl BackgroundService for ShutdownBridge {
         self.shutdown.begin();
         std::thread::spawn({
             let shutdown = self.shutdown.clone();
+            let pid_file = self.pid_file.clone();
             move || loop {
-                if shutdown.active() == 0 {
+                let kept = keep_until.is_some_and(|t| std::time::Instant::now() < t);
+                if shutdown.active() == 0 && !kept {
                     tracing::info!("graceful shutdown: no request left, exiting");
+                    if let Some(p) = &pid_file {
+                        crate::server::remove_pid_file_if_ours(p);
+                    }
                     std::process::exit(0);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));

@@ -10,6 +10,7 @@
 //!
 //! A response that is not `text/event-stream` is passed through task by task.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::{ReplaySettings, SseSettings};
+use crate::handover::Source;
 use crate::hub::{Hub, HubMsg, Registry, Start, StreamKey, Subscription};
 use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
 use crate::metrics::Metrics;
@@ -34,6 +36,8 @@ use crate::sse;
 pub struct ReplayCx {
     /// Where hubs live.
     pub registry: Arc<Registry>,
+    /// After a graceful upgrade: the old process's streams, to seed new hubs from.
+    pub handover: Option<Arc<Source>>,
     /// The total byte budget of replay stores.
     pub budget: Arc<Budget>,
     /// The request's stream key.
@@ -339,6 +343,9 @@ async fn run(
             }
         }
         if let Some((hub, sub, how)) = attached {
+            if how == Attach::Miss {
+                rcx.registry.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
             let slot = match take_slot(&mut admission.slot, &admission.limits, key) {
                 Ok(slot) => slot,
                 Err((reason, retry_after)) => {
@@ -565,16 +572,50 @@ async fn run(
     };
     let head: http::response::Parts = (**resp).clone();
     let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
+    // Just after an upgrade, the old process may still hold this stream's recent events
+    // and its upstream: take them over.
+    let mut import = match &rcx.handover {
+        Some(source) => {
+            source
+                .fetch(
+                    &rcx.key,
+                    rcx.last_event_id.as_deref(),
+                    route.sse.max_event_bytes,
+                )
+                .await
+        }
+        None => None,
+    };
+    let seed = import.as_mut().map(|i| std::mem::take(&mut i.seed));
+    if let Some(seed) = &seed {
+        rcx.registry
+            .counters
+            .handed_over
+            .fetch_add(seed.blocks.len() as u64, Ordering::Relaxed);
+    }
     let (hub, sub, created) = rcx.registry.create(
         rcx.key.clone(),
         rcx.settings.shared,
         head,
         store,
         route.sse.max_event_bytes,
+        seed,
     );
     // The hub is registered: waiting clients of a shared key may join it now.
     drop(opening);
+    let counters = &rcx.registry.counters;
+    if sub.resumed {
+        counters.hits.fetch_add(1, Ordering::Relaxed);
+        counters
+            .events_replayed
+            .fetch_add(sub.replay.len() as u64, Ordering::Relaxed);
+    } else if missed {
+        counters.misses.fetch_add(1, Ordering::Relaxed);
+    }
     if created {
+        if let Some(import) = import {
+            tokio::spawn(import.follow(hub.clone(), rcx.registry.clone()));
+        }
         abort.disarm();
         let pump = Pump {
             hub: hub.clone(),
@@ -591,11 +632,16 @@ async fn run(
         // Another client's request made the shared hub first: ours is not needed.
         drop(abort);
     }
+    let how = match (sub.resumed, missed) {
+        (true, _) => Attach::Hit,
+        (false, true) => Attach::Miss,
+        (false, false) => Attach::Fresh,
+    };
     let follow = Follow {
-        how: if missed { Attach::Miss } else { Attach::Fresh },
+        how,
         // A new upstream got the client's Last-Event-ID: if it replays that very
         // event too, the client must not see it twice.
-        skip_id: if missed {
+        skip_id: if how == Attach::Miss {
             rcx.last_event_id.as_deref().map(Arc::from)
         } else {
             None

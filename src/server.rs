@@ -1,7 +1,9 @@
 //! Builds the pingora [`Server`] from a checked [`Config`]: pingora's own `ServerConf`,
 //! the proxy service with its listeners, and the shutdown bridge.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
@@ -10,11 +12,16 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
 use crate::config::Config;
+use crate::handover;
 use crate::metrics::Admin;
 use crate::proxy::{Gateway, LimitPruner, ShutdownBridge};
 use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
 use crate::tls::ReloadableCert;
+
+/// How long past its own grace period the new process of an upgrade keeps asking the
+/// old one for streams (a bound only: a gone process is noticed at once).
+const HANDOVER_SLACK: Duration = Duration::from_secs(10);
 
 /// Makes pingora's settings from ours.
 pub fn server_conf(config: &Config) -> ServerConf {
@@ -46,8 +53,17 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     server.bootstrap();
 
     let shutdown = Shutdown::new();
-    let gateway = Gateway::new(config.clone(), shutdown.clone())
+    let handover_path = handover::socket_path(Path::new(&server.configuration.upgrade_sock));
+    let mut gateway = Gateway::new(config.clone(), shutdown.clone())
         .map_err(|e| Error::because(ErrorType::InternalError, "cannot register metrics", e))?;
+    if upgrade {
+        // The listening sockets are ours now (bootstrap waited for them); the old
+        // process offers its streams until its grace period ends.
+        gateway = gateway.with_handover(handover::Source::new(
+            handover_path.clone(),
+            config.server.grace_period + HANDOVER_SLACK,
+        ));
+    }
     let metrics = gateway.metrics();
     let live = gateway.live();
     let registry = gateway.registry();
@@ -84,7 +100,18 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }
-    server.add_service(background_service("shutdown", ShutdownBridge { shutdown }));
+    let phases = server.watch_execution_phase();
+    server.add_service(background_service(
+        "shutdown",
+        ShutdownBridge {
+            shutdown,
+            phases: std::sync::Mutex::new(Some(phases)),
+            handover_path,
+            pid_file: config.server.pid_file.clone(),
+            registry: registry.clone(),
+            live: live.clone(),
+        },
+    ));
     server.add_service(background_service(
         "reload",
         Reloader {
@@ -103,6 +130,21 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         },
     ));
     Ok(server)
+}
+
+/// Writes this process's id to `path`. During an upgrade the new process overwrites the
+/// old one's: the file always names the process that owns the listeners.
+pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, format!("{}\n", std::process::id()))
+}
+
+/// Removes `path` at exit if it still names this process (not the one that replaced it).
+pub fn remove_pid_file_if_ours(path: &Path) {
+    let ours =
+        std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// TLS handshake callbacks: none needed, but pingora's resolver-based settings are

@@ -370,6 +370,34 @@ impl Gateway {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// A graceful upgrade: starts a new process on the same config with `--upgrade`,
+    /// waits until it listens on the upgrade socket, then sends SIGQUIT to the running
+    /// one. The new process becomes `self.proc`; the old one is returned (to wait on).
+    pub fn upgrade(&mut self) -> Proc {
+        let sock = self.dir.path().join("upgrade.sock");
+        let _ = std::fs::remove_file(&sock);
+        let log = std::fs::File::create(self.dir.path().join("ssegate-new.log")).expect("log");
+        let child = Command::new(bin())
+            .arg("-u")
+            .arg("-c")
+            .arg(self.dir.path().join("ssegate.toml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("run ssegate -u");
+        assert!(
+            wait_for(|| sock.exists()),
+            "the new process never opened its upgrade socket"
+        );
+        self.signal("QUIT");
+        std::mem::replace(&mut self.proc, Proc { child })
+    }
+
+    /// The upgraded-to process's log (see [`Gateway::upgrade`]).
+    pub fn new_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ssegate-new.log")).unwrap_or_default()
+    }
+
     /// Waits for the process to exit; returns how long it took, or None on timeout.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
         let start = Instant::now();

@@ -1,6 +1,6 @@
 // Opens N EventSource clients (the npm `eventsource` package, a spec client) on one URL,
 // collects `want` events on each, and prints one JSON line:
-// {"clients":[{"ids":[...],"data":[...],"errors":n}, ...]}
+// {"clients":[{"ids":[...],"data":[...],"times":[ms since epoch...],"errors":n}, ...]}
 // Usage: node es_clients.mjs URL N WANT TIMEOUT_MS
 import { EventSource } from 'eventsource';
 
@@ -15,13 +15,14 @@ function finish() {
 
 const timer = setTimeout(finish, timeoutMs);
 for (let i = 0; i < n; i++) {
-  const r = { ids: [], data: [], types: [], errors: 0 };
+  const r = { ids: [], data: [], types: [], times: [], errors: 0 };
   results.push(r);
   const es = new EventSource(url);
   const onEvent = (ev) => {
     r.ids.push(ev.lastEventId);
     r.data.push(ev.data);
     r.types.push(ev.type);
+    r.times.push(Date.now());
     if (r.data.length === want) {
       es.close();
       if (++done === n) {
