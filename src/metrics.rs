@@ -33,8 +33,14 @@ pub struct Metrics {
     pub refusals: IntCounterVec,
     /// Failed upstream connects and responses, by upstream.
     pub upstream_errors: IntCounterVec,
+    /// Upstream connections used, by upstream and whether the connection was reused.
+    pub upstream_connections: IntCounterVec,
     /// Config reloads, by result (`ok`, `error`).
     pub reloads: IntCounterVec,
+    /// TLS handshakes that reached certificate selection.
+    pub tls_hellos: IntCounter,
+    /// TLS handshakes completed, by protocol version.
+    pub tls_handshakes: IntCounterVec,
     replay_hits: IntCounter,
     replay_misses: IntCounter,
     events_replayed: IntCounter,
@@ -116,6 +122,12 @@ impl Metrics {
                 "Config reloads on SIGHUP",
                 &["result"],
             )?,
+            upstream_connections: counter_vec(
+                &r,
+                "ssegate_upstream_connections_total",
+                "Upstream connections used for requests, by upstream and reuse of a kept-alive one",
+                &["upstream", "reused"],
+            )?,
             upstream_errors: counter_vec(
                 &r,
                 "ssegate_upstream_errors_total",
@@ -141,6 +153,17 @@ impl Metrics {
                 &r,
                 "ssegate_upstream_requests_saved_total",
                 "Clients served from an existing hub instead of a new upstream request",
+            )?,
+            tls_hellos: counter(
+                &r,
+                "ssegate_tls_handshakes_started_total",
+                "TLS ClientHellos that reached certificate selection",
+            )?,
+            tls_handshakes: counter_vec(
+                &r,
+                "ssegate_tls_handshakes_total",
+                "TLS handshakes completed, by protocol version (started minus completed: failed or abandoned)",
+                &["version"],
             )?,
             handed_over: counter(
                 &r,

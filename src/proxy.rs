@@ -493,6 +493,25 @@ impl ProxyHttp for Gateway {
         e
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(r) = &ctx.route {
+            let reused = if reused { "yes" } else { "no" };
+            self.metrics
+                .upstream_connections
+                .with_label_values(&[r.upstream.name.as_str(), reused])
+                .inc();
+        }
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,

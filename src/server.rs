@@ -79,8 +79,13 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         match &l.tls {
             None => proxy.add_tcp(&addr),
             Some(tls) => {
-                let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))?;
-                let cert = Arc::new(ReloadableCert::new(tls.cert_key.certified.clone()));
+                let mut settings = TlsSettings::with_callbacks(Box::new(TlsCounter {
+                    metrics: metrics.clone(),
+                }))?;
+                let cert = Arc::new(ReloadableCert::new(
+                    tls.cert_key.certified.clone(),
+                    metrics.tls_hellos.clone(),
+                ));
                 certs.push((l.address, cert.clone()));
                 settings.set_cert_resolver(cert);
                 settings.enable_h2();
@@ -147,9 +152,22 @@ pub fn remove_pid_file_if_ours(path: &Path) {
     }
 }
 
-/// TLS handshake callbacks: none needed, but pingora's resolver-based settings are
-/// created through this constructor.
-struct NoCallbacks;
+/// Counts completed TLS handshakes (certificates come from the resolver).
+struct TlsCounter {
+    metrics: Arc<crate::metrics::Metrics>,
+}
 
 #[async_trait::async_trait]
-impl pingora::listeners::TlsAccept for NoCallbacks {}
+impl pingora::listeners::TlsAccept for TlsCounter {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &pingora::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let version = tls.version().unwrap_or("unknown");
+        self.metrics
+            .tls_handshakes
+            .with_label_values(&[version])
+            .inc();
+        None
+    }
+}

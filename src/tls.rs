@@ -86,22 +86,30 @@ impl CertKey {
 /// Serves one certificate for every handshake; a reload can replace it, and the next
 /// handshake uses the new one.
 #[derive(Debug)]
-pub struct ReloadableCert(arc_swap::ArcSwap<CertifiedKey>);
+pub struct ReloadableCert {
+    cert: arc_swap::ArcSwap<CertifiedKey>,
+    /// ClientHellos that reached certificate selection (handshakes started).
+    hellos: prometheus::IntCounter,
+}
 
 impl ReloadableCert {
-    /// Starts with `cert`.
-    pub fn new(cert: Arc<CertifiedKey>) -> ReloadableCert {
-        ReloadableCert(arc_swap::ArcSwap::new(cert))
+    /// Starts with `cert`; counts handshakes started in `hellos`.
+    pub fn new(cert: Arc<CertifiedKey>, hellos: prometheus::IntCounter) -> ReloadableCert {
+        ReloadableCert {
+            cert: arc_swap::ArcSwap::new(cert),
+            hellos,
+        }
     }
 
     /// Replaces the certificate for new handshakes.
     pub fn set(&self, cert: Arc<CertifiedKey>) {
-        self.0.store(cert);
+        self.cert.store(cert);
     }
 }
 
 impl ResolvesServerCert for ReloadableCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load_full())
+        self.hellos.inc();
+        Some(self.cert.load_full())
     }
 }

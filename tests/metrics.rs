@@ -100,6 +100,16 @@ fn metrics_match_what_happened() {
         "metrics say {events}, clients saw {seen}"
     );
     assert!(metric(&m, "ssegate_hubs") >= 1.0, "{m}");
+    // Upstream connections: the first stream and the miss (the hit joined a hub; the
+    // refused reconnect never went upstream).
+    assert_eq!(
+        metric(
+            &m,
+            "ssegate_upstream_connections_total{reused=\"no\",upstream=\"php\"}"
+        ),
+        2.0,
+        "{m}"
+    );
     let (_, h) = curl(&[&format!("{admin}/healthz")]);
     assert_eq!(h, b"ok\n");
     let (_, r) = curl(&[&format!("{admin}/readyz")]);
@@ -124,4 +134,39 @@ fn access_log_as_json() {
     assert_eq!(v["method"], "GET", "{v}");
     assert_eq!(v["path"], "/echo.php?x=1", "{v}");
     assert_eq!(v["kind"], "request", "{v}");
+}
+
+#[test]
+fn tls_handshakes_are_counted() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).admin().tls().start();
+    let admin = format!("http://127.0.0.1:{}", gw.admin_port.expect("admin"));
+    let url = gw.tls_url("/es_page.html");
+    let ca = gw.cert.as_ref().expect("cert").cert.display().to_string();
+    for _ in 0..2 {
+        let (status, _) = curl(&["--cacert", &ca, &url]);
+        assert!(status.success());
+    }
+    let (status, _) = curl(&["--cacert", &ca, "--tls-max", "1.2", &url]);
+    assert!(status.success());
+    // A client that gives up after its hello: started, never completed.
+    let (status, _) = curl(&["--max-time", "2", &url]);
+    assert!(!status.success(), "an unknown CA must fail");
+    let (_, m) = curl(&[&format!("{admin}/metrics")]);
+    let m = String::from_utf8_lossy(&m).into_owned();
+    assert_eq!(
+        metric(&m, "ssegate_tls_handshakes_total{version=\"TLSv1_3\"}"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ssegate_tls_handshakes_total{version=\"TLSv1_2\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ssegate_tls_handshakes_started_total"),
+        4.0,
+        "{m}"
+    );
 }
