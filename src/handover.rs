@@ -211,7 +211,7 @@ impl Source {
         framed
             .send(Bytes::copy_from_slice(last_id.unwrap_or("").as_bytes()))
             .await?;
-        let mut parser = sse::Parser::boundaries_only(max_event_bytes);
+        let mut parser = sse::Parser::boundaries_only(max_event_bytes).mid_stream();
         let mut blocks = Vec::new();
         loop {
             match framed.next().await.transpose()? {

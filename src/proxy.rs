@@ -31,7 +31,7 @@ use crate::hub::{Registry, StreamKey};
 use crate::limit::{self, ClientKey, Decision, Limits};
 use crate::metrics::Metrics;
 use crate::relay::{self, Admission, RelayStats, ReplayCx};
-use crate::replay::Budget;
+use crate::replay::{resume_request, Budget};
 use crate::shutdown::{ActiveGuard, Shutdown};
 
 /// Everything derived from the config file. A reload swaps it whole; a request keeps
@@ -205,26 +205,18 @@ impl Gateway {
         if !settings.enabled || req.method != http::Method::GET {
             return None;
         }
-        let param = settings.last_event_id_param.as_deref();
-        let mut from_query = None;
-        let mut query = Vec::new();
-        for (name, value) in form_urlencoded::parse(req.uri.query().unwrap_or("").as_bytes()) {
-            if param == Some(&*name) {
-                from_query = Some(value.into_owned());
-            } else {
-                query.extend_from_slice(&(name.len() as u64).to_le_bytes());
-                query.extend_from_slice(name.as_bytes());
-                query.extend_from_slice(&(value.len() as u64).to_le_bytes());
-                query.extend_from_slice(value.as_bytes());
-            }
-        }
+        let resume = resume_request(
+            req.headers.get("last-event-id").map(|v| v.as_bytes()),
+            req.uri.query().unwrap_or(""),
+            settings.last_event_id_param.as_deref(),
+        );
         // By route name, not position, so streams keep their keys across reloads.
         let mut parts: Vec<Vec<u8>> = vec![
             route.name.as_bytes().to_vec(),
             route.upstream.name.as_bytes().to_vec(),
             req.method.as_str().as_bytes().to_vec(),
             req.uri.path().as_bytes().to_vec(),
-            query,
+            resume.query_key,
         ];
         if !settings.shared {
             for name in &settings.identity_headers {
@@ -234,21 +226,12 @@ impl Gateway {
                 }
             }
         }
-        let last_event_id = req
-            .headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .or(from_query)
-            // An id with a line break or NUL cannot have come from an event stream,
-            // and must never be echoed into one.
-            .filter(|id| !id.is_empty() && !id.contains(['\r', '\n', '\0']));
         Some(ReplayCx {
             handover: self.handover.clone(),
             registry: self.registry.clone(),
             budget: self.budget.clone(),
             key: StreamKey::new(parts.iter().map(Vec::as_slice)),
-            last_event_id,
+            last_event_id: resume.last_event_id,
             settings: settings.clone(),
         })
     }

@@ -790,12 +790,18 @@ async fn follow_hub(
     }
     stats.replayed = sub.replay.len() as u64;
     for b in std::mem::take(&mut sub.replay) {
+        if first.is_empty() && b.raw.starts_with(sse::BOM) {
+            first.extend_from_slice(b"\n");
+        }
         first.extend_from_slice(&b.raw);
         stats.events += 1;
         f.metrics.events.inc();
     }
     f.metrics.bytes.inc_by(first.len() as u64);
-    if !first.is_empty() {
+    // Once the body has begun, a block that starts with a BOM is an (ignored) unknown
+    // field; as the body's first bytes the client would strip the BOM and read the field.
+    let mut body_started = !first.is_empty();
+    if body_started {
         session
             .write_response_body(Some(first.freeze()), false)
             .await?;
@@ -814,6 +820,10 @@ async fn follow_hub(
                             continue;
                         }
                     }
+                    if !body_started && b.raw.starts_with(sse::BOM) {
+                        session.write_response_body(Some(Bytes::from_static(b"\n")), false).await?;
+                    }
+                    body_started = true;
                     session.write_response_body(Some(b.raw.clone()), false).await?;
                     stats.events += 1;
                     f.metrics.events.inc();
@@ -839,6 +849,7 @@ async fn follow_hub(
             },
             _ = sleep_until(heartbeat_at) => {
                 session.write_response_body(Some(heartbeat.clone()), false).await?;
+                body_started = true;
                 stats.heartbeats += 1;
                 f.metrics.heartbeats.inc();
                 heartbeat_at = Instant::now() + f.sse.heartbeat_interval;

@@ -26,6 +26,45 @@ pub struct StoredEvent {
     pub at: Instant,
 }
 
+/// Where a reconnecting client asks to resume, and its query as part of the stream key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeRequest {
+    /// The `Last-Event-ID` header, else the route's query parameter; `None` when absent,
+    /// empty, or not an id an event stream could have set (a line break or NUL in it
+    /// could never have come from a stream, and must never be echoed into one).
+    pub last_event_id: Option<String>,
+    /// The query's name/value pairs without the id parameter, length-prefixed, so the
+    /// same stream is found whatever id the client sends in its URL.
+    pub query_key: Vec<u8>,
+}
+
+/// Reads the resume point from the request's `Last-Event-ID` header value and query.
+/// `param` is the route's `last_event_id_param` (for clients that cannot set headers).
+pub fn resume_request(header: Option<&[u8]>, query: &str, param: Option<&str>) -> ResumeRequest {
+    let mut from_query = None;
+    let mut query_key = Vec::new();
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if param == Some(&*name) {
+            from_query = Some(value.into_owned());
+        } else {
+            query_key.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            query_key.extend_from_slice(name.as_bytes());
+            query_key.extend_from_slice(&(value.len() as u64).to_le_bytes());
+            query_key.extend_from_slice(value.as_bytes());
+        }
+    }
+    let header = header
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .map(str::to_owned);
+    let last_event_id = header
+        .or(from_query)
+        .filter(|id| !id.is_empty() && !id.contains(['\r', '\n', '\0']));
+    ResumeRequest {
+        last_event_id,
+        query_key,
+    }
+}
+
 /// What a lookup by last event ID found.
 #[derive(Debug)]
 pub enum Lookup {

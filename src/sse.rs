@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 
 /// UTF-8 byte order mark. "One leading U+FEFF BYTE ORDER MARK character must be ignored
 /// if any are present."
-const BOM: &[u8] = b"\xEF\xBB\xBF";
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Default cap on one event block (all its lines), in bytes.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -123,6 +123,13 @@ impl Parser {
             keep_payload: false,
             ..Self::new(max_event_bytes)
         }
+    }
+
+    /// For bytes from the middle of a stream (blocks handed over or replayed): a leading
+    /// BOM is then part of the first line, not a stream's BOM.
+    pub fn mid_stream(mut self) -> Self {
+        self.bom_pending = false;
+        self
     }
 
     /// Append bytes from the stream.

@@ -504,3 +504,24 @@ fn past_max_hubs_new_streams_are_relayed_without_replay() {
     let _ = first.kill();
     let _ = first.wait();
 }
+
+#[test]
+fn a_replay_that_starts_with_a_bom_block_cannot_set_the_clients_id() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\n")
+        .start();
+    let url = gw.url("/bom_mid.php");
+    let first = sse(&url, &[], 0.5);
+    let ids: Vec<&str> = first.events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(ids, ["1", "1"], "{:?}", first.events);
+    let resumed = sse(&url, &["Last-Event-ID: 1"], 0.5);
+    assert_eq!(resumed.replay_header(), "hit; events=1");
+    let got: Vec<(&str, &str)> = resumed
+        .events
+        .iter()
+        .map(|e| (e.0.as_str(), e.2.as_str()))
+        .collect();
+    // A fresh client had no id yet: it must still have none, not "evil".
+    assert_eq!(got, [("", "b")], "the replayed block set an id");
+}
