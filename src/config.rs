@@ -163,6 +163,10 @@ pub struct Server {
     pub pid_file: Option<PathBuf>,
     /// pingora's socket for handing listeners to a new process on upgrade.
     pub upgrade_sock: Option<PathBuf>,
+    /// Most client connections open at once on the public listeners (0: no cap).
+    pub max_connections: usize,
+    /// Longest wait for a complete request header, idle keep-alive time included.
+    pub request_header_timeout: Duration,
 }
 
 /// A socket clients connect to.
@@ -409,6 +413,17 @@ impl Checker<'_> {
             },
             pid_file: raw.server.pid_file.map(|p| self.relative(&p)),
             upgrade_sock: raw.server.upgrade_sock.map(|p| self.relative(&p)),
+            max_connections: raw.server.max_connections.unwrap_or(10_000),
+            request_header_timeout: match raw.server.request_header_timeout.as_ref() {
+                None => Duration::from_secs(30),
+                Some(v) => {
+                    let d = self.duration(v, "server.request_header_timeout");
+                    if d.is_zero() {
+                        self.span_error(v, "server.request_header_timeout", "must be more than 0s");
+                    }
+                    d
+                }
+            },
         };
         if raw.listeners.is_empty() {
             self.error(None, "listeners", "at least one [[listeners]] is required");
@@ -946,6 +961,8 @@ mod file {
         pub admin_address: Option<Spanned<String>>,
         pub pid_file: Option<String>,
         pub upgrade_sock: Option<String>,
+        pub max_connections: Option<usize>,
+        pub request_header_timeout: Option<Spanned<String>>,
     }
 
     #[derive(Debug, Deserialize)]

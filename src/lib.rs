@@ -9,6 +9,7 @@
 //! - [`hub`]: one upstream stream, its store and its subscribers; the registry (pure).
 //! - [`limit`]: request, stream-connect and concurrent-stream limits (pure).
 //! - [`tls`]: certificate loading and the rustls resolver.
+//! - [`conn`]: client connection cap and request-header deadline (slowloris).
 //! - [`proxy`]: the pingora `ProxyHttp` glue: routing, upstream choice, headers.
 //! - [`relay`]: one response from upstream to client; streams get heartbeats.
 //! - [`metrics`]: Prometheus metrics and the admin endpoints.
@@ -30,6 +31,7 @@
 )]
 
 pub mod config;
+pub mod conn;
 pub mod handover;
 pub mod hub;
 pub mod limit;

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub upstream_connections: IntCounterVec,
     /// Config reloads, by result (`ok`, `error`).
     pub reloads: IntCounterVec,
+    /// Client connections open now (public listeners).
+    pub connections_open: IntGauge,
+    /// Connections closed because a request header was not complete in time.
+    pub header_timeouts: IntCounter,
     /// TLS handshakes that reached certificate selection.
     pub tls_hellos: IntCounter,
     /// TLS handshakes completed, by protocol version.
@@ -153,6 +157,16 @@ impl Metrics {
                 &r,
                 "ssegate_upstream_requests_saved_total",
                 "Clients served from an existing hub instead of a new upstream request",
+            )?,
+            connections_open: gauge(
+                &r,
+                "ssegate_connections_open",
+                "Client connections open now on the public listeners",
+            )?,
+            header_timeouts: counter(
+                &r,
+                "ssegate_request_header_timeouts_total",
+                "Connections closed because a request header was not complete in time (slow or idle clients)",
             )?,
             tls_hellos: counter(
                 &r,

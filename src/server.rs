@@ -12,6 +12,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
 use crate::config::Config;
+use crate::conn::{ConnGuard, ConnLimits};
 use crate::handover;
 use crate::metrics::Admin;
 use crate::proxy::{Gateway, LimitPruner, ShutdownBridge};
@@ -69,10 +70,18 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     let registry = gateway.registry();
     let mut options = HttpServerOptions::default();
     options.h2c = true;
-    let mut proxy = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, gateway)
-        .name("ssegate")
-        .server_options(options)
-        .build();
+    // An HTTP/2 connection with no stream open is closed like an idle HTTP/1 one.
+    options.h2_idle_timeout = Some(config.server.request_header_timeout);
+    let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    app.server_options = Some(options);
+    let limits = ConnLimits {
+        max_connections: config.server.max_connections,
+        header_timeout: config.server.request_header_timeout,
+    };
+    let mut proxy = pingora::services::listening::Service::new(
+        "ssegate".to_owned(),
+        ConnGuard::new(app, limits, metrics.clone()),
+    );
     let mut certs = vec![];
     for l in &config.listeners {
         let addr = l.address.to_string();

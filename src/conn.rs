@@ -1,0 +1,372 @@
+//! Guards each client connection before pingora's HTTP code reads from it: a cap on open
+//! connections, and a deadline for every request header.
+//!
+//! pingora times each read of a first request out after 60 s but lets a client trickle
+//! one byte a minute, and waits forever for the next request on a kept-alive HTTP/1.1
+//! connection; it has no connection cap. [`ConnGuard`] wraps the proxy app: a connection
+//! beyond `server.max_connections` is closed at once, and every connection's stream is
+//! wrapped in [`Deadline`], which fails reads once `server.request_header_timeout` has
+//! passed without a complete request header. The deadline is re-armed each time pingora
+//! hands a kept-alive connection back for its next request, so an idle keep-alive
+//! connection is closed after the same time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::Metrics;
+
+/// The limits a [`ConnGuard`] applies.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Most client connections open at once (0: no cap).
+    pub max_connections: usize,
+    /// Longest wait for a complete request header, idle keep-alive time included.
+    pub header_timeout: Duration,
+}
+
+/// A pingora app wrapped with connection limits.
+pub struct ConnGuard<A> {
+    inner: Arc<A>,
+    limits: ConnLimits,
+    open: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl<A> ConnGuard<A> {
+    /// Guards `inner`'s connections with `limits`.
+    pub fn new(inner: A, limits: ConnLimits, metrics: Arc<Metrics>) -> Self {
+        ConnGuard {
+            inner: Arc::new(inner),
+            limits,
+            open: Arc::new(AtomicUsize::new(0)),
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let stream: Stream = match stream.as_any().downcast_ref::<Deadline>() {
+            Some(d) => {
+                // A kept-alive connection back for its next request: a new deadline.
+                d.rearm.store(true, Ordering::Release);
+                stream
+            }
+            None => {
+                let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+                let cap = self.limits.max_connections;
+                if cap > 0 && open > cap {
+                    self.open.fetch_sub(1, Ordering::AcqRel);
+                    self.metrics
+                        .refusals
+                        .with_label_values(&["max_connections"])
+                        .inc();
+                    tracing::debug!(open, cap, "connection closed: max_connections");
+                    return None;
+                }
+                self.metrics.connections_open.inc();
+                Box::new(Deadline::new(
+                    stream,
+                    self.limits.header_timeout,
+                    Counted {
+                        open: self.open.clone(),
+                        metrics: self.metrics.clone(),
+                    },
+                ))
+            }
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct Counted {
+    open: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections_open.dec();
+    }
+}
+
+/// A client stream whose reads fail once its request header is late.
+///
+/// The header counts as complete at its blank line (CRLF CRLF or LF LF; the HTTP/2
+/// preface has one too), or when a response is written (a pipelined request may have
+/// been read with the previous one).
+pub struct Deadline {
+    inner: Stream,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+    /// Still waiting for the end of a request header.
+    armed: bool,
+    /// Set by the guard when the connection comes back for another request.
+    rearm: std::sync::atomic::AtomicBool,
+    /// The last bytes read, to find a blank line split across reads.
+    tail: [u8; 3],
+    /// Bytes read by `try_peek`, handed out again by the next reads.
+    peeked: Vec<u8>,
+    _counted: Counted,
+}
+
+impl std::fmt::Debug for Deadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deadline")
+            .field("inner", &self.inner)
+            .field("armed", &self.armed)
+            .finish()
+    }
+}
+
+impl Deadline {
+    fn new(inner: Stream, timeout: Duration, counted: Counted) -> Deadline {
+        Deadline {
+            inner,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: true,
+            rearm: std::sync::atomic::AtomicBool::new(false),
+            tail: [0; 3],
+            peeked: Vec::new(),
+            _counted: counted,
+        }
+    }
+
+    fn take_rearm(&mut self) {
+        if self.rearm.swap(false, Ordering::AcqRel) {
+            self.armed = true;
+            self.tail = [0; 3];
+            let at = Instant::now() + self.timeout;
+            self.sleep.as_mut().reset(at);
+        }
+    }
+
+    /// Looks for the header's blank line in newly read bytes.
+    fn scan(&mut self, new: &[u8]) {
+        for &b in new {
+            let t = self.tail;
+            if b == b'\n' && (t[2] == b'\n' || (t[2] == b'\r' && t[1] == b'\n')) {
+                self.armed = false;
+                return;
+            }
+            self.tail = [t[1], t[2], b];
+        }
+    }
+
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        self.armed && self.sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn late() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "request header not complete in time (server.request_header_timeout)",
+    )
+}
+
+impl AsyncRead for Deadline {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.take_rearm();
+        if !this.peeked.is_empty() {
+            let n = this.peeked.len().min(buf.remaining());
+            let bytes: Vec<u8> = this.peeked.drain(..n).collect();
+            buf.put_slice(&bytes);
+            if this.armed {
+                this.scan(&bytes);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if this.armed {
+                    this.scan(&buf.filled()[before..]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if this.timed_out(cx) => {
+                this.metrics_timeout();
+                Poll::Ready(Err(late()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl Deadline {
+    fn metrics_timeout(&self) {
+        self._counted.metrics.header_timeouts.inc();
+    }
+}
+
+impl AsyncWrite for Deadline {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.armed = false;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.armed = false;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for Deadline {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for Deadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Deadline {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Deadline {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Deadline {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Deadline {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+/// The HTTP/2 connection preface, as pingora peeks for it on plaintext listeners.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[async_trait]
+impl Peek for Deadline {
+    /// pingora peeks for the whole preface before choosing HTTP/1 or HTTP/2, and the
+    /// plain stream's peek waits for all its bytes: a complete HTTP/1 request shorter
+    /// than the preface would hang. This peek stops as soon as the bytes cannot be the
+    /// preface, within the header deadline; what it read is replayed to the next reads.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.take_rearm();
+        let want = buf.len();
+        let deadline = self.sleep.deadline();
+        let fill = async {
+            while self.peeked.len() < want && H2_PREFACE.starts_with(&self.peeked) {
+                let mut chunk = [0u8; 64];
+                let room = (want - self.peeked.len()).min(chunk.len());
+                let n = tokio::io::AsyncReadExt::read(&mut self.inner, &mut chunk[..room]).await?;
+                if n == 0 {
+                    break;
+                }
+                self.peeked.extend_from_slice(&chunk[..n]);
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout_at(deadline, fill).await {
+            Ok(r) => r?,
+            Err(_) => {
+                self.metrics_timeout();
+                return Err(late());
+            }
+        }
+        let n = self.peeked.len().min(want);
+        buf[..n].copy_from_slice(&self.peeked[..n]);
+        buf[n..].fill(0);
+        Ok(true)
+    }
+}

@@ -1,0 +1,317 @@
+//! Hostile clients and upstreams: malformed and smuggling requests, slow and idle
+//! connections, oversized and unfinished events, a non-stream answer to an EventSource.
+//! The gateway must answer with a 4xx or close the one connection, and keep serving.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Sends `req` on a new connection and reads until the gateway closes it (or `limit`).
+fn raw(port: u16, req: &[u8], limit: Duration) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(limit)).expect("timeout");
+    s.write_all(req).expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the peer has closed `s` (a read sees EOF or a reset, not a timeout).
+fn is_closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+fn status(resp: &str) -> &str {
+    resp.split(' ').nth(1).unwrap_or("")
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let (_, m) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
+    String::from_utf8_lossy(&m)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn malformed_requests_get_400() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let cases: &[&[u8]] = &[
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n",
+        b"GET / HTTP/7.1\r\nHost: a\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        // 300 headers: past pingora's 256.
+        &[
+            b"GET / HTTP/1.1\r\nHost: a\r\n".as_slice(),
+            &b"X-A: b\r\n".repeat(300),
+            b"\r\n",
+        ]
+        .concat(),
+    ];
+    for req in cases {
+        let resp = raw(gw.port, req, Duration::from_secs(5));
+        assert_eq!(
+            status(&resp),
+            "400",
+            "{:?} -> {resp:?}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    // And the gateway serves on.
+    let (ok, body) = curl(&[&gw.url("/es_page.html")]);
+    assert!(ok.success() && !body.is_empty());
+}
+
+#[test]
+fn smuggling_attempts_are_refused_or_neutralized() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let log = php.dir.path().join("smuggled.log");
+    let smuggled = format!(
+        "GET /broadcast.php?n=1&log={} HTTP/1.1\r\nHost: a\r\n\r\n",
+        log.display()
+    );
+    // Framing the backend could read two ways: refused outright.
+    for framing in [
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Transfer-Encoding: xchunked\r\n",
+        "Transfer-Encoding: chunked, identity\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+    ] {
+        let req = format!("POST /echo.php HTTP/1.1\r\nHost: a\r\n{framing}\r\n0\r\n\r\n{smuggled}");
+        let resp = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
+        assert_eq!(status(&resp), "400", "{framing:?} -> {resp:?}");
+    }
+    let req = format!("POST /echo.php HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}");
+    assert_eq!(
+        status(&raw(gw.port, req.as_bytes(), Duration::from_secs(5))),
+        "400"
+    );
+    // Content-Length with chunked: the chunked framing wins (RFC 9112 6.3), the length
+    // is dropped, and the connection is closed after the response, so the bytes after
+    // the last chunk are never read as a request.
+    let req = format!(
+        "POST /echo.php HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+    );
+    let resp = raw(gw.port, req.as_bytes(), Duration::from_secs(5));
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
+    // A bad chunk size.
+    let req = b"POST /echo.php HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n";
+    let resp = raw(gw.port, req, Duration::from_secs(5));
+    assert!(status(&resp) == "400" || resp.is_empty(), "{resp}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!log.exists(), "a smuggled request reached the backend");
+}
+
+#[test]
+fn a_2mb_event_line_closes_that_stream_and_nothing_else() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let other = curl_stream(&gw.url("/broadcast.php?period=0.05"), 3, &[]);
+    let started = Instant::now();
+    let (_, body) = curl(&[
+        "-N",
+        "--max-time",
+        "20",
+        &gw.url("/big.php?size=2100000&n=1"),
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the stream was not closed"
+    );
+    let (events, _) = parse_stream(&body);
+    assert!(events.is_empty(), "an oversized event got through");
+    assert!(
+        body.len() < 4096,
+        "{} bytes of the event were relayed",
+        body.len()
+    );
+    assert!(
+        wait_for(|| gw.log().contains("event larger than")),
+        "{}",
+        gw.log()
+    );
+    let ids = parse_stream(&read_all_with_limit(other, Duration::from_secs(5))).0;
+    assert!(
+        ids.len() > 20,
+        "the other stream suffered: {} events",
+        ids.len()
+    );
+}
+
+#[test]
+fn a_line_that_never_ends_is_closed_at_the_event_cap_with_heartbeats_until_then() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .extra("[routes.sse]\nmax_event_bytes = 204800\nheartbeat_interval = \"200ms\"\n")
+        .start();
+    let started = Instant::now();
+    // 10 KB every 100 ms: the cap is passed after about 2 s.
+    let (_, body) = curl(&[
+        "-N",
+        "--max-time",
+        "20",
+        &gw.url("/never_ends.php?every=0.1"),
+    ]);
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&body);
+    assert!(took < Duration::from_secs(12), "not closed: {took:?}");
+    assert!(text.contains("data: first"), "{text}");
+    assert!(
+        text.matches(":heartbeat").count() >= 3,
+        "no heartbeats meanwhile: {text}"
+    );
+    assert!(
+        !text.contains("xxxxxxxxxx"),
+        "part of the unfinished event was relayed"
+    );
+}
+
+#[test]
+fn a_non_stream_200_to_an_eventsource_is_passed_on_and_the_client_gives_up() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let (ok, body) = curl(&["-H", "Accept: text/event-stream", &gw.url("/es_page.html")]);
+    assert!(ok.success());
+    assert_eq!(
+        body,
+        std::fs::read(repo().join("tests/php/es_page.html")).expect("page")
+    );
+    let v = node_clients(&gw.url("/es_page.html"), 1, 1, 3000, None);
+    let c = &v["clients"][0];
+    assert_eq!(c["ids"].as_array().map(Vec::len), Some(0), "{c}");
+    assert!(c["errors"].as_u64() >= Some(1), "{c}");
+}
+
+#[test]
+fn a_client_trickling_its_header_is_cut_while_others_are_served() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .server("request_header_timeout = \"2s\"\n")
+        .admin()
+        .start();
+    let port = gw.port;
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let started = Instant::now();
+        for b in b"GET /es_page.html HTTP/1.1\r\nHost: a\r\nX-Slow: yes\r\n\r\n" {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            if started.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = s.read_to_end(&mut out);
+        (started.elapsed(), out)
+    });
+    // Others are served meanwhile.
+    for _ in 0..10 {
+        let (ok, _) = curl(&["--max-time", "2", &gw.url("/es_page.html")]);
+        assert!(ok.success());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (took, out) = slow.join().expect("slow client");
+    assert!(out.is_empty() || !String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert!(
+        took < Duration::from_secs(8),
+        "the trickling client was allowed {took:?}"
+    );
+    let admin = gw.admin_port.expect("admin");
+    assert!(metric(admin, "ssegate_request_header_timeouts_total") >= 1.0);
+}
+
+#[test]
+fn ten_thousand_silent_connections_do_not_stop_service_and_are_closed() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .server("request_header_timeout = \"3s\"\nmax_connections = 12000\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
+    let mut idle = Vec::with_capacity(10_000);
+    let started = Instant::now();
+    while idle.len() < 10_000 && started.elapsed() < Duration::from_secs(60) {
+        match TcpStream::connect(("127.0.0.1", gw.port)) {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect {} failed: {e}", idle.len()),
+        }
+    }
+    assert_eq!(idle.len(), 10_000);
+    // Served meanwhile, promptly.
+    let t = Instant::now();
+    let (ok, _) = curl(&["--max-time", "5", &gw.url("/es_page.html")]);
+    assert!(
+        ok.success(),
+        "a real client was not served next to 10,000 silent ones"
+    );
+    eprintln!("request next to 10,000 idle connections: {:?}", t.elapsed());
+    // All closed by the gateway once their header deadline passed.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut closed = 0;
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        if is_closed(s) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 10_000);
+    assert!(wait_for(|| metric(admin, "ssegate_connections_open") <= 1.0));
+    assert!(metric(admin, "ssegate_request_header_timeouts_total") >= 10_000.0);
+}
+
+#[test]
+fn connections_past_max_connections_are_closed_at_once() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .server("max_connections = 50\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
+    let mut conns: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(("127.0.0.1", gw.port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut closed = 0;
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        if is_closed(s) {
+            closed += 1;
+        }
+    }
+    assert!((10..=12).contains(&closed), "{closed} closed");
+    assert_eq!(
+        metric(admin, "ssegate_refusals_total{reason=\"max_connections\"}"),
+        10.0
+    );
+    drop(conns);
+    assert!(wait_for(|| curl(&[
+        "--max-time",
+        "2",
+        &gw.url("/es_page.html")
+    ])
+    .0
+    .success()));
+}
