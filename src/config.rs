@@ -187,6 +187,18 @@ pub struct ListenerTls {
     pub key_path: PathBuf,
     /// The pair, loaded and checked to match.
     pub cert_key: Arc<CertKey>,
+    /// More certificates, chosen by the name the client asks for (SNI); the one above
+    /// serves every other name and clients that send none.
+    pub sni: Vec<SniCert>,
+}
+
+/// A certificate served to clients that ask for one of its names.
+#[derive(Debug, Clone)]
+pub struct SniCert {
+    /// Host names, lowercase; each checked to be covered by the certificate.
+    pub names: Vec<String>,
+    /// The pair, loaded and checked to match.
+    pub cert_key: Arc<CertKey>,
 }
 
 /// A pool of backend servers.
@@ -369,6 +381,30 @@ impl Checker<'_> {
         }
     }
 
+    /// Loads a certificate and its key, naming the field at fault on error.
+    fn cert_key(
+        &mut self,
+        cert: &toml::Spanned<String>,
+        key: &toml::Spanned<String>,
+        base: &str,
+    ) -> Option<CertKey> {
+        match CertKey::load(
+            &self.relative(cert.get_ref()),
+            &self.relative(key.get_ref()),
+        ) {
+            Ok(ck) => Some(ck),
+            Err(e) => {
+                let (span, field) = if e.is_key_error() {
+                    (key, "key")
+                } else {
+                    (cert, "cert")
+                };
+                self.span_error(span, &format!("{base}.{field}"), &e.to_string());
+                None
+            }
+        }
+    }
+
     fn duration(&mut self, v: &toml::Spanned<String>, key: &str) -> Duration {
         match humantime::parse_duration(v.get_ref()) {
             Ok(d) => d,
@@ -441,28 +477,41 @@ impl Checker<'_> {
             let tls = match &l.tls {
                 None => None,
                 Some(t) => {
-                    let cert_path = self.relative(t.cert.get_ref());
-                    let key_path = self.relative(t.key.get_ref());
-                    match crate::tls::CertKey::load(&cert_path, &key_path) {
-                        Ok(ck) => Some(ListenerTls {
-                            cert_path,
-                            key_path,
-                            cert_key: Arc::new(ck),
-                        }),
-                        Err(e) => {
-                            let (span, field) = if e.is_key_error() {
-                                (&t.key, "key")
-                            } else {
-                                (&t.cert, "cert")
-                            };
-                            self.span_error(
-                                span,
-                                &format!("listeners[{i}].tls.{field}"),
-                                &e.to_string(),
-                            );
-                            None
+                    let base = format!("listeners[{i}].tls");
+                    let default = self.cert_key(&t.cert, &t.key, &base);
+                    let mut sni = vec![];
+                    for (j, extra) in t.sni.iter().flatten().enumerate() {
+                        let base = format!("{base}.sni[{j}]");
+                        let Some(ck) = self.cert_key(&extra.cert, &extra.key, &base) else {
+                            continue;
+                        };
+                        let mut names = vec![];
+                        for name in extra.names.get_ref() {
+                            match crate::tls::check_name(&ck, name) {
+                                Ok(n) => names.push(n),
+                                Err(e) => {
+                                    self.span_error(&extra.names, &format!("{base}.names"), &e)
+                                }
+                            }
                         }
+                        if extra.names.get_ref().is_empty() {
+                            self.span_error(
+                                &extra.names,
+                                &format!("{base}.names"),
+                                "at least one host name is required",
+                            );
+                        }
+                        sni.push(SniCert {
+                            names,
+                            cert_key: Arc::new(ck),
+                        });
                     }
+                    default.map(|ck| ListenerTls {
+                        cert_path: self.relative(t.cert.get_ref()),
+                        key_path: self.relative(t.key.get_ref()),
+                        cert_key: Arc::new(ck),
+                        sni,
+                    })
                 }
             };
             listeners.push(Listener { address, tls });
@@ -975,6 +1024,15 @@ mod file {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Tls {
+        pub cert: Spanned<String>,
+        pub key: Spanned<String>,
+        pub sni: Option<Vec<Sni>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Sni {
+        pub names: Spanned<Vec<String>>,
         pub cert: Spanned<String>,
         pub key: Spanned<String>,
     }

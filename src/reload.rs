@@ -60,7 +60,7 @@ impl Reloader {
             if let (Some(tls), Some((_, cert))) =
                 (&l.tls, self.certs.iter().find(|(a, _)| *a == l.address))
             {
-                cert.set(tls.cert_key.certified.clone());
+                cert.set(crate::tls::CertSet::of(tls));
             }
         }
         let live = Live::new(Arc::new(config), Some(&old));

@@ -92,7 +92,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
                     metrics: metrics.clone(),
                 }))?;
                 let cert = Arc::new(ReloadableCert::new(
-                    tls.cert_key.certified.clone(),
+                    crate::tls::CertSet::of(tls),
                     metrics.tls_hellos.clone(),
                 ));
                 certs.push((l.address, cert.clone()));

@@ -5,6 +5,7 @@
 //! Uses rustls directly, not pingora, so config checking (`ssegate -t`) can load and
 //! verify certificates without building a server.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -83,33 +84,75 @@ impl CertKey {
     }
 }
 
-/// Serves one certificate for every handshake; a reload can replace it, and the next
-/// handshake uses the new one.
+/// The certificates of one TLS listener: one per name asked for (SNI), and a default.
+#[derive(Debug, Clone)]
+pub struct CertSet {
+    /// For clients that send no name, or one no other certificate has.
+    pub default: Arc<CertifiedKey>,
+    /// Lowercase host name to certificate.
+    pub by_name: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl CertSet {
+    /// The set a listener's config describes.
+    pub fn of(tls: &crate::config::ListenerTls) -> CertSet {
+        let mut by_name = HashMap::new();
+        for s in &tls.sni {
+            for n in &s.names {
+                by_name.insert(n.clone(), s.cert_key.certified.clone());
+            }
+        }
+        CertSet {
+            default: tls.cert_key.certified.clone(),
+            by_name,
+        }
+    }
+}
+
+/// Checks that `cert` is valid for host `name` (as a client would, wildcards included);
+/// returns the name in lowercase.
+pub fn check_name(cert: &CertKey, name: &str) -> Result<String, String> {
+    let lower = name.to_ascii_lowercase();
+    let mut probe = rustls::server::ResolvesServerCertUsingSni::new();
+    probe
+        .add(&lower, (*cert.certified).clone())
+        .map(|()| lower)
+        .map_err(|e| format!("the certificate does not cover {name:?}: {e}"))
+}
+
+/// Chooses the certificate by SNI for every handshake; a reload can replace the set,
+/// and the next handshake uses the new one.
 #[derive(Debug)]
 pub struct ReloadableCert {
-    cert: arc_swap::ArcSwap<CertifiedKey>,
+    certs: arc_swap::ArcSwap<CertSet>,
     /// ClientHellos that reached certificate selection (handshakes started).
     hellos: prometheus::IntCounter,
 }
 
 impl ReloadableCert {
-    /// Starts with `cert`; counts handshakes started in `hellos`.
-    pub fn new(cert: Arc<CertifiedKey>, hellos: prometheus::IntCounter) -> ReloadableCert {
+    /// Starts with `certs`; counts handshakes started in `hellos`.
+    pub fn new(certs: CertSet, hellos: prometheus::IntCounter) -> ReloadableCert {
         ReloadableCert {
-            cert: arc_swap::ArcSwap::new(cert),
+            certs: arc_swap::ArcSwap::from_pointee(certs),
             hellos,
         }
     }
 
-    /// Replaces the certificate for new handshakes.
-    pub fn set(&self, cert: Arc<CertifiedKey>) {
-        self.cert.store(cert);
+    /// Replaces the certificates for new handshakes.
+    pub fn set(&self, certs: CertSet) {
+        self.certs.store(Arc::new(certs));
     }
 }
 
 impl ResolvesServerCert for ReloadableCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.hellos.inc();
-        Some(self.cert.load_full())
+        let certs = self.certs.load();
+        // Names are compared in lowercase, as DNS names are case-insensitive.
+        let chosen = hello
+            .server_name()
+            .and_then(|n| certs.by_name.get(&n.to_ascii_lowercase()))
+            .unwrap_or(&certs.default);
+        Some(chosen.clone())
     }
 }

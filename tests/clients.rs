@@ -194,3 +194,83 @@ fn npm_eventsource_clients_over_http1_and_tls() {
     );
     assert_consecutive(&v, 10, 8);
 }
+
+#[test]
+fn tls_chooses_the_certificate_by_sni_and_refuses_old_suites() {
+    let php = Php::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = TestCert::for_names(dir.path(), "api", &["api.test", "*.feeds.test"]);
+    let gw = GatewayOptions::to(&php)
+        .tls_with(&format!(
+            ", sni = [{{ names = [\"api.test\", \"Live.Feeds.test\"], cert = \"{}\", key = \"{}\" }}]",
+            api.cert.display(),
+            api.key.display()
+        ))
+        .start();
+    let port = gw.tls_port.expect("tls");
+    let default_ca = gw.cert.as_ref().expect("cert").cert.display().to_string();
+    let api_ca = api.cert.display().to_string();
+    let get = |host: &str, ca: &str, extra: &[&str]| {
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}/es_page.html");
+        let mut args = vec!["--resolve", &resolve, "--cacert", ca, "-o", "/dev/null"];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&args).0.success()
+    };
+    // Each name gets its own certificate (verified against its own CA).
+    assert!(get("api.test", &api_ca, &[]));
+    assert!(get("live.feeds.test", &api_ca, &[]));
+    assert!(get("localhost", &default_ca, &[]));
+    // The default is not served for a listed name, nor the SNI one for another name.
+    assert!(!get("api.test", &default_ca, &[]));
+    assert!(!get("localhost", &api_ca, &[]));
+    // Modern suites only: a TLS 1.2 CBC suite is refused, an AEAD one accepted.
+    assert!(!get(
+        "localhost",
+        &default_ca,
+        &["--tls-max", "1.2", "--ciphers", "AES128-SHA"]
+    ));
+    assert!(get(
+        "localhost",
+        &default_ca,
+        &[
+            "--tls-max",
+            "1.2",
+            "--ciphers",
+            "ECDHE-ECDSA-AES128-GCM-SHA256"
+        ]
+    ));
+}
+
+#[test]
+fn an_sni_certificate_that_does_not_cover_its_name_is_a_config_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = TestCert::for_names(dir.path(), "a", &["localhost"]);
+    let b = TestCert::for_names(dir.path(), "b", &["api.test"]);
+    let conf = dir.path().join("ssegate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\", sni = [{{ names = [\"other.test\"], cert = \"{}\", key = \"{}\" }}] }}\n\n[[upstreams]]\nname = \"php\"\nservers = [\"127.0.0.1:1\"]\n\n[[routes]]\nupstream = \"php\"\n",
+            a.cert.display(),
+            a.key.display(),
+            b.cert.display(),
+            b.key.display()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(bin())
+        .args(["-t", "-c"])
+        .arg(&conf)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ssegate.toml:3:")
+            && err.contains("listeners[0].tls.sni[0].names")
+            && err.contains("other.test"),
+        "{err}"
+    );
+}

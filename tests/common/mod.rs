@@ -174,10 +174,15 @@ pub struct TestCert {
 
 impl TestCert {
     pub fn generate(dir: &Path) -> TestCert {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("generate a certificate");
-        let cert = dir.join("cert.pem");
-        let key = dir.join("key.pem");
+        Self::for_names(dir, "cert", &["localhost", "127.0.0.1"])
+    }
+
+    /// A self-signed certificate for `names`, written to `dir` as `stem.pem`/`stem.key`.
+    pub fn for_names(dir: &Path, stem: &str, names: &[&str]) -> TestCert {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let ck = rcgen::generate_simple_self_signed(names).expect("generate a certificate");
+        let cert = dir.join(format!("{stem}.pem"));
+        let key = dir.join(format!("{stem}-key.pem"));
         std::fs::write(&cert, ck.cert.pem()).expect("write cert");
         std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
         TestCert { cert, key }
@@ -214,6 +219,8 @@ pub struct GatewayOptions {
     pub admin: bool,
     /// More `[server]` keys.
     pub server_extra: String,
+    /// More keys inside the TLS listener's inline `tls = { ... }` table.
+    pub tls_extra: String,
 }
 
 impl GatewayOptions {
@@ -231,6 +238,7 @@ impl GatewayOptions {
             replay: "linger = \"0s\"\n".into(),
             admin: false,
             server_extra: String::new(),
+            tls_extra: String::new(),
         }
     }
 
@@ -261,6 +269,13 @@ impl GatewayOptions {
 
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    /// A TLS listener with more keys in its `tls` table (`sni = [...]`).
+    pub fn tls_with(mut self, keys: &str) -> Self {
+        self.tls = true;
+        self.tls_extra = keys.into();
         self
     }
 
@@ -297,9 +312,10 @@ impl Gateway {
             let c = TestCert::generate(dir.path());
             let p = free_port();
             toml.push_str(&format!(
-                "\n[[listeners]]\naddress = \"127.0.0.1:{p}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                "\n[[listeners]]\naddress = \"127.0.0.1:{p}\"\ntls = {{ cert = \"{}\", key = \"{}\"{} }}\n",
                 c.cert.display(),
-                c.key.display()
+                c.key.display(),
+                o.tls_extra
             ));
             tls_port = Some(p);
             cert = Some(c);
