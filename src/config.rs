@@ -277,7 +277,14 @@ impl ReplaySettings {
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        // A device or FIFO named by mistake would be read forever.
+        let text = match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => Err(std::io::Error::other("not a regular file")),
+            Ok(m) if m.len() > 16 * 1024 * 1024 => Err(std::io::Error::other("larger than 16 MiB")),
+            Ok(_) => std::fs::read_to_string(path),
+            Err(e) => Err(e),
+        };
+        let text = text.map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: path.to_owned(),
                 line: 0,

@@ -57,6 +57,21 @@ fn provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
+/// Largest PEM file read: a chain of a few certificates is some kilobytes.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
+/// Refuses what is not a PEM file of sane size (a device or a FIFO would never end).
+fn check_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(format!("larger than {MAX_PEM_BYTES} bytes"));
+    }
+    Ok(())
+}
+
 impl CertKey {
     /// Loads a PEM chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertKey, TlsError> {
@@ -68,6 +83,8 @@ impl CertKey {
             path: key_path.to_owned(),
             reason,
         };
+        check_file(cert_path).map_err(cert_err)?;
+        check_file(key_path).map_err(key_err)?;
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
             .map_err(|e| cert_err(e.to_string()))?
             .collect::<Result<_, _>>()

@@ -161,3 +161,13 @@ fn production_example_is_valid_with_its_certificates_in_place() {
     let (code, text, _, _d) = check(&conf);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn devices_are_refused_as_config_or_certificate_files() {
+    let out = Command::new(bin())
+        .args(["-t", "-c", "/dev/zero"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+}
