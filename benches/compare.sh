@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Runs, in one go and under identical load, the synthetic origin direct, ssegate, nginx
+# (proxy_buffering off) and HAProxy (option http-no-delay), and prints a table: memory
+# per open stream, CPU per million delivered events, latency, lost events.
+# See BENCHMARKS.md. Usage: benches/compare.sh [--quick]
+#   --quick: smaller runs (a minute or two), to check the script itself.
+# Installs nginx and haproxy from Debian's packages when missing (skipped if that fails).
+# Loopback only; every run is bounded in clients and seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IDLE=9000 ONE=1000 ONE_RATE=10 SHARED=9000 SHARED_RATE=5 SECS=30 WARM=8
+if [ "${1:-}" = --quick ]; then IDLE=1000 ONE=200 SHARED=1000 SECS=10 WARM=4; fi
+
+if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+      --no-install-recommends nginx haproxy >/dev/null; } || echo "compare: nginx/haproxy not installed; skipping them"
+fi
+cargo build --release --locked --bin ssegate --example sse_origin --example sse_load 2>&1 | tail -1
+
+W=$(mktemp -d /tmp/ssegate-bench.XXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
+trap cleanup EXIT
+TCK=$(getconf CLK_TCK)
+ORIGIN=19100 GW=19101 NGX=19102 HAP=19103
+
+# CPU seconds (user+system) of a process and its children alive now.
+cpu() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do
+  t=$(awk -v t="$t" -v k="$TCK" '{s=$0; sub(/^.*\) /,"",s); split(s,f," "); print t+(f[12]+f[13])/k}' /proc/"$p"/stat); done; echo "$t"; }
+# Resident memory in KiB of a process and its children.
+rss() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do
+  t=$((t + $(awk '/^VmRSS/{print $2}' /proc/"$p"/status))); done; echo "$t"; }
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+
+start_origin() { # rate
+  target/release/examples/sse_origin --port $ORIGIN --rate "$1" --size 200 2>/dev/null & OPID=$!; PIDS+=($OPID); wait_port $ORIGIN; }
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+cat > "$W/ssegate.toml" <<EOF
+[server]
+threads = 2
+log_level = "warn"
+max_connections = 19500
+upgrade_sock = "$W/upgrade.sock"
+[[listeners]]
+address = "127.0.0.1:$GW"
+[limits]
+request_rate = 0
+stream_connect_rate = 0
+max_streams_per_client = 0
+max_streams = 19000
+[replay]
+linger = "0s"
+[[upstreams]]
+name = "origin"
+servers = ["127.0.0.1:$ORIGIN"]
+[[routes]]
+name = "shared"
+path_prefix = "/shared"
+upstream = "origin"
+replay = { shared = true }
+[[routes]]
+upstream = "origin"
+EOF
+cat > "$W/nginx.conf" <<EOF
+daemon off;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log warn;
+user root;
+events { worker_connections 19000; }
+http {
+  access_log off;
+  client_body_temp_path $W/ngx_body; proxy_temp_path $W/ngx_proxy;
+  fastcgi_temp_path $W/ngx_fcgi; uwsgi_temp_path $W/ngx_uwsgi; scgi_temp_path $W/ngx_scgi;
+  upstream origin { server 127.0.0.1:$ORIGIN; }
+  server {
+    listen 127.0.0.1:$NGX reuseport backlog=4096;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+    }
+  }
+}
+EOF
+cat > "$W/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 9900
+defaults
+  mode http
+  maxconn 9900
+  option http-no-delay
+  timeout connect 5s
+  timeout http-request 10s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:$HAP
+  default_backend be
+backend be
+  server origin 127.0.0.1:$ORIGIN
+EOF
+
+start_proxy() { # name -> PPID, PORT
+  case $1 in
+    direct) PPID_=$OPID; PORT=$ORIGIN ;;
+    ssegate) target/release/ssegate -c "$W/ssegate.toml" 2>"$W/ssegate.log" & PPID_=$!; PORT=$GW ;;
+    nginx) nginx -p "$W/" -c "$W/nginx.conf" -e "$W/nginx-error.log" & PPID_=$!; PORT=$NGX ;;
+    haproxy) haproxy -db -f "$W/haproxy.cfg" 2>"$W/haproxy.log" & PPID_=$!; PORT=$HAP ;;
+  esac
+  [ "$1" = direct ] || PIDS+=($PPID_)
+  wait_port $PORT; sleep 0.5
+}
+
+proxies=(direct ssegate)
+command -v nginx >/dev/null && proxies+=(nginx)
+command -v haproxy >/dev/null && proxies+=(haproxy)
+RESULTS="$W/results"; : > "$RESULTS"
+
+load() { # port path clients secs warm -> json
+  target/release/examples/sse_load --url "http://127.0.0.1:$1$2" --clients "$3" --duration "$4" --warmup "$5" --ramp 3000 --sources 32
+}
+
+for p in "${proxies[@]}"; do
+  # 1. Idle streams: memory per open stream.
+  start_origin 1
+  start_proxy "$p"
+  base=$(rss $PPID_)
+  load $PORT /idle $IDLE $((SECS / 2 + 10)) 0 > "$W/idle.json" &
+  LPID=$!
+  sleep $((SECS / 2 + 5))
+  held=$(rss $PPID_)
+  wait $LPID || true
+  idle_kib=$(awk -v a="$base" -v b="$held" -v n="$IDLE" 'BEGIN{printf "%.2f", (b-a)/n}')
+  idle_ok=$(python3 -c "import json;print(json.load(open('$W/idle.json'))['connected'])")
+  [ "$p" = direct ] || stop $PPID_
+  stop $OPID
+
+  # 2. 1:1 streams: CPU per delivered event, latency, loss.
+  start_origin $ONE_RATE
+  start_proxy "$p"
+  load $PORT /stream $ONE $((SECS + WARM)) $WARM > "$W/one.json" &
+  LPID=$!
+  sleep $WARM; c0=$(cpu $PPID_); sleep $SECS; c1=$(cpu $PPID_)
+  wait $LPID || true
+  [ "$p" = direct ] || stop $PPID_
+  stop $OPID
+
+  # 3. Many clients of one feed: total CPU (proxy + origin) per delivered event. Only
+  # ssegate shares one upstream stream (a shared route); the others proxy 1:1.
+  path=/stream; [ "$p" = ssegate ] && path=/shared/stream
+  start_origin $SHARED_RATE
+  start_proxy "$p"
+  load $PORT $path $SHARED $((SECS + WARM + 10)) $((WARM + 10)) > "$W/shared.json" &
+  LPID=$!
+  sleep $((WARM + 10)); s0=$(cpu $PPID_); o0=$(cpu $OPID); sleep $SECS; s1=$(cpu $PPID_); o1=$(cpu $OPID)
+  wait $LPID || true
+  [ "$p" = direct ] || stop $PPID_
+  stop $OPID
+
+  python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" >> "$RESULTS" <<'PY'
+import json, sys
+p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w = sys.argv[1:]
+one = json.load(open(f"{w}/one.json")); sh = json.load(open(f"{w}/shared.json"))
+# CPU was sampled over the load tool's measuring window (after its warm-up), and
+# `measured` counts the events delivered in that same window.
+def per_m(cpu, rep):
+    ev = rep["measured"]
+    return 1e6 * cpu / ev if ev else float("nan")
+row = {
+  "proxy": p, "idle_streams": int(idle_ok), "idle_kib_per_stream": float(idle_kib),
+  "one_cpu_s_per_m": per_m(float(c1) - float(c0), one),
+  "one_p50_ms": one["latency_us"]["p50"] / 1000, "one_p99_ms": one["latency_us"]["p99"] / 1000,
+  "one_lost": one["lost"], "one_errors": one["errors"], "one_events": one["events"],
+  "shared_clients": sh["connected"],
+  "shared_total_cpu_s_per_m": per_m((float(s1) - float(s0)) + (0 if p == "direct" else float(o1) - float(o0)), sh),
+  "shared_p99_ms": sh["latency_us"]["p99"] / 1000, "shared_lost": sh["lost"],
+}
+print(json.dumps(row))
+PY
+done
+
+python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print()
+print("| | direct | " + " | ".join(r["proxy"] for r in rows[1:]) + " |")
+print("|---|" + "---|" * len(rows))
+def line(label, key, fmt):
+    print(f"| {label} | " + " | ".join(fmt.format(r[key]) for r in rows) + " |")
+line("idle streams held", "idle_streams", "{}")
+line("RSS per idle stream (KiB)", "idle_kib_per_stream", "{:.2f}")
+line("1:1 CPU s per 1M events", "one_cpu_s_per_m", "{:.1f}")
+line("1:1 latency p50 (ms)", "one_p50_ms", "{:.2f}")
+line("1:1 latency p99 (ms)", "one_p99_ms", "{:.2f}")
+line("1:1 events lost", "one_lost", "{}")
+line("many clients: streams", "shared_clients", "{}")
+line("many clients: CPU s (proxy+origin) per 1M events", "shared_total_cpu_s_per_m", "{:.1f}")
+line("many clients: latency p99 (ms)", "shared_p99_ms", "{:.2f}")
+line("many clients: events lost", "shared_lost", "{}")
+PY
