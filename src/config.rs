@@ -533,8 +533,10 @@ impl Checker<'_> {
         let replay_global = ReplayGlobal {
             total_max_bytes: gateway_wide(|r| r.total_max_bytes.as_ref())
                 .unwrap_or(256 * 1024 * 1024),
+            // Each hub's broadcast ring holds this many slots from the start (about
+            // 90 bytes each), so it is a cost per stream, not only per slow client.
             lag_blocks: gateway_wide(|r| r.lag_blocks.as_ref())
-                .unwrap_or(1024)
+                .unwrap_or(128)
                 .max(1),
             max_hubs: gateway_wide(|r| r.max_hubs.as_ref()).unwrap_or(10_000),
         };

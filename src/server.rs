@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
 use pingora::prelude::*;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
@@ -86,7 +88,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     for l in &config.listeners {
         let addr = l.address.to_string();
         match &l.tls {
-            None => proxy.add_tcp(&addr),
+            None => proxy.add_listener(ListenerConfig::tcp(addr).l4_buffer(client_buffers())),
             Some(tls) => {
                 let mut settings = TlsSettings::with_callbacks(Box::new(TlsCounter {
                     metrics: metrics.clone(),
@@ -98,7 +100,11 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
                 certs.push((l.address, cert.clone()));
                 settings.set_cert_resolver(cert);
                 settings.enable_h2();
-                proxy.add_tls_with_settings(&addr, None, settings);
+                proxy.add_listener(
+                    ListenerConfig::tcp(addr)
+                        .tls(settings)
+                        .l4_buffer(client_buffers()),
+                );
             }
         }
     }
@@ -144,6 +150,13 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         },
     ));
     Ok(server)
+}
+
+/// Client connections' socket buffers. pingora's default read buffer is 64 KiB per
+/// connection; SSE clients send one request header and then only read, so a small one
+/// keeps an open stream cheap (headers larger than it are still read whole).
+fn client_buffers() -> L4BufferSettings {
+    L4BufferSettings::new(4096, 1460)
 }
 
 /// Writes this process's id to `path`. During an upgrade the new process overwrites the
