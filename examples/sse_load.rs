@@ -6,6 +6,7 @@
 //! Usage: cargo run --release --example sse_load -- --url http://127.0.0.1:8080/stream \
 //!            --clients 1000 --duration 30 [--proto h1|h2c|h2] [--ca cert.pem]
 
+mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
+use common::mono_ns;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
@@ -48,16 +50,6 @@ struct Args {
     /// New connections per second while opening.
     #[arg(long, default_value_t = 2000)]
     ramp: u64,
-}
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[derive(Default)]
@@ -147,6 +139,30 @@ async fn read_stream(
                 }
             }
         }
+    }
+}
+
+/// Counts a failure (and prints the first few).
+fn fail(shared: &Shared, e: &dyn std::fmt::Display) {
+    if shared.totals.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("sse_load: {e}");
+    }
+}
+
+/// Sends one stream request and reads the stream until the end of the run.
+async fn follow(
+    sent: impl std::future::Future<Output = hyper::Result<hyper::Response<hyper::body::Incoming>>>,
+    shared: &Shared,
+) {
+    match sent.await {
+        Ok(resp) if resp.status() == 200 => {
+            shared.totals.connected.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = read_stream(resp.into_body(), shared).await {
+                fail(shared, &e);
+            }
+        }
+        Ok(resp) => fail(shared, &format!("status {}", resp.status())),
+        Err(e) => fail(shared, &e),
     }
 }
 
@@ -245,36 +261,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.proto.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let fail = |e: &dyn std::fmt::Display| {
-                if shared.totals.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("sse_load: {e}");
-                }
-            };
             let io = match connect(addr, source, (*tls).as_ref()).await {
                 Ok(io) => TokioIo::new(io),
-                Err(e) => return fail(&e),
+                Err(e) => return fail(&shared, &e),
             };
             if proto == "h1" {
                 let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
                     Ok(x) => x,
-                    Err(e) => return fail(&e),
+                    Err(e) => return fail(&shared, &e),
                 };
                 tokio::spawn(conn);
-                match sender.send_request(request(&uri, &authority)).await {
-                    Ok(resp) if resp.status() == 200 => {
-                        shared.totals.connected.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = read_stream(resp.into_body(), &shared).await {
-                            fail(&e);
-                        }
-                    }
-                    Ok(resp) => fail(&format!("status {}", resp.status())),
-                    Err(e) => fail(&e),
-                }
+                follow(sender.send_request(request(&uri, &authority)), &shared).await;
             } else {
                 let (sender, conn) =
                     match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
                         Ok(x) => x,
-                        Err(e) => return fail(&e),
+                        Err(e) => return fail(&shared, &e),
                     };
                 tokio::spawn(conn);
                 let mut handles = vec![];
@@ -282,21 +284,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let (mut sender, shared, req) =
                         (sender.clone(), shared.clone(), request(&uri, &authority));
                     handles.push(tokio::spawn(async move {
-                        let fail = |e: &dyn std::fmt::Display| {
-                            if shared.totals.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!("sse_load: {e}");
-                            }
-                        };
-                        match sender.send_request(req).await {
-                            Ok(resp) if resp.status() == 200 => {
-                                shared.totals.connected.fetch_add(1, Ordering::Relaxed);
-                                if let Err(e) = read_stream(resp.into_body(), &shared).await {
-                                    fail(&e);
-                                }
-                            }
-                            Ok(resp) => fail(&format!("status {}", resp.status())),
-                            Err(e) => fail(&e),
-                        }
+                        follow(sender.send_request(req), &shared).await
                     }));
                 }
                 for h in handles {

@@ -7,6 +7,7 @@
 //!
 //! Usage: cargo run --release --example sse_origin -- --port 9000 --rate 10 --size 200
 
+mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
+use common::mono_ns;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, Response};
@@ -32,17 +34,6 @@ struct Args {
     /// Approximate event size in bytes (the data is padded).
     #[arg(long, default_value_t = 200)]
     size: usize,
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one machine.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
