@@ -23,7 +23,7 @@ use pingora::ErrorType;
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, Instant};
 
-use crate::config::{ReplaySettings, SseSettings};
+use crate::config::{ReplaySettings, Route, SseSettings};
 use crate::handover::Source;
 use crate::hub::{Hub, HubMsg, Registry, Start, StreamKey, Subscription};
 use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
@@ -343,9 +343,6 @@ async fn run(
             }
         }
         if let Some((hub, sub, how)) = attached {
-            if how == Attach::Miss {
-                rcx.registry.counters.misses.fetch_add(1, Ordering::Relaxed);
-            }
             let slot = match take_slot(&mut admission.slot, &admission.limits, key) {
                 Ok(slot) => slot,
                 Err((reason, retry_after)) => {
@@ -353,16 +350,8 @@ async fn run(
                     return refuse(session, &admission.refusal, reason, retry_after).await;
                 }
             };
-            let follow = Follow {
-                how,
-                skip_id: None,
-                sse: &route.sse,
-                replay: &rcx.settings,
-                last_event_id: rcx.last_event_id.as_deref(),
-                jitter: admission.refusal.jitter,
-                _slot: slot,
-                metrics: StreamMetrics::new(&admission.metrics, &route.name, session),
-            };
+            // The live hub's upstream never saw this client's id: nothing to skip.
+            let follow = Follow::new(how, None, &route, rcx, admission, slot, session);
             return follow_hub(session, hub, sub, follow, shutdown, stats).await;
         }
     }
@@ -603,14 +592,12 @@ async fn run(
     );
     // The hub is registered: waiting clients of a shared key may join it now.
     drop(opening);
-    let counters = &rcx.registry.counters;
     if sub.resumed {
+        let counters = &rcx.registry.counters;
         counters.hits.fetch_add(1, Ordering::Relaxed);
         counters
             .events_replayed
             .fetch_add(sub.replay.len() as u64, Ordering::Relaxed);
-    } else if missed {
-        counters.misses.fetch_add(1, Ordering::Relaxed);
     }
     if created {
         if let Some(import) = import {
@@ -637,22 +624,13 @@ async fn run(
         (false, true) => Attach::Miss,
         (false, false) => Attach::Fresh,
     };
-    let follow = Follow {
-        how,
-        // A new upstream got the client's Last-Event-ID: if it replays that very
-        // event too, the client must not see it twice.
-        skip_id: if how == Attach::Miss {
-            rcx.last_event_id.as_deref().map(Arc::from)
-        } else {
-            None
-        },
-        sse: &route.sse,
-        replay: &rcx.settings,
-        last_event_id: rcx.last_event_id.as_deref(),
-        jitter: admission.refusal.jitter,
-        _slot: slot,
-        metrics: StreamMetrics::new(&admission.metrics, &route.name, session),
+    // A new upstream got the client's Last-Event-ID: if it replays that very event
+    // too, the client must not see it twice.
+    let skip_id = match how {
+        Attach::Miss => rcx.last_event_id.as_deref().map(Arc::from),
+        _ => None,
     };
+    let follow = Follow::new(how, skip_id, &route, rcx, admission, slot, session);
     follow_hub(session, hub, sub, follow, shutdown, stats).await
 }
 
@@ -731,6 +709,34 @@ struct Follow<'a> {
     _slot: Option<StreamSlot>,
     /// The stream's metric handles.
     metrics: StreamMetrics,
+}
+
+impl<'a> Follow<'a> {
+    /// How a client that attached to a hub follows it. A miss is counted here, once the
+    /// attach is final (a handover may still have turned it into a hit).
+    fn new(
+        how: Attach,
+        skip_id: Option<Arc<str>>,
+        route: &'a Route,
+        rcx: &'a ReplayCx,
+        admission: &Admission,
+        slot: Option<StreamSlot>,
+        session: &Session,
+    ) -> Follow<'a> {
+        if how == Attach::Miss {
+            rcx.registry.counters.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        Follow {
+            how,
+            skip_id,
+            sse: &route.sse,
+            replay: &rcx.settings,
+            last_event_id: rcx.last_event_id.as_deref(),
+            jitter: admission.refusal.jitter,
+            _slot: slot,
+            metrics: StreamMetrics::new(&admission.metrics, &route.name, session),
+        }
+    }
 }
 
 /// Serves one client from a hub: the response head, the replay, then live blocks with

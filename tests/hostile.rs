@@ -37,14 +37,6 @@ fn status(resp: &str) -> &str {
     resp.split(' ').nth(1).unwrap_or("")
 }
 
-fn metric(port: u16, name: &str) -> f64 {
-    let (_, m) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
-    String::from_utf8_lossy(&m)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn malformed_requests_get_400() {
     let php = Php::start();
@@ -238,7 +230,7 @@ fn a_client_trickling_its_header_is_cut_while_others_are_served() {
         "the trickling client was allowed {took:?}"
     );
     let admin = gw.admin_port.expect("admin");
-    assert!(metric(admin, "ssegate_request_header_timeouts_total") >= 1.0);
+    assert!(admin_metric(admin, "ssegate_request_header_timeouts_total") >= 1.0);
 }
 
 #[test]
@@ -277,8 +269,10 @@ fn ten_thousand_silent_connections_do_not_stop_service_and_are_closed() {
         }
     }
     assert_eq!(closed, 10_000);
-    assert!(wait_for(|| metric(admin, "ssegate_connections_open") <= 1.0));
-    assert!(metric(admin, "ssegate_request_header_timeouts_total") >= 10_000.0);
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_connections_open") <= 1.0
+    ));
+    assert!(admin_metric(admin, "ssegate_request_header_timeouts_total") >= 10_000.0);
 }
 
 #[test]
@@ -303,7 +297,7 @@ fn connections_past_max_connections_are_closed_at_once() {
     }
     assert!((10..=12).contains(&closed), "{closed} closed");
     assert_eq!(
-        metric(admin, "ssegate_refusals_total{reason=\"max_connections\"}"),
+        admin_metric(admin, "ssegate_refusals_total{reason=\"max_connections\"}"),
         10.0
     );
     drop(conns);

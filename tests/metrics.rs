@@ -6,13 +6,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn events_in(out: &[u8]) -> usize {
     let text = String::from_utf8_lossy(out);
     let body = text.split_once("\r\n\r\n").map_or(&*text, |(_, b)| b);
@@ -70,40 +63,40 @@ fn metrics_match_what_happened() {
     // The access lines (and so the request counters) follow the streams' ends.
     assert!(wait_for(|| {
         let (_, m) = curl(&[&format!("{admin}/metrics")]);
-        metric(
+        metric_in(
             &String::from_utf8_lossy(&m),
             "ssegate_requests_total{route=\"routes[0]\",status=\"200\"}",
         ) >= 4.0
     }));
     let (_, m) = curl(&[&format!("{admin}/metrics")]);
     let m = String::from_utf8_lossy(&m).into_owned();
-    assert_eq!(metric(&m, "ssegate_replay_hits_total"), 1.0, "{m}");
-    assert_eq!(metric(&m, "ssegate_replay_misses_total"), 1.0, "{m}");
-    assert!(metric(&m, "ssegate_events_replayed_total") >= 1.0, "{m}");
+    assert_eq!(metric_in(&m, "ssegate_replay_hits_total"), 1.0, "{m}");
+    assert_eq!(metric_in(&m, "ssegate_replay_misses_total"), 1.0, "{m}");
+    assert!(metric_in(&m, "ssegate_events_replayed_total") >= 1.0, "{m}");
     assert_eq!(
-        metric(&m, "ssegate_refusals_total{reason=\"stream_connect_rate\"}"),
+        metric_in(&m, "ssegate_refusals_total{reason=\"stream_connect_rate\"}"),
         1.0,
         "{m}"
     );
     assert_eq!(
-        metric(
+        metric_in(
             &m,
             "ssegate_streams_open{protocol=\"h1\",route=\"routes[0]\"}"
         ),
         0.0,
         "{m}"
     );
-    let events = metric(&m, "ssegate_events_total{route=\"routes[0]\"}") as usize;
+    let events = metric_in(&m, "ssegate_events_total{route=\"routes[0]\"}") as usize;
     // A stream cut by the client's timer may have had one more event on the wire.
     assert!(
         events >= seen && events <= seen + 3,
         "metrics say {events}, clients saw {seen}"
     );
-    assert!(metric(&m, "ssegate_hubs") >= 1.0, "{m}");
+    assert!(metric_in(&m, "ssegate_hubs") >= 1.0, "{m}");
     // Upstream connections: the first stream and the miss (the hit joined a hub; the
     // refused reconnect never went upstream).
     assert_eq!(
-        metric(
+        metric_in(
             &m,
             "ssegate_upstream_connections_total{reused=\"no\",upstream=\"php\"}"
         ),
@@ -155,17 +148,17 @@ fn tls_handshakes_are_counted() {
     let (_, m) = curl(&[&format!("{admin}/metrics")]);
     let m = String::from_utf8_lossy(&m).into_owned();
     assert_eq!(
-        metric(&m, "ssegate_tls_handshakes_total{version=\"TLSv1_3\"}"),
+        metric_in(&m, "ssegate_tls_handshakes_total{version=\"TLSv1_3\"}"),
         2.0,
         "{m}"
     );
     assert_eq!(
-        metric(&m, "ssegate_tls_handshakes_total{version=\"TLSv1_2\"}"),
+        metric_in(&m, "ssegate_tls_handshakes_total{version=\"TLSv1_2\"}"),
         1.0,
         "{m}"
     );
     assert_eq!(
-        metric(&m, "ssegate_tls_handshakes_started_total"),
+        metric_in(&m, "ssegate_tls_handshakes_started_total"),
         4.0,
         "{m}"
     );

@@ -22,15 +22,6 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-fn metric(port: u16, name: &str) -> f64 {
-    let (_, m) = curl(&["-s", &format!("http://127.0.0.1:{port}/metrics")]);
-    String::from_utf8_lossy(&m)
-        .lines()
-        .filter_map(|l| l.strip_prefix(name))
-        .filter_map(|v| v.trim().rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 #[ignore = "minutes long: run it with scripts/soak"]
 fn soak_memory_stays_flat_under_churn_and_slow_clients() {
@@ -113,8 +104,8 @@ fn soak_memory_stays_flat_under_churn_and_slow_clients() {
         let s = (
             started.elapsed().as_secs(),
             rss_kib(gw.pid()),
-            metric(admin, "ssegate_hubs"),
-            metric(admin, "ssegate_connections_open"),
+            admin_metric(admin, "ssegate_hubs"),
+            admin_metric(admin, "ssegate_connections_open"),
         );
         eprintln!(
             "soak t={}s rss={} KiB hubs={} connections={}",
@@ -127,7 +118,7 @@ fn soak_memory_stays_flat_under_churn_and_slow_clients() {
         let _ = w.join();
     }
     let delivered = events.load(Ordering::Relaxed);
-    let requests = metric(admin, "ssegate_requests_total");
+    let requests = admin_metric(admin, "ssegate_requests_total");
     // Warm-up: the first minute (allocator pools, limiter and hub tables reach size).
     let warm: Vec<_> = samples.iter().filter(|s| s.0 >= 60).collect();
     assert!(

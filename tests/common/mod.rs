@@ -568,3 +568,29 @@ pub fn curl_stream(url: &str, max_secs: u32, extra: &[&str]) -> Child {
         .spawn()
         .expect("run curl")
 }
+
+/// A metric's value in Prometheus text: `name` alone sums every label set of it,
+/// `name{labels}` is that one series; 0 when absent.
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(series)?;
+            // `ssegate_hubs` must not match `ssegate_hubs_lingering`.
+            let value = if series.ends_with('}') {
+                rest
+            } else if rest.starts_with('{') {
+                rest.split_once("} ")?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// A metric's value read from the admin listener on `port` (see [`metric_in`]).
+pub fn admin_metric(port: u16, series: &str) -> f64 {
+    let (_, m) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
+    metric_in(&String::from_utf8_lossy(&m), series)
+}
