@@ -18,11 +18,16 @@
 //!   graceful upgrade.
 //! - [`server`]: builds the pingora server from a [`config::Config`].
 //!
-//! One event's path: upstream socket → pingora subrequest (`proxy`, inner pass) →
-//! `relay::Pump` → `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the
-//! `replay` store, broadcast) → `relay::follow_hub` (replay first, heartbeats between
-//! blocks) → client session. Streams without replay (POST, or replay off) go from the
-//! subrequest straight through `relay::run` with the parser tracking boundaries.
+//! - [`upstream`]: the stream client: event-stream requests on connections of their own.
+//!
+//! One event's path: upstream socket → `upstream::Exchange` (hyper's HTTP/1.1 client,
+//! read in the task that consumes it) → `relay::Pump` → `hub::Hub::feed` (cut into
+//! blocks by `sse::Parser`, recorded in the `replay` store, broadcast) →
+//! `relay::follow_hub` (replay first, heartbeats between blocks) → client session.
+//! Requests that do not ask for an event stream reach the upstream as a pingora
+//! subrequest (`proxy`, inner pass) instead; if one answers with a stream anyway, the
+//! subrequest feeds the hub, and streams without replay (POST, or replay off) go from
+//! the subrequest straight through `relay::run` with the parser tracking boundaries.
 #![warn(missing_docs)]
 // Network and file data must never be able to panic the gateway.
 #![cfg_attr(
@@ -44,3 +49,4 @@ pub mod server;
 pub mod shutdown;
 pub mod sse;
 pub mod tls;
+pub mod upstream;

@@ -4,7 +4,8 @@
 //! Each request runs twice through these phases. The *outer* pass (the client's real
 //! session) picks the route and hands the request to the relay, which runs it again as a
 //! pingora subrequest (the *inner* pass) to reach the upstream through pingora's ordinary
-//! proxy path. The relay then sees the upstream's response header first and decides:
+//! proxy path; a GET that asks for an event stream on a replay route takes the
+//! [`crate::upstream`] stream client instead (with the same forwarding headers). The relay then sees the upstream's response header first and decides:
 //! an event stream is pumped with heartbeats and a clean shutdown, anything else is
 //! passed through as it comes. WebSocket upgrades skip the relay and take the ordinary
 //! path directly.
@@ -82,6 +83,15 @@ impl Live {
             limits,
             route_limits,
         }
+    }
+}
+
+impl Live {
+    /// The server of an upstream to try first: round-robin.
+    pub fn next_server(&self, upstream_index: usize) -> usize {
+        self.next_server
+            .get(upstream_index)
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -284,6 +294,62 @@ pub fn accepts_event_stream(req: &RequestHeader) -> bool {
         })
 }
 
+/// Hop-by-hop fields: they describe one connection, not the message. (pingora frames
+/// bodies by `Transfer-Encoding`, so that one is handled where a body is written.)
+pub const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The field names a `Connection` header nominates as hop-by-hop, lowercased.
+pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+        .collect()
+}
+
+/// Removes the upstream connection's hop-by-hop fields from a response.
+pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+    for name in connection_nominated(&resp.headers) {
+        resp.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        resp.remove_header(name);
+    }
+}
+
+/// What every proxied request gets on its way upstream: the client in
+/// `X-Forwarded-For`/`-Proto`, and no `Accept-Encoding` on a stream request.
+pub fn add_forwarding_headers(req: &mut RequestHeader, client: &ClientInfo) -> Result<()> {
+    if let Some(ip) = &client.ip {
+        let xff = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+            _ => ip.clone(),
+        };
+        req.insert_header("x-forwarded-for", xff)?;
+    }
+    req.insert_header("x-forwarded-proto", client.proto)?;
+    if accepts_event_stream(req) {
+        // An event stream must never be compressed: gzip does not flush per event.
+        // Asking for identity keeps mod_deflate and PHP's zlib output off.
+        req.remove_header(&header::ACCEPT_ENCODING);
+    }
+    Ok(())
+}
+
 async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(3))?;
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -442,8 +508,7 @@ impl ProxyHttp for Gateway {
             ctx.first_server = ctx
                 .live
                 .as_ref()
-                .and_then(|l| l.next_server.get(ctx.upstream_index))
-                .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+                .map_or(0, |l| l.next_server(ctx.upstream_index));
         }
         let addr = upstream.servers[(ctx.first_server + ctx.tries) % n];
         let mut peer = HttpPeer::new(addr, false, String::new());
@@ -504,29 +569,12 @@ impl ProxyHttp for Gateway {
         let Some(client) = ctx.client.as_ref() else {
             return Ok(());
         };
-        if let Some(ip) = &client.ip {
-            let xff = match req
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip.clone(),
-            };
-            req.insert_header("x-forwarded-for", xff)?;
-        }
-        req.insert_header("x-forwarded-proto", client.proto)?;
         if session.get_header(header::HOST).is_none() {
             if let Some(host) = req.uri.authority().map(|a| a.to_string()) {
                 req.insert_header(header::HOST, host)?;
             }
         }
-        if accepts_event_stream(req) {
-            // An event stream must never be compressed: gzip does not flush per event.
-            // Asking for identity keeps mod_deflate and PHP's zlib output off.
-            req.remove_header(&header::ACCEPT_ENCODING);
-        }
-        Ok(())
+        add_forwarding_headers(req, client)
     }
 
     async fn response_filter(
@@ -536,29 +584,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if ctx.inner && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            // Hop-by-hop fields describe the upstream connection, not ours.
-            let nominated: Vec<String> = resp
-                .headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|t| t.trim().to_ascii_lowercase())
-                .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-                .collect();
-            for name in nominated {
-                resp.remove_header(&name);
-            }
-            for name in [
-                "connection",
-                "keep-alive",
-                "proxy-connection",
-                "te",
-                "trailer",
-                "upgrade",
-            ] {
-                resp.remove_header(name);
-            }
+            strip_hop_by_hop(resp);
         }
         Ok(())
     }

@@ -1,12 +1,16 @@
-//! The relay: runs one client request against the upstream (as a pingora subrequest, so
-//! pingora's ordinary proxy path does the connecting and header work) and moves the
-//! response to the client.
+//! The relay: runs one client request against the upstream and moves the response to
+//! the client. A GET that asks for an event stream goes out on the stream client
+//! ([`crate::upstream`]); anything else runs as a pingora subrequest, so pingora's
+//! ordinary proxy path does the connecting, pooling and body forwarding.
 //!
 //! This is where one event travels from the upstream socket to the client socket:
-//! the subrequest reads upstream bytes and sends them here as `HttpTask::Body`; the relay
-//! feeds them to the [`sse::Parser`] (to know where events end), writes them unchanged to
-//! the client session (an HTTP/1 chunk or an HTTP/2 DATA frame, no buffering), and, while
-//! nothing is written, a timer adds heartbeat comments at event boundaries only.
+//! the response comes in as `HttpTask`s (header, then body bytes); an event stream on a
+//! replay route becomes a hub (`Pump` reads the upstream and feeds it, `follow_hub`
+//! writes its blocks to the client, with heartbeats between them). Otherwise the relay
+//! feeds the bytes to the [`sse::Parser`] (to know where events end), writes them
+//! unchanged to the client session (an HTTP/1 chunk or an HTTP/2 DATA frame, no
+//! buffering), and, while nothing is written, a timer adds heartbeat comments at event
+//! boundaries only.
 //!
 //! A response that is not `text/event-stream` is passed through task by task.
 
@@ -28,9 +32,10 @@ use crate::handover::Source;
 use crate::hub::{Hub, HubMsg, Registry, Start, StreamKey, Subscription};
 use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
 use crate::metrics::Metrics;
-use crate::proxy::ClientInfo;
+use crate::proxy::{accepts_event_stream, ClientInfo};
 use crate::replay::{Budget, MemoryRing};
 use crate::sse;
+use crate::upstream;
 
 /// What a GET stream request needs to use hubs (replay, linger, sharing).
 pub struct ReplayCx {
@@ -356,51 +361,23 @@ async fn run(
         }
     }
 
-    // A subrequest re-reads the request as HTTP/1 text: give an HTTP/2 request the
-    // version and `Host` an HTTP/1.1 request would have.
-    if session.is_http2() {
-        let req = session.req_header_mut();
-        req.set_version(Version::HTTP_11);
-        if req.headers.get(header::HOST).is_none() {
-            if let Some(authority) = req.uri.authority().map(|a| a.to_string()) {
-                req.insert_header(header::HOST, authority)?;
-            }
-        }
-    }
-    let mut body_done = session.as_downstream_mut().is_body_done();
-    let sub_ctx = SubrequestCtx::builder()
-        .body_mode(if body_done {
-            BodyMode::NoBody
+    let body_done = session.as_downstream_mut().is_body_done();
+    // A GET that asks for an event stream goes out on the stream client; the rest take
+    // pingora's proxy path (see `upstream`).
+    let mut source =
+        if admission.replay.is_some() && body_done && accepts_event_stream(session.req_header()) {
+            Feed::Direct(Box::new(
+                upstream::open(session.req_header(), &client, &admission.metrics).await?,
+            ))
         } else {
-            BodyMode::ExpectBody
-        })
-        .user_ctx(Box::new(client))
-        .build();
-    let spawner = session
-        .subrequest_spawner
-        .as_ref()
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "subrequests not enabled"))?;
-    let (subrequest, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
-    let mut task = tokio::spawn(subrequest.run());
-    // The subrequest owns the upstream connection: aborting it closes that connection,
-    // which is how a client's disconnect reaches the upstream at once.
-    let mut abort = AbortOnDrop(Some(task.abort_handle()));
-
-    let tx = handle.tx;
-    let mut rx = handle.rx;
-    let mut wants_body_rx = handle.subreq_wants_body;
-    let mut wants_body = false;
-    let mut wants_body_closed = false;
-    let mut proxy_error_rx = handle.subreq_proxy_error;
-    let mut proxy_error_closed = false;
-    let mut sub_finished = false;
+            Feed::Sub(Subrequest::spawn(session, client, body_done)?)
+        };
 
     let mut phase = Phase::Waiting;
     let header_deadline = Instant::now() + response_timeout;
     let far_future = Instant::now() + Duration::from_secs(86400 * 365);
 
     let first = loop {
-        let permit = tx.try_reserve();
         let heartbeat_at = match &phase {
             Phase::Stream(s) if !s.opaque && !s.closing => s.heartbeat_at,
             _ => far_future,
@@ -415,9 +392,9 @@ async fn run(
         tokio::select! {
             biased;
 
-            t = rx.recv() => {
-                let Some(t) = t else {
-                    // The subrequest ended without finishing the response.
+            u = source.next(session) => match u? {
+                Up::Ended => {
+                    // The upstream side ended without finishing the response.
                     return match phase {
                         Phase::Waiting => Error::e_explain(ErrorType::ConnectProxyFailure, "upstream produced no response"),
                         Phase::Plain => Error::e_explain(ErrorType::ReadError, "upstream response cut short"),
@@ -427,77 +404,46 @@ async fn run(
                             Ok(())
                         }
                     };
-                };
-                let mut batch = vec![t];
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
                 }
-                if admission.replay.as_ref().is_some_and(|r| r.registry.has_room())
-                    && matches!(phase, Phase::Waiting)
-                    && matches!(&batch[0], HttpTask::Header(resp, false) if resp.status == StatusCode::OK && is_event_stream(resp) && !is_compressed(resp))
-                {
-                    // An event stream on a replay route: it becomes a hub that outlives
-                    // this client; this client becomes its first subscriber.
-                    break batch;
-                }
-                // Not a hub after all (an error page, a compressed stream...): the other
-                // clients of a shared key must not wait for this response to finish.
-                opening = None;
-                for t in batch {
-                    let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, route_name: &route.name, admission: &mut *admission, key };
-                    if handle_task(session, &mut phase, t, &mut cx).await? {
-                        if matches!(phase, Phase::Plain) {
-                            // Let the subrequest finish, so it can reuse its upstream
-                            // connection; a stream's upstream may still be open, so it
-                            // is cut.
-                            abort.disarm();
-                        }
+                Up::Failed(e) if session.response_written().is_none() => return Err(e),
+                Up::Failed(e) => {
+                    // The header is out: all we can do is end the response.
+                    tracing::debug!("upstream failed mid-response: {e}");
+                    if streaming {
+                        session.write_response_body(None, true).await?;
                         return Ok(());
                     }
+                    return Err(e);
                 }
-            }
-
-            r = &mut proxy_error_rx, if !proxy_error_closed => {
-                match r {
-                    Ok(e) if session.response_written().is_none() => return Err(e),
-                    Ok(e) => {
-                        // The header is out: all we can do is end the response.
-                        tracing::debug!("upstream failed mid-response: {e}");
-                        if streaming {
-                            session.write_response_body(None, true).await?;
+                Up::Task(t) => {
+                    let mut batch = vec![t];
+                    source.drain(&mut batch);
+                    if admission.replay.as_ref().is_some_and(|r| r.registry.has_room())
+                        && matches!(phase, Phase::Waiting)
+                        && matches!(&batch[0], HttpTask::Header(resp, false) if resp.status == StatusCode::OK && is_event_stream(resp) && !is_compressed(resp))
+                    {
+                        // An event stream on a replay route: it becomes a hub that outlives
+                        // this client; this client becomes its first subscriber.
+                        break batch;
+                    }
+                    // Not a hub after all (an error page, a compressed stream...): the other
+                    // clients of a shared key must not wait for this response to finish.
+                    opening = None;
+                    for t in batch {
+                        let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, route_name: &route.name, admission: &mut *admission, key };
+                        if handle_task(session, &mut phase, t, &mut cx).await? {
+                            if matches!(phase, Phase::Plain) {
+                                source.finish();
+                            }
                             return Ok(());
                         }
-                        return Err(e);
                     }
-                    Err(_) => proxy_error_closed = true,
                 }
-            }
-
-            r = &mut wants_body_rx, if !wants_body && !wants_body_closed => {
-                if r.is_ok() { wants_body = true } else { wants_body_closed = true }
-            }
-
-            _ = tx.reserve(), if wants_body && !body_done && permit.is_err() && !tx.is_closed() => {}
-
-            b = session.downstream_session.read_body_or_idle(body_done),
-                if body_done || (wants_body && permit.is_ok()) =>
-            {
-                let b = b.map_err(|e| e.into_down())?;
-                if body_done {
-                    // A client with nothing more to send only reads: this was a close.
-                    return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
-                }
-                let end = b.is_none() || session.as_downstream_mut().is_body_done();
-                if let Ok(p) = permit {
-                    p.send(HttpTask::Body(b, end));
-                }
-                body_done = end;
-            }
+            },
 
             _ = sleep_until(header_deadline), if waiting => {
                 return Error::e_explain(ErrorType::HTTPStatus(504), "no response header in time");
             }
-
             _ = sleep_until(heartbeat_at), if streaming && !closing => {
                 if let Phase::Stream(s) = &mut phase {
                     if s.parser.at_boundary() {
@@ -531,15 +477,6 @@ async fn run(
                 tracing::debug!("shutdown: upstream left an event unfinished");
                 session.write_response_body(None, true).await?;
                 return Ok(());
-            }
-
-            r = &mut task, if !sub_finished => {
-                sub_finished = true;
-                if let Err(e) = r {
-                    if e.is_panic() {
-                        return Error::e_explain(ErrorType::InternalError, "subrequest panicked");
-                    }
-                }
             }
         }
     };
@@ -603,21 +540,17 @@ async fn run(
         if let Some(import) = import {
             tokio::spawn(import.follow(hub.clone(), rcx.registry.clone()));
         }
-        abort.disarm();
         let pump = Pump {
             hub: hub.clone(),
             registry: rcx.registry.clone(),
-            rx,
-            _tx: tx,
-            _proxy_error_rx: proxy_error_rx,
-            abort: AbortOnDrop(Some(task.abort_handle())),
+            source,
             pending: tasks.collect(),
             linger: rcx.settings.linger,
         };
         tokio::spawn(pump.run());
     } else {
         // Another client's request made the shared hub first: ours is not needed.
-        drop(abort);
+        drop(source);
     }
     let how = match (sub.resumed, missed) {
         (true, _) => Attach::Hit,
@@ -634,19 +567,13 @@ async fn run(
     follow_hub(session, hub, sub, follow, shutdown, stats).await
 }
 
-/// Feeds a hub from its upstream subrequest until the upstream ends or the hub has had
-/// no subscriber for its linger window; then closes the upstream and unregisters.
+/// Feeds a hub from its upstream until the upstream ends or the hub has had no
+/// subscriber for its linger window; then closes the upstream (by dropping the source)
+/// and unregisters.
 struct Pump {
     hub: Arc<Hub>,
     registry: Arc<Registry>,
-    rx: tokio::sync::mpsc::Receiver<HttpTask>,
-    /// The subrequest's request side: kept open, or it would read a client close.
-    _tx: tokio::sync::mpsc::Sender<HttpTask>,
-    /// Kept so the subrequest can report its failure without erroring on a closed
-    /// channel; failures also end `rx`.
-    _proxy_error_rx: tokio::sync::oneshot::Receiver<Box<Error>>,
-    /// Cuts the upstream connection when the pump stops.
-    abort: AbortOnDrop,
+    source: Feed,
     /// Tasks that came with the response header.
     pending: Vec<HttpTask>,
     linger: Duration,
@@ -662,7 +589,7 @@ impl Pump {
         tokio::pin!(idle);
         while alive {
             tokio::select! {
-                t = self.rx.recv() => alive = t.is_some_and(|t| feed_task(&self.hub, t)),
+                t = self.source.next_task() => alive = t.is_some_and(|t| feed_task(&self.hub, t)),
                 _ = &mut idle => {
                     if self.hub.end_if_idle() {
                         tracing::debug!("stream without clients for its linger window: closing upstream");
@@ -676,7 +603,6 @@ impl Pump {
         }
         self.hub.end();
         self.registry.remove(&self.hub);
-        drop(self.abort);
     }
 }
 
@@ -1094,7 +1020,181 @@ async fn shutdown_started(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Aborts the subrequest task when the relay returns, unless disarmed.
+/// Where a response comes from.
+enum Feed {
+    /// A pingora subrequest: ordinary requests, and any with a body.
+    Sub(Subrequest),
+    /// The stream client: GETs that ask for an event stream.
+    Direct(Box<upstream::Exchange>),
+}
+
+/// What the upstream side produced.
+enum Up {
+    /// A piece of the response.
+    Task(HttpTask),
+    /// It ended (the response may be incomplete).
+    Ended,
+    /// It failed.
+    Failed(Box<Error>),
+}
+
+impl Feed {
+    /// The next piece of the response, while watching the client: a client that closes
+    /// (or, for a subrequest, whose request body fails) ends the wait with `Err`.
+    async fn next(&mut self, session: &mut Session) -> Result<Up> {
+        match self {
+            Feed::Sub(sub) => sub.next(session).await,
+            Feed::Direct(exchange) => tokio::select! {
+                t = exchange.next() => Ok(match t {
+                    Some(HttpTask::Failed(e)) => Up::Failed(e),
+                    Some(t) => Up::Task(t),
+                    None => Up::Ended,
+                }),
+                r = session.downstream_session.read_body_or_idle(true) => {
+                    r.map_err(|e| e.into_down())?;
+                    Error::e_explain(ErrorType::ConnectionClosed, "client closed")
+                }
+            },
+        }
+    }
+
+    /// The next piece of the response, for a hub's pump (no client to watch).
+    async fn next_task(&mut self) -> Option<HttpTask> {
+        match self {
+            Feed::Sub(sub) => sub.rx.recv().await,
+            Feed::Direct(exchange) => exchange.next().await,
+        }
+    }
+
+    /// Adds what else is ready now to `batch`, so a hub gets it with the header.
+    fn drain(&mut self, batch: &mut Vec<HttpTask>) {
+        if let Feed::Sub(sub) = self {
+            while let Ok(more) = sub.rx.try_recv() {
+                batch.push(more);
+            }
+        }
+    }
+
+    /// An ordinary response is complete: let a subrequest finish, so its upstream
+    /// connection goes back to the pool (a stream's is cut when the source is dropped).
+    fn finish(&mut self) {
+        if let Feed::Sub(sub) = self {
+            sub.abort.disarm();
+        }
+    }
+}
+
+/// A pingora subrequest running the request through the proxy path (the inner pass),
+/// with the channels it talks through.
+struct Subrequest {
+    tx: tokio::sync::mpsc::Sender<HttpTask>,
+    rx: tokio::sync::mpsc::Receiver<HttpTask>,
+    wants_body_rx: tokio::sync::oneshot::Receiver<()>,
+    wants_body: bool,
+    wants_body_closed: bool,
+    proxy_error_rx: tokio::sync::oneshot::Receiver<Box<Error>>,
+    proxy_error_closed: bool,
+    task: tokio::task::JoinHandle<()>,
+    finished: bool,
+    /// The client has sent its whole request body.
+    body_done: bool,
+    /// The subrequest owns the upstream connection: aborting it closes that
+    /// connection, which is how a client's disconnect reaches the upstream at once.
+    abort: AbortOnDrop,
+}
+
+impl Subrequest {
+    fn spawn(session: &mut Session, client: ClientInfo, body_done: bool) -> Result<Subrequest> {
+        // A subrequest re-reads the request as HTTP/1 text: give an HTTP/2 request the
+        // version and `Host` an HTTP/1.1 request would have.
+        if session.is_http2() {
+            let req = session.req_header_mut();
+            req.set_version(Version::HTTP_11);
+            if req.headers.get(header::HOST).is_none() {
+                if let Some(authority) = req.uri.authority().map(|a| a.to_string()) {
+                    req.insert_header(header::HOST, authority)?;
+                }
+            }
+        }
+        let sub_ctx = SubrequestCtx::builder()
+            .body_mode(if body_done {
+                BodyMode::NoBody
+            } else {
+                BodyMode::ExpectBody
+            })
+            .user_ctx(Box::new(client))
+            .build();
+        let spawner = session
+            .subrequest_spawner
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "subrequests not enabled"))?;
+        let (subrequest, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
+        let task = tokio::spawn(subrequest.run());
+        Ok(Subrequest {
+            abort: AbortOnDrop(Some(task.abort_handle())),
+            task,
+            finished: false,
+            tx: handle.tx,
+            rx: handle.rx,
+            wants_body_rx: handle.subreq_wants_body,
+            wants_body: false,
+            wants_body_closed: false,
+            proxy_error_rx: handle.subreq_proxy_error,
+            proxy_error_closed: false,
+            body_done,
+        })
+    }
+
+    /// The next task from the subrequest, passing the client's request body to it as
+    /// it asks for it.
+    async fn next(&mut self, session: &mut Session) -> Result<Up> {
+        loop {
+            let permit = self.tx.try_reserve();
+            tokio::select! {
+                biased;
+
+                t = self.rx.recv() => return Ok(t.map_or(Up::Ended, Up::Task)),
+
+                r = &mut self.proxy_error_rx, if !self.proxy_error_closed => match r {
+                    Ok(e) => return Ok(Up::Failed(e)),
+                    Err(_) => self.proxy_error_closed = true,
+                },
+
+                r = &mut self.wants_body_rx, if !self.wants_body && !self.wants_body_closed => {
+                    if r.is_ok() { self.wants_body = true } else { self.wants_body_closed = true }
+                }
+
+                _ = self.tx.reserve(), if self.wants_body && !self.body_done && permit.is_err() && !self.tx.is_closed() => {}
+
+                b = session.downstream_session.read_body_or_idle(self.body_done),
+                    if self.body_done || (self.wants_body && permit.is_ok()) =>
+                {
+                    let b = b.map_err(|e| e.into_down())?;
+                    if self.body_done {
+                        // A client with nothing more to send only reads: this was a close.
+                        return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
+                    }
+                    let end = b.is_none() || session.as_downstream_mut().is_body_done();
+                    if let Ok(p) = permit {
+                        p.send(HttpTask::Body(b, end));
+                    }
+                    self.body_done = end;
+                }
+
+                r = &mut self.task, if !self.finished => {
+                    self.finished = true;
+                    if let Err(e) = r {
+                        if e.is_panic() {
+                            return Error::e_explain(ErrorType::InternalError, "subrequest panicked");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Aborts the subrequest task when dropped, unless disarmed.
 struct AbortOnDrop(Option<tokio::task::AbortHandle>);
 
 impl AbortOnDrop {

@@ -203,3 +203,103 @@ fn websocket_upgrade_passes_through() {
         ]
     );
 }
+
+/// A GET that asks for an event stream reaches the upstream on the gateway's stream
+/// client rather than pingora's proxy path; whatever the upstream answers, the client
+/// must see what the ordinary path gives, over HTTP/1.1 and HTTP/2.
+#[test]
+fn stream_requests_are_proxied_like_any_other() {
+    let php = Php::start();
+    let gw = Gateway::start(GatewayOptions {
+        admin: true,
+        ..GatewayOptions::to(&php)
+    });
+    let admin = gw.admin_port.expect("admin port");
+    let before = admin_metric(
+        admin,
+        r#"ssegate_upstream_connections_total{reused="no",upstream="php"}"#,
+    );
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let (st, out) = curl(&[
+            proto,
+            "-H",
+            "Accept: text/event-stream",
+            "-H",
+            "X-Forwarded-For: 203.0.113.9",
+            "-H",
+            "Connection: keep-alive, X-Hop",
+            "-H",
+            "X-Hop: secret",
+            "-H",
+            "X-Keep: yes",
+            &gw.url("/echo.php?a=1&b=2"),
+        ]);
+        assert!(st.success(), "{proto}");
+        let v = json(&out);
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["uri"], "/echo.php?a=1&b=2");
+        let h = &v["headers"];
+        assert_eq!(h["host"], format!("127.0.0.1:{}", gw.port), "{proto}");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-keep"], "yes");
+        if proto == "--http1.1" {
+            assert!(
+                h.get("x-hop").is_none(),
+                "Connection-nominated header leaked: {h}"
+            );
+        }
+
+        for (path, code) in [
+            ("/echo.php?status=422", "422"),
+            ("/nope.php", "404"),
+            ("/echo.php?status=204", "204"),
+        ] {
+            let (_, out) = curl(&[
+                proto,
+                "-H",
+                "Accept: text/event-stream",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &gw.url(path),
+            ]);
+            assert_eq!(String::from_utf8_lossy(&out), code, "{proto} {path}");
+        }
+    }
+    let after = admin_metric(
+        admin,
+        r#"ssegate_upstream_connections_total{reused="no",upstream="php"}"#,
+    );
+    assert!(
+        after - before >= 8.0,
+        "stream-client connections not counted: {before} -> {after}"
+    );
+
+    // Upstream failures: a refusing server is skipped, a dead upstream is a 502, a slow
+    // one a 504.
+    let dead = free_port();
+    let gw = Gateway::start(GatewayOptions {
+        servers: vec![
+            format!("127.0.0.1:{dead}"),
+            format!("127.0.0.1:{}", php.port),
+        ],
+        upstream_extra: "response_timeout = \"500ms\"".into(),
+        ..GatewayOptions::to(&php)
+    });
+    let sse = ["-H", "Accept: text/event-stream", "-w", "\n%{http_code}"];
+    for _ in 0..4 {
+        let (_, out) = curl(&[&sse[..], &[gw.url("/echo.php").as_str()]].concat());
+        assert!(String::from_utf8_lossy(&out).ends_with("\n200"));
+    }
+    let (_, out) = curl(&[&sse[..], &[gw.url("/echo.php?sleep=3").as_str()]].concat());
+    assert!(String::from_utf8_lossy(&out).ends_with("\n504"));
+    let gw = GatewayOptions::to_servers(vec![format!("127.0.0.1:{dead}")]).start();
+    let (_, out) = curl(&[&sse[..], &[gw.url("/echo.php").as_str()]].concat());
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.ends_with("\n502") && text.contains("Bad Gateway"),
+        "{text}"
+    );
+}

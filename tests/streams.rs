@@ -162,33 +162,39 @@ fn post_stream_without_accept_header_is_a_stream() {
 fn client_disconnect_closes_the_upstream() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php).start();
-    let log = php.file("abort.log");
-    let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
-    let mut child = curl_stream(&url, 30, &[]);
-    std::thread::sleep(Duration::from_millis(800));
-    let _ = child.kill();
-    let _ = child.wait();
-    let closed_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs_f64();
-    // PHP notices a closed connection on its second write after the close (~0.2 s).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let noticed = loop {
-        if let Ok(s) = std::fs::read_to_string(&log) {
-            break s.trim().parse::<f64>().expect("timestamp");
-        }
+    // Without and with `Accept: text/event-stream` (pingora's path and the stream client).
+    for (i, extra) in [&[][..], &["-H", "Accept: text/event-stream"][..]]
+        .into_iter()
+        .enumerate()
+    {
+        let log = php.file(&format!("abort{i}.log"));
+        let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
+        let mut child = curl_stream(&url, 30, extra);
+        std::thread::sleep(Duration::from_millis(800));
+        let _ = child.kill();
+        let _ = child.wait();
+        let closed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        // PHP notices a closed connection on its second write after the close (~0.2 s).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let noticed = loop {
+            if let Ok(s) = std::fs::read_to_string(&log) {
+                break s.trim().parse::<f64>().expect("timestamp");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backend never saw the client leave ({extra:?})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let delay = noticed - closed_at;
         assert!(
-            Instant::now() < deadline,
-            "the backend never saw the client leave"
+            delay < 1.0,
+            "upstream noticed {delay:.3}s after the client left ({extra:?})"
         );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let delay = noticed - closed_at;
-    assert!(
-        delay < 1.0,
-        "upstream noticed {delay:.3}s after the client left"
-    );
+    }
 }
 
 #[test]
