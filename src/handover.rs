@@ -135,7 +135,7 @@ async fn answer(stream: UnixStream, registry: &Registry, until: Instant) -> std:
         tokio::select! {
             m = sub.rx.recv() => match m {
                 Ok(HubMsg::Block(b)) => {
-                    framed.send(b.raw).await?;
+                    framed.send(b.raw.clone()).await?;
                     live += 1;
                 }
                 // The upstream ended, or the new process fell behind: it takes over.

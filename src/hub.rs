@@ -55,8 +55,9 @@ impl StreamKey {
 /// A message from a hub to its subscribers.
 #[derive(Debug, Clone)]
 pub enum HubMsg {
-    /// A block to forward as is.
-    Block(StoredEvent),
+    /// A block to forward as is. Shared: the channel preallocates a slot per
+    /// `lag_blocks` for every hub, idle or not, so slots stay pointer-sized.
+    Block(Arc<StoredEvent>),
     /// The upstream stream ended (or failed): end the client's stream.
     End,
 }
@@ -154,9 +155,10 @@ impl Merge {
 impl Inner {
     /// Records a block and sends it to the subscribers.
     fn publish(&mut self, block: StoredEvent) {
-        self.store.push(block.clone());
+        let shared = Arc::new(block);
+        self.store.push(StoredEvent::clone(&shared));
         // No receiver is fine: the hub is lingering and only records.
-        let _ = self.tx.send(HubMsg::Block(block));
+        let _ = self.tx.send(HubMsg::Block(shared));
     }
 
     /// Whether the old feed is still wanted.
