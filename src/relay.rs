@@ -740,7 +740,16 @@ async fn follow_hub(
     }
 
     let heartbeat = sse::heartbeat(&f.sse.heartbeat_comment);
-    let mut heartbeat_at = Instant::now() + f.sse.heartbeat_interval;
+    let interval = f.sse.heartbeat_interval;
+    // One timer and one shutdown wait for the stream's life, not one per event: with
+    // thousands of followers, re-registering both on every event costs more than the
+    // event (the timer and the shutdown watch are shared, locked structures). A block
+    // only moves `last_write`; the timer, when it fires, checks the real silence.
+    let mut last_write = Instant::now();
+    let heartbeat_timer = tokio::time::sleep_until(last_write + interval);
+    tokio::pin!(heartbeat_timer);
+    let shutdown = shutdown_started(shutdown);
+    tokio::pin!(shutdown);
     let mut skip_id = f.skip_id;
     loop {
         tokio::select! {
@@ -766,7 +775,7 @@ async fn follow_hub(
                             session.write_response_body(Some(r.clone()), false).await?;
                         }
                     }
-                    heartbeat_at = Instant::now() + f.sse.heartbeat_interval;
+                    last_write = Instant::now();
                 }
                 Ok(HubMsg::End) | Err(broadcast::error::RecvError::Closed) => {
                     return session.write_response_body(None, true).await;
@@ -779,14 +788,17 @@ async fn follow_hub(
                     return session.write_response_body(None, true).await;
                 }
             },
-            _ = sleep_until(heartbeat_at) => {
-                session.write_response_body(Some(heartbeat.clone()), false).await?;
-                body_started = true;
-                stats.heartbeats += 1;
-                f.metrics.heartbeats.inc();
-                heartbeat_at = Instant::now() + f.sse.heartbeat_interval;
+            _ = &mut heartbeat_timer => {
+                if last_write.elapsed() >= interval {
+                    session.write_response_body(Some(heartbeat.clone()), false).await?;
+                    body_started = true;
+                    stats.heartbeats += 1;
+                    f.metrics.heartbeats.inc();
+                    last_write = Instant::now();
+                }
+                heartbeat_timer.as_mut().reset(last_write + interval);
             }
-            _ = shutdown_started(shutdown) => {
+            _ = &mut shutdown => {
                 session
                     .write_response_body(Some(sse::shutdown_hint(f.sse.shutdown_retry.as_millis() as u64)), false)
                     .await?;
