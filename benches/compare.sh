@@ -2,7 +2,7 @@
 # Runs, in one go and under identical load, the synthetic origin direct, ssegate, nginx
 # (proxy_buffering off) and HAProxy (option http-no-delay), and prints a table: memory
 # per open stream, CPU per million delivered events, latency, lost events.
-# See BENCHMARKS.md. Usage: benches/compare.sh [--quick]
+# See BENCHMARKS.md. Usage: [PROXIES="direct ssegate"] benches/compare.sh [--quick]
 #   --quick: smaller runs (a minute or two), to check the script itself.
 # Installs nginx and haproxy from Debian's packages when missing (skipped if that fails).
 # Loopback only; every run is bounded in clients and seconds.
@@ -124,6 +124,8 @@ start_proxy() { # name -> PPID, PORT
 proxies=(direct ssegate)
 command -v nginx >/dev/null && proxies+=(nginx)
 command -v haproxy >/dev/null && proxies+=(haproxy)
+# PROXIES="direct ssegate" runs only those (the table needs `direct` first).
+[ -z "${PROXIES:-}" ] || read -ra proxies <<< "$PROXIES"
 RESULTS="$W/results"; : > "$RESULTS"
 
 load() { # port path clients secs warm -> json
