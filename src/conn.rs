@@ -60,11 +60,19 @@ impl<A> ConnGuard<A> {
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
-    async fn process_new(
-        self: &Arc<Self>,
+    // Written out rather than `async fn`: the guard's work is synchronous, so the
+    // connection's future is pingora's own, without a layer of ours to allocate and to
+    // poll through on every wake-up of every stream.
+    fn process_new<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
+        shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<Stream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
         let stream: Stream = match stream.as_any().downcast_ref::<Deadline>() {
             Some(d) => {
                 // A kept-alive connection back for its next request: a new deadline.
@@ -81,7 +89,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
                         .with_label_values(&["max_connections"])
                         .inc();
                     tracing::debug!(open, cap, "connection closed: max_connections");
-                    return None;
+                    return Box::pin(std::future::ready(None));
                 }
                 self.metrics.connections_open.inc();
                 Box::new(Deadline::new(
@@ -94,7 +102,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
                 ))
             }
         };
-        self.inner.process_new(stream, shutdown).await
+        self.inner.process_new(stream, shutdown)
     }
 
     async fn cleanup(&self) {
