@@ -753,6 +753,9 @@ async fn follow_hub(
     let mut skip_id = f.skip_id;
     loop {
         tokio::select! {
+            // Blocks first: a busy stream is served without polling the rest.
+            biased;
+
             m = sub.rx.recv() => match m {
                 Ok(HubMsg::Block(b)) => {
                     if b.has_id_field {
@@ -762,17 +765,17 @@ async fn follow_hub(
                         }
                     }
                     if !body_started && b.raw.starts_with(sse::BOM) {
-                        session.write_response_body(Some(Bytes::from_static(b"\n")), false).await?;
+                        write_stream(session, Bytes::from_static(b"\n")).await?;
                     }
                     body_started = true;
-                    session.write_response_body(Some(b.raw.clone()), false).await?;
+                    write_stream(session, b.raw.clone()).await?;
                     stats.events += 1;
                     f.metrics.events.inc();
                     f.metrics.bytes.inc_by(b.raw.len() as u64);
                     if b.sets_retry {
                         if let Some(r) = &retry_block {
                             // The upstream just set its own delay: ours goes right after.
-                            session.write_response_body(Some(r.clone()), false).await?;
+                            write_stream(session, r.clone()).await?;
                         }
                     }
                     last_write = Instant::now();
@@ -790,7 +793,7 @@ async fn follow_hub(
             },
             _ = &mut heartbeat_timer => {
                 if last_write.elapsed() >= interval {
-                    session.write_response_body(Some(heartbeat.clone()), false).await?;
+                    write_stream(session, heartbeat.clone()).await?;
                     body_started = true;
                     stats.heartbeats += 1;
                     f.metrics.heartbeats.inc();
@@ -810,6 +813,16 @@ async fn follow_hub(
             }
         }
     }
+}
+
+/// Writes stream bytes straight to the client session, past pingora's module filters:
+/// the only module installed is response compression, which is off and must never touch
+/// an event stream anyway, and this runs for every event of every client.
+async fn write_stream(session: &mut Session, bytes: Bytes) -> Result<()> {
+    session
+        .as_downstream_mut()
+        .write_response_body(bytes, false)
+        .await
 }
 
 /// Headers every stream response gets, whichever path it takes.
