@@ -26,9 +26,11 @@ trap cleanup EXIT
 TCK=$(getconf CLK_TCK)
 ORIGIN=19100 GW=19101 NGX=19102 HAP=19103
 
-# CPU seconds (user+system) of a process and its children alive now.
+# CPU seconds (user+system) of a process and its children alive now; `cpu PID sys`
+# counts the system (kernel) part only.
 cpu() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do
-  t=$(awk -v t="$t" -v k="$TCK" '{s=$0; sub(/^.*\) /,"",s); split(s,f," "); print t+(f[12]+f[13])/k}' /proc/"$p"/stat); done; echo "$t"; }
+  t=$(awk -v t="$t" -v k="$TCK" -v only="${2:-}" '{s=$0; sub(/^.*\) /,"",s); split(s,f," ");
+      print t+((only == "sys" ? 0 : f[12])+f[13])/k}' /proc/"$p"/stat); done; echo "$t"; }
 # Resident memory in KiB of a process and its children.
 rss() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do
   t=$((t + $(awk '/^VmRSS/{print $2}' /proc/"$p"/status))); done; echo "$t"; }
@@ -152,7 +154,7 @@ for p in "${proxies[@]}"; do
   start_proxy "$p"
   load $PORT /stream $ONE $((SECS + WARM)) $WARM > "$W/one.json" &
   LPID=$!
-  sleep $WARM; c0=$(cpu $PPID_); sleep $SECS; c1=$(cpu $PPID_)
+  sleep $WARM; c0=$(cpu $PPID_); k0=$(cpu $PPID_ sys); sleep $SECS; c1=$(cpu $PPID_); k1=$(cpu $PPID_ sys)
   wait $LPID || true
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
@@ -169,9 +171,9 @@ for p in "${proxies[@]}"; do
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
 
-  python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" >> "$RESULTS" <<'PY'
+  python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" "$k0" "$k1" >> "$RESULTS" <<'PY'
 import json, sys
-p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w = sys.argv[1:]
+p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w, k0, k1 = sys.argv[1:]
 one = json.load(open(f"{w}/one.json")); sh = json.load(open(f"{w}/shared.json"))
 # CPU was sampled over the load tool's measuring window (after its warm-up), and
 # `measured` counts the events delivered in that same window.
@@ -181,6 +183,7 @@ def per_m(cpu, rep):
 row = {
   "proxy": p, "idle_streams": int(idle_ok), "idle_kib_per_stream": float(idle_kib),
   "one_cpu_s_per_m": per_m(float(c1) - float(c0), one),
+  "one_sys_s_per_m": per_m(float(k1) - float(k0), one),
   "one_p50_ms": one["latency_us"]["p50"] / 1000, "one_p99_ms": one["latency_us"]["p99"] / 1000,
   "one_lost": one["lost"], "one_errors": one["errors"], "one_events": one["events"],
   "shared_clients": sh["connected"],
@@ -202,6 +205,7 @@ def line(label, key, fmt):
 line("idle streams held", "idle_streams", "{}")
 line("RSS per idle stream (KiB)", "idle_kib_per_stream", "{:.2f}")
 line("1:1 CPU s per 1M events", "one_cpu_s_per_m", "{:.1f}")
+line("1:1 of which kernel (system) s", "one_sys_s_per_m", "{:.1f}")
 line("1:1 latency p50 (ms)", "one_p50_ms", "{:.2f}")
 line("1:1 latency p99 (ms)", "one_p99_ms", "{:.2f}")
 line("1:1 events lost", "one_lost", "{}")
