@@ -83,6 +83,8 @@ pub async fn open(req: &RequestHeader, client: &ClientInfo, metrics: &Metrics) -
         .inc();
 
     let (mut sender, conn) = http1::Builder::new()
+        // pingora's own limit for the rest of the traffic (hyper's default is 100).
+        .max_headers(256)
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| upstream_error(ErrorType::ConnectError, "handshake", e))?;
