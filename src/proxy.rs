@@ -5,9 +5,10 @@
 //! session) picks the route and hands the request to the relay, which runs it again as a
 //! pingora subrequest (the *inner* pass) to reach the upstream through pingora's ordinary
 //! proxy path; a GET that asks for an event stream on a replay route takes the
-//! [`crate::upstream`] stream client instead (with the same forwarding headers). The relay then sees the upstream's response header first and decides:
-//! an event stream is pumped with heartbeats and a clean shutdown, anything else is
-//! passed through as it comes. WebSocket upgrades skip the relay and take the ordinary
+//! [`crate::upstream`] stream client instead (with the same forwarding headers). The
+//! relay then sees the upstream's response header first and decides: an event stream is
+//! pumped with heartbeats and a clean shutdown, anything else is passed through as it
+//! comes. WebSocket upgrades skip the relay and take the ordinary
 //! path directly.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,9 +85,7 @@ impl Live {
             route_limits,
         }
     }
-}
 
-impl Live {
     /// The server of an upstream to try first: round-robin.
     pub fn next_server(&self, upstream_index: usize) -> usize {
         self.next_server
