@@ -229,8 +229,8 @@ struct StreamState {
     bom: Option<sse::BomStripper>,
     /// The upstream has sent body bytes.
     upstream_spoke: bool,
-    /// When a heartbeat is due (silence since the last write).
-    heartbeat_at: Instant,
+    /// When the gateway last wrote to the client: a heartbeat is due `interval` later.
+    last_write: Instant,
     /// The heartbeat interval.
     interval: Duration,
     /// The heartbeat bytes.
@@ -377,106 +377,121 @@ async fn run(
     let header_deadline = Instant::now() + response_timeout;
     let far_future = Instant::now() + Duration::from_secs(86400 * 365);
 
-    let first = loop {
-        let heartbeat_at = match &phase {
-            Phase::Stream(s) if !s.opaque && !s.closing => s.heartbeat_at,
-            _ => far_future,
-        };
-        let waiting = matches!(phase, Phase::Waiting);
-        let streaming = matches!(phase, Phase::Stream(_));
-        let closing = matches!(&phase, Phase::Stream(s) if s.closing);
-        let close_by = match &phase {
-            Phase::Stream(s) if s.closing => s.close_by,
-            _ => far_future,
-        };
-        tokio::select! {
-            biased;
+    // One heartbeat timer and one shutdown wait for the whole response, not one per
+    // chunk (see `follow_hub`); both are dropped before a hub takes over.
+    let first = {
+        let heartbeat_timer = sleep_until(far_future);
+        tokio::pin!(heartbeat_timer);
+        let mut heartbeat_armed = false;
+        let shutdown_wait = shutdown_started(shutdown);
+        tokio::pin!(shutdown_wait);
+        loop {
+            let beating = matches!(&phase, Phase::Stream(s) if !s.opaque && !s.closing);
+            if let (Phase::Stream(s), false) = (&phase, heartbeat_armed) {
+                heartbeat_timer.as_mut().reset(s.last_write + s.interval);
+                heartbeat_armed = true;
+            }
+            let waiting = matches!(phase, Phase::Waiting);
+            let streaming = matches!(phase, Phase::Stream(_));
+            let closing = matches!(&phase, Phase::Stream(s) if s.closing);
+            let close_by = match &phase {
+                Phase::Stream(s) if s.closing => s.close_by,
+                _ => far_future,
+            };
+            tokio::select! {
+                biased;
 
-            u = source.next(session) => match u? {
-                Up::Ended => {
-                    // The upstream side ended without finishing the response.
-                    return match phase {
-                        Phase::Waiting => Error::e_explain(ErrorType::ConnectProxyFailure, "upstream produced no response"),
-                        Phase::Plain => Error::e_explain(ErrorType::ReadError, "upstream response cut short"),
-                        Phase::Stream(_) => {
-                            // Upstream closed: end the stream so the client reconnects.
-                            session.write_response_body(None, true).await?;
-                            Ok(())
-                        }
-                    };
-                }
-                Up::Failed(e) if session.response_written().is_none() => return Err(e),
-                Up::Failed(e) => {
-                    // The header is out: all we can do is end the response.
-                    tracing::debug!("upstream failed mid-response: {e}");
-                    if streaming {
-                        session.write_response_body(None, true).await?;
-                        return Ok(());
-                    }
-                    return Err(e);
-                }
-                Up::Task(t) => {
-                    let mut batch = vec![t];
-                    source.drain(&mut batch);
-                    if admission.replay.as_ref().is_some_and(|r| r.registry.has_room())
-                        && matches!(phase, Phase::Waiting)
-                        && matches!(&batch[0], HttpTask::Header(resp, false) if resp.status == StatusCode::OK && is_event_stream(resp) && !is_compressed(resp))
-                    {
-                        // An event stream on a replay route: it becomes a hub that outlives
-                        // this client; this client becomes its first subscriber.
-                        break batch;
-                    }
-                    // Not a hub after all (an error page, a compressed stream...): the other
-                    // clients of a shared key must not wait for this response to finish.
-                    opening = None;
-                    for t in batch {
-                        let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, route_name: &route.name, admission: &mut *admission, key };
-                        if handle_task(session, &mut phase, t, &mut cx).await? {
-                            if matches!(phase, Phase::Plain) {
-                                source.finish();
+                u = source.next(session) => match u? {
+                    Up::Ended => {
+                        // The upstream side ended without finishing the response.
+                        return match phase {
+                            Phase::Waiting => Error::e_explain(ErrorType::ConnectProxyFailure, "upstream produced no response"),
+                            Phase::Plain => Error::e_explain(ErrorType::ReadError, "upstream response cut short"),
+                            Phase::Stream(_) => {
+                                // Upstream closed: end the stream so the client reconnects.
+                                session.write_response_body(None, true).await?;
+                                Ok(())
                             }
+                        };
+                    }
+                    Up::Failed(e) if session.response_written().is_none() => return Err(e),
+                    Up::Failed(e) => {
+                        // The header is out: all we can do is end the response.
+                        tracing::debug!("upstream failed mid-response: {e}");
+                        if streaming {
+                            session.write_response_body(None, true).await?;
                             return Ok(());
                         }
+                        return Err(e);
                     }
-                }
-            },
-
-            _ = sleep_until(header_deadline), if waiting => {
-                return Error::e_explain(ErrorType::HTTPStatus(504), "no response header in time");
-            }
-            _ = sleep_until(heartbeat_at), if streaming && !closing => {
-                if let Phase::Stream(s) = &mut phase {
-                    if s.parser.at_boundary() {
-                        session.write_response_body(Some(s.heartbeat.clone()), false).await?;
-                        stats.heartbeats += 1;
-                        s.metrics.heartbeats.inc();
-                        if !s.upstream_spoke && s.bom.is_none() {
-                            s.bom = Some(sse::BomStripper::default());
+                    Up::Task(t) => {
+                        let mut batch = vec![t];
+                        source.drain(&mut batch);
+                        if admission.replay.as_ref().is_some_and(|r| r.registry.has_room())
+                            && matches!(phase, Phase::Waiting)
+                            && matches!(&batch[0], HttpTask::Header(resp, false) if resp.status == StatusCode::OK && is_event_stream(resp) && !is_compressed(resp))
+                        {
+                            // An event stream on a replay route: it becomes a hub that outlives
+                            // this client; this client becomes its first subscriber.
+                            break batch;
+                        }
+                        // Not a hub after all (an error page, a compressed stream...): the other
+                        // clients of a shared key must not wait for this response to finish.
+                        opening = None;
+                        for t in batch {
+                            let mut cx = TaskCx { stats: &mut *stats, settings: &route.sse, route_name: &route.name, admission: &mut *admission, key };
+                            if handle_task(session, &mut phase, t, &mut cx).await? {
+                                if matches!(phase, Phase::Plain) {
+                                    source.finish();
+                                }
+                                return Ok(());
+                            }
                         }
                     }
-                    // Mid-event: the upstream owes the rest; check again later.
-                    s.heartbeat_at = Instant::now() + s.interval;
-                }
-            }
+                },
 
-            _ = shutdown_started(shutdown), if streaming && !closing => {
-                if let Phase::Stream(s) = &mut phase {
-                    s.closing = true;
-                    if s.opaque || s.parser.at_boundary() {
-                        end_with_retry(session, s).await?;
-                        return Ok(());
+                _ = sleep_until(header_deadline), if waiting => {
+                    return Error::e_explain(ErrorType::HTTPStatus(504), "no response header in time");
+                }
+                _ = &mut heartbeat_timer, if beating => {
+                    if let Phase::Stream(s) = &mut phase {
+                        let mut next = s.last_write + s.interval;
+                        if s.last_write.elapsed() >= s.interval {
+                            if s.parser.at_boundary() {
+                                session.write_response_body(Some(s.heartbeat.clone()), false).await?;
+                                stats.heartbeats += 1;
+                                s.metrics.heartbeats.inc();
+                                if !s.upstream_spoke && s.bom.is_none() {
+                                    s.bom = Some(sse::BomStripper::default());
+                                }
+                                s.last_write = Instant::now();
+                            }
+                            // Mid-event: the upstream owes the rest; check again later.
+                            next = Instant::now() + s.interval;
+                        }
+                        heartbeat_timer.as_mut().reset(next);
                     }
-                    s.close_by = Instant::now() + MID_EVENT_SHUTDOWN_WAIT;
                 }
-            }
 
-            _ = sleep_until(close_by), if closing => {
-                // The upstream never finished its event. A hint appended now would join
-                // the unfinished line, so end without one: the client drops the partial
-                // event and reconnects after its current delay.
-                tracing::debug!("shutdown: upstream left an event unfinished");
-                session.write_response_body(None, true).await?;
-                return Ok(());
+                _ = &mut shutdown_wait, if streaming && !closing => {
+                    if let Phase::Stream(s) = &mut phase {
+                        s.closing = true;
+                        if s.opaque || s.parser.at_boundary() {
+                            end_with_retry(session, s).await?;
+                            return Ok(());
+                        }
+                        s.close_by = Instant::now() + MID_EVENT_SHUTDOWN_WAIT;
+                    }
+                }
+
+                _ = sleep_until(close_by), if closing => {
+                    // The upstream never finished its event. A hint appended now would join
+                    // the unfinished line, so end without one: the client drops the partial
+                    // event and reconnects after its current delay.
+                    tracing::debug!("shutdown: upstream left an event unfinished");
+                    session.write_response_body(None, true).await?;
+                    return Ok(());
+                }
             }
         }
     };
@@ -931,7 +946,7 @@ async fn handle_task(
                     }
                     s.metrics.bytes.inc_by(bytes.len() as u64);
                     session.write_response_body(Some(bytes), false).await?;
-                    s.heartbeat_at = Instant::now() + s.interval;
+                    s.last_write = Instant::now();
                     if s.retry_due && s.parser.at_boundary() {
                         // The upstream just set its own delay: ours goes right after it.
                         s.retry_due = false;
@@ -1016,7 +1031,7 @@ async fn start_stream(
         parser: sse::Parser::boundaries_only(settings.max_event_bytes),
         bom,
         upstream_spoke: false,
-        heartbeat_at: Instant::now() + settings.heartbeat_interval,
+        last_write: Instant::now(),
         interval: settings.heartbeat_interval,
         heartbeat: sse::heartbeat(&settings.heartbeat_comment),
         closing: false,
