@@ -15,8 +15,16 @@ fn body_of(args: &[&str]) -> Vec<u8> {
 
 #[test]
 fn heartbeats_fill_upstream_silence() {
+    // Through a hub (the default) and relayed as it comes (replay off).
+    for replay in ["linger = \"0s\"\n", "enabled = false\n"] {
+        heartbeats_fill_silence_with(replay);
+    }
+}
+
+fn heartbeats_fill_silence_with(replay: &str) {
     let php = Php::start();
     let gw = GatewayOptions::to(&php)
+        .replay(replay)
         .extra("[sse]\nheartbeat_interval = \"400ms\"\nheartbeat_comment = \"hb\"\n")
         .start();
     let start = Instant::now();
