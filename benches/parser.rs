@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ssegate::hub::{HubMsg, Registry, Start, StreamKey};
+use ssegate::hub::{HubMsg, NewHub, Registry, Start, StreamKey, Viewer};
 use ssegate::replay::{Budget, MemoryRing, RingBounds};
 use ssegate::sse::Parser;
 
@@ -99,12 +99,17 @@ fn fan_out(c: &mut Criterion) {
                 max_age: Duration::from_secs(3600),
             };
             let (hub, first, _) = registry.create(
-                StreamKey::new([&b"bench"[..]]),
-                true,
-                http::Response::new(()).into_parts().0,
-                Box::new(MemoryRing::new(bounds, Budget::new(1 << 30))),
-                1 << 20,
-                None,
+                NewHub::open(
+                    StreamKey::new([&b"bench"[..]]),
+                    true,
+                    http::Response::new(()).into_parts().0,
+                    Box::new(MemoryRing::new(bounds, Budget::new(1 << 30))),
+                    1 << 20,
+                ),
+                Viewer {
+                    headers: &http::HeaderMap::new(),
+                    has_identity: false,
+                },
             );
             let mut subs = vec![first];
             for _ in 1..subscribers {

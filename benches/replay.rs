@@ -9,7 +9,7 @@ use std::time::Duration;
 mod common;
 
 use criterion::{criterion_group, Criterion, Throughput};
-use ssegate::hub::{Registry, StreamKey};
+use ssegate::hub::{NewHub, Registry, StreamKey, Viewer};
 use ssegate::replay::{Budget, MemoryRing, RingBounds};
 
 #[global_allocator]
@@ -36,12 +36,17 @@ fn memory_per_event() {
     let head = http::Response::new(()).into_parts().0;
     let before = common::live();
     let (hub, sub, _) = registry.create(
-        StreamKey::new([&b"bench"[..]]),
-        false,
-        head,
-        Box::new(MemoryRing::new(bounds(n as usize), budget.clone())),
-        1 << 20,
-        None,
+        NewHub::open(
+            StreamKey::new([&b"bench"[..]]),
+            false,
+            head,
+            Box::new(MemoryRing::new(bounds(n as usize), budget.clone())),
+            1 << 20,
+        ),
+        Viewer {
+            headers: &http::HeaderMap::new(),
+            has_identity: false,
+        },
     );
     drop(sub); // no subscriber: the hub only records
     let mut raw_bytes = 0;
@@ -65,12 +70,17 @@ fn bench(c: &mut Criterion) {
     let budget = Budget::new(usize::MAX / 2);
     let head = http::Response::new(()).into_parts().0;
     let (hub, sub, _) = registry.create(
-        StreamKey::new([&b"bench"[..]]),
-        false,
-        head,
-        Box::new(MemoryRing::new(bounds(1000), budget)),
-        1 << 20,
-        None,
+        NewHub::open(
+            StreamKey::new([&b"bench"[..]]),
+            false,
+            head,
+            Box::new(MemoryRing::new(bounds(1000), budget)),
+            1 << 20,
+        ),
+        Viewer {
+            headers: &http::HeaderMap::new(),
+            has_identity: false,
+        },
     );
     let chunk: Vec<u8> = (0..100).flat_map(event).collect();
     let mut g = c.benchmark_group("hub");

@@ -343,17 +343,12 @@ impl Config {
     }
 }
 
-/// Lowercases a host and drops a `:port` (keeping IPv6 brackets intact).
+/// Lowercases a host and drops a `:port` and trailing dots (keeping IPv6 brackets
+/// intact), as [`crate::key::normalize_authority`] does for requests.
 fn normalize_host(host: &str) -> String {
-    let h = if let Some(rest) = host.strip_prefix('[') {
-        match rest.find(']') {
-            Some(i) => &host[..i + 2],
-            None => host,
-        }
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    h.to_ascii_lowercase()
+    crate::key::host_name(host)
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
 }
 
 /// Collects errors with their places while converting the file layer.

@@ -12,8 +12,10 @@
 //! `hub::Merge`), so nothing sent in between is lost or doubled.
 //!
 //! Wire format, length-delimited frames (tokio-util's codec) on the unix socket:
-//! the request is two frames, the stream key and the client's last event id (empty for
-//! none); the answer is the stored raw blocks, an empty frame, then live raw blocks until
+//! the request is three frames, the stream key, the client's last event id (empty for
+//! none) and the audience fingerprint of the new process's response
+//! ([`crate::key::Audience::fingerprint`]: only a hub with the same `Vary` values and
+//! privacy is handed over); the answer is the stored raw blocks, an empty frame, then live raw blocks until
 //! the old process closes. A stream the old process does not have is answered by closing.
 //! The socket is only reachable by the gateway's own user (mode 0600): it carries the
 //! events of every user.
@@ -112,13 +114,14 @@ async fn answer(stream: UnixStream, registry: &Registry, until: Instant) -> std:
     let read = async {
         let key = framed.next().await.transpose()?;
         let last = framed.next().await.transpose()?;
-        Ok::<_, std::io::Error>(key.zip(last))
+        let audience = framed.next().await.transpose()?;
+        Ok::<_, std::io::Error>(key.zip(last).zip(audience))
     };
-    let Some((key, last)) = timeout(FETCH_TIMEOUT, read).await?? else {
+    let Some(((key, last), audience)) = timeout(FETCH_TIMEOUT, read).await?? else {
         return Ok(());
     };
     let last = std::str::from_utf8(&last).ok().filter(|s| !s.is_empty());
-    let Some(mut sub) = registry.hand_over(&StreamKey::from_bytes(&key), last) else {
+    let Some(mut sub) = registry.hand_over(&StreamKey::from_bytes(&key), last, &audience) else {
         return Ok(());
     };
     let replayed = sub.replay.len();
@@ -174,18 +177,20 @@ impl Source {
         }
     }
 
-    /// Asks the old process for stream `key`. `None` when it has none, is gone, or
-    /// does not answer in time.
+    /// Asks the old process for stream `key`, recorded for the same `audience`
+    /// fingerprint. `None` when it has none, is gone, or does not answer in time.
     pub async fn fetch(
         &self,
         key: &StreamKey,
+        audience: &[u8],
         last_id: Option<&str>,
         max_event_bytes: usize,
     ) -> Option<Import> {
         if Instant::now() >= self.until {
             return None;
         }
-        match timeout(FETCH_TIMEOUT, self.try_fetch(key, last_id, max_event_bytes)).await {
+        let fetch = self.try_fetch(key, audience, last_id, max_event_bytes);
+        match timeout(FETCH_TIMEOUT, fetch).await {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 // Most often: no old process (any more).
@@ -202,6 +207,7 @@ impl Source {
     async fn try_fetch(
         &self,
         key: &StreamKey,
+        audience: &[u8],
         last_id: Option<&str>,
         max_event_bytes: usize,
     ) -> std::io::Result<Option<Import>> {
@@ -209,8 +215,9 @@ impl Source {
         let mut framed = Framed::new(stream, codec());
         framed.feed(Bytes::copy_from_slice(key.as_bytes())).await?;
         framed
-            .send(Bytes::copy_from_slice(last_id.unwrap_or("").as_bytes()))
+            .feed(Bytes::copy_from_slice(last_id.unwrap_or("").as_bytes()))
             .await?;
+        framed.send(Bytes::copy_from_slice(audience)).await?;
         let mut parser = sse::Parser::boundaries_only(max_event_bytes).mid_stream();
         let mut blocks = Vec::new();
         loop {

@@ -5,8 +5,10 @@
 //! it, under one lock, so a subscriber that attaches with a `Last-Event-ID` gets the
 //! replay and then the live blocks with no gap and no duplicate.
 //!
-//! The [`Registry`] finds hubs by [`StreamKey`]. Keys include the identity headers of the
-//! route, so two users never share a hub unless the route says its streams are public.
+//! The [`Registry`] finds hubs by [`StreamKey`] (the primary key, see [`crate::key`]), and
+//! lets a request read a hub only when the hub's [`Audience`] admits it (the secondary
+//! key: `Vary`, private responses), so two users never share a hub unless the route
+//! says its streams are public.
 //! When a hub's last subscriber leaves it lingers, still recording, so a client that comes
 //! back soon misses nothing even if the backend ignores `Last-Event-ID`.
 //!
@@ -19,38 +21,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, Notify};
 
+pub use crate::key::StreamKey;
+use crate::key::{Audience, Denied};
 use crate::replay::{Lookup, ReplayStore, StoredEvent};
 use crate::sse;
-
-/// What identifies one stream: route, upstream, method, path and query, and the values
-/// of the route's identity headers (for public routes, none). Values are kept whole, not
-/// hashed, so two different identities can never collide.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct StreamKey(Arc<[u8]>);
-
-impl StreamKey {
-    /// The key's bytes, to name the stream to another process (see `handover`).
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// A key received from another process. It only ever matches the same bytes, so a
-    /// made-up key finds nothing.
-    pub fn from_bytes(bytes: &[u8]) -> StreamKey {
-        StreamKey(bytes.into())
-    }
-
-    /// Builds a key from its parts; each part is length-prefixed so no value can be
-    /// crafted to look like another split.
-    pub fn new<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> StreamKey {
-        let mut buf = Vec::new();
-        for p in parts {
-            buf.extend_from_slice(&(p.len() as u64).to_le_bytes());
-            buf.extend_from_slice(p);
-        }
-        StreamKey(buf.into())
-    }
-}
 
 /// A message from a hub to its subscribers.
 #[derive(Debug, Clone)]
@@ -67,8 +41,8 @@ pub enum HubMsg {
 pub struct ReplayCounters {
     /// Resumes whose `Last-Event-ID` was found.
     pub hits: AtomicU64,
-    /// Resumes whose `Last-Event-ID` was not found.
-    pub misses: AtomicU64,
+    /// Resumes whose `Last-Event-ID` was not found, by [`Miss::index`].
+    pub misses: [AtomicU64; Miss::ALL.len()],
     /// Blocks sent from stores on resume.
     pub events_replayed: AtomicU64,
     /// Clients served from an existing hub instead of a new upstream request.
@@ -88,6 +62,98 @@ pub enum Start<'a> {
     After(&'a str),
     /// With the last `n` blocks, then live.
     Last(usize),
+}
+
+/// The request that asks to read a hub, as the secondary key sees it.
+#[derive(Clone, Copy)]
+pub struct Viewer<'a> {
+    /// Its headers, as the upstream would receive them.
+    pub headers: &'a http::HeaderMap,
+    /// It carries one of the route's identity headers.
+    pub has_identity: bool,
+}
+
+impl Viewer<'_> {
+    fn may_read(&self, hub: &Hub) -> Result<(), Denied> {
+        hub.audience.admits(self.headers, self.has_identity)
+    }
+}
+
+/// Why a resume found nothing to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// No live hub of the key holds the id (evicted, expired, or never seen).
+    Unknown,
+    /// A hub of the key exists but may not be read by this request.
+    Denied(Denied),
+}
+
+impl Miss {
+    /// Every miss, in [`Miss::index`] order.
+    pub const ALL: [Miss; 4] = [
+        Miss::Unknown,
+        Miss::Denied(Denied::Vary),
+        Miss::Denied(Denied::VaryAny),
+        Miss::Denied(Denied::Private),
+    ];
+
+    /// Position in [`ReplayCounters::misses`].
+    pub fn index(self) -> usize {
+        Miss::ALL.iter().position(|m| *m == self).unwrap_or(0)
+    }
+
+    /// For metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Miss::Unknown => "unknown_id",
+            Miss::Denied(d) => d.as_str(),
+        }
+    }
+}
+
+/// What a new hub is made of.
+pub struct NewHub {
+    /// The stream's primary key.
+    pub key: StreamKey,
+    /// More keys the same stream answers to: the key a visitor's reconnect will carry
+    /// once it sends the cookie this response set (see [`crate::key::cookie_set_by`]).
+    pub aliases: Vec<StreamKey>,
+    /// Public route: new clients without `Last-Event-ID` join this hub.
+    pub shared: bool,
+    /// Who else may read it.
+    pub audience: Audience,
+    /// The upstream's response status and headers.
+    pub head: http::response::Parts,
+    /// Where its recent blocks are kept.
+    pub store: Box<dyn ReplayStore>,
+    /// Largest event the parser takes.
+    pub max_event_bytes: usize,
+    /// After an upgrade: what the old process handed over.
+    pub seed: Option<Seed>,
+}
+
+impl NewHub {
+    /// A hub of `key` that anyone asking for that key may read (the response named no
+    /// `Vary` and was not private), with nothing handed over.
+    pub fn open(
+        key: StreamKey,
+        shared: bool,
+        head: http::response::Parts,
+        store: Box<dyn ReplayStore>,
+        max_event_bytes: usize,
+    ) -> NewHub {
+        let audience = Audience::of(&head.headers, &http::HeaderMap::new(), &[], shared);
+        NewHub {
+            key,
+            aliases: Vec::new(),
+            shared,
+            audience,
+            head,
+            store,
+            max_event_bytes,
+            seed: None,
+        }
+    }
 }
 
 /// A subscriber's view of a hub.
@@ -243,10 +309,13 @@ impl Inner {
 
 /// One upstream stream and its subscribers.
 pub struct Hub {
-    /// The stream's key, to leave the registry.
-    key: StreamKey,
+    /// The keys the hub is registered under, to leave the registry: the primary key
+    /// first, then aliases (see [`NewHub::aliases`]).
+    keys: Vec<StreamKey>,
     /// Public route: new clients without `Last-Event-ID` join this hub.
     pub shared: bool,
+    /// Who else may read it (secondary key).
+    audience: Audience,
     /// The upstream's response status and headers, for every subscriber.
     pub head: http::response::Parts,
     inner: Mutex<Inner>,
@@ -485,36 +554,48 @@ impl Registry {
         self.hubs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Resumes `key` after `last_id` from any live hub that still holds that id
-    /// (newest hub first).
-    pub fn resume(&self, key: &StreamKey, last_id: &str) -> Option<(Arc<Hub>, Subscription)> {
-        let hubs: Vec<Arc<Hub>> = self.lock().get(key).cloned().unwrap_or_default();
-        let found = hubs
-            .iter()
-            .rev()
-            .find_map(|h| h.subscribe(Start::After(last_id)).map(|s| (h.clone(), s)));
-        let c = &self.counters;
-        // A miss is counted by the caller, once it knows no handover covered it.
-        if let Some((_, s)) = &found {
-            c.hits.fetch_add(1, Ordering::Relaxed);
-            c.events_replayed
-                .fetch_add(s.replay.len() as u64, Ordering::Relaxed);
-            c.upstreams_saved.fetch_add(1, Ordering::Relaxed);
-        }
-        found
+    fn hubs_of(&self, key: &StreamKey) -> Vec<Arc<Hub>> {
+        self.lock().get(key).cloned().unwrap_or_default()
     }
 
-    /// Joins the live shared hub of `key`, if there is one.
-    pub fn join_shared(
+    /// Resumes `key` after `last_id` from any live hub that still holds that id and may
+    /// be read by `viewer` (newest hub first).
+    pub fn resume(
         &self,
         key: &StreamKey,
+        last_id: &str,
+        viewer: Viewer<'_>,
+    ) -> Result<(Arc<Hub>, Subscription), Miss> {
+        let mut miss = Miss::Unknown;
+        for h in self.hubs_of(key).iter().rev() {
+            if let Err(d) = viewer.may_read(h) {
+                miss = Miss::Denied(d);
+                continue;
+            }
+            if let Some(s) = h.subscribe(Start::After(last_id)) {
+                // A miss is counted by the caller, once it knows no handover covered it.
+                let c = &self.counters;
+                c.hits.fetch_add(1, Ordering::Relaxed);
+                c.events_replayed
+                    .fetch_add(s.replay.len() as u64, Ordering::Relaxed);
+                c.upstreams_saved.fetch_add(1, Ordering::Relaxed);
+                return Ok((h.clone(), s));
+            }
+        }
+        Err(miss)
+    }
+
+    /// The newest live shared hub of `key` that `viewer` may read, subscribed.
+    fn find_shared(
+        &self,
+        hubs: &[Arc<Hub>],
         start: Start<'_>,
+        viewer: Viewer<'_>,
     ) -> Option<(Arc<Hub>, Subscription)> {
-        let hubs: Vec<Arc<Hub>> = self.lock().get(key).cloned().unwrap_or_default();
         let found = hubs
             .iter()
             .rev()
-            .filter(|h| h.shared)
+            .filter(|h| h.shared && viewer.may_read(h).is_ok())
             .find_map(|h| h.subscribe(start).map(|s| (h.clone(), s)));
         if let Some((_, s)) = &found {
             self.counters
@@ -527,31 +608,37 @@ impl Registry {
         found
     }
 
-    /// Creates and registers a hub for a stream whose response head is `head`, and
-    /// subscribes its first client. For a shared key that gained a live hub meanwhile,
-    /// joins that one instead and returns `created = false` (the caller drops its own
-    /// upstream request). A `seed` fills the store first and starts a merge with the
-    /// old process's feed.
-    pub fn create(
+    /// Joins the live shared hub of `key` that `viewer` may read, if there is one.
+    pub fn join_shared(
         &self,
-        key: StreamKey,
-        shared: bool,
-        head: http::response::Parts,
-        mut store: Box<dyn ReplayStore>,
-        max_event_bytes: usize,
-        seed: Option<Seed>,
-    ) -> (Arc<Hub>, Subscription, bool) {
+        key: &StreamKey,
+        start: Start<'_>,
+        viewer: Viewer<'_>,
+    ) -> Option<(Arc<Hub>, Subscription)> {
+        self.find_shared(&self.hubs_of(key), start, viewer)
+    }
+
+    /// Creates and registers a hub (under its key and aliases), and subscribes its
+    /// first client, `viewer`. For a shared key that gained a live hub `viewer` may
+    /// read meanwhile, joins that one instead and returns `created = false` (the caller
+    /// drops its own upstream request). A seed fills the store first and starts a merge
+    /// with the old process's feed.
+    pub fn create(&self, new: NewHub, viewer: Viewer<'_>) -> (Arc<Hub>, Subscription, bool) {
+        let NewHub {
+            key,
+            aliases,
+            shared,
+            audience,
+            head,
+            mut store,
+            max_event_bytes,
+            seed,
+        } = new;
         let mut map = self.lock();
         if shared {
-            if let Some(existing) = map.get(&key).and_then(|v| {
-                v.iter()
-                    .rev()
-                    .find_map(|h| h.subscribe(Start::Live).map(|s| (h.clone(), s)))
-            }) {
-                self.counters
-                    .upstreams_saved
-                    .fetch_add(1, Ordering::Relaxed);
-                return (existing.0, existing.1, false);
+            let existing = map.get(&key).cloned().unwrap_or_default();
+            if let Some((h, s)) = self.find_shared(&existing, Start::Live, viewer) {
+                return (h, s, false);
             }
         }
         let (tx, _) = broadcast::channel(self.lag_blocks);
@@ -572,9 +659,12 @@ impl Registry {
             }
             merge = Some(m);
         }
+        let mut keys: Vec<StreamKey> = aliases.into_iter().filter(|a| *a != key).collect();
+        keys.insert(0, key);
         let hub = Arc::new(Hub {
-            key: key.clone(),
+            keys,
             shared,
+            audience,
             head,
             inner: Mutex::new(Inner {
                 parser: sse::Parser::boundaries_only(max_event_bytes),
@@ -588,7 +678,9 @@ impl Registry {
             changed: Notify::new(),
             merged: Notify::new(),
         });
-        map.entry(key).or_default().push(hub.clone());
+        for k in &hub.keys {
+            map.entry(k.clone()).or_default().push(hub.clone());
+        }
         self.counters.hubs.fetch_add(1, Ordering::Relaxed);
         drop(map);
         // A hub that has not started cannot have ended: attach directly.
@@ -602,16 +694,28 @@ impl Registry {
     /// long as the result is kept: the old process of an upgrade holds its hubs so the
     /// new one can take them over.
     pub fn hold_all(&self) -> Vec<Subscription> {
-        let hubs: Vec<Arc<Hub>> = self.lock().values().flatten().cloned().collect();
-        hubs.iter()
+        self.each(|_| true)
+            .iter()
             .filter_map(|h| h.subscribe(Start::Last(0)))
             .collect()
     }
 
     /// For the new process of an upgrade: all the recent blocks of `key`'s hub, then
-    /// its live ones. Prefers the newest hub that holds `last_id`, else the newest.
-    pub fn hand_over(&self, key: &StreamKey, last_id: Option<&str>) -> Option<Subscription> {
-        let hubs: Vec<Arc<Hub>> = self.lock().get(key).cloned().unwrap_or_default();
+    /// its live ones. Only hubs whose audience has the `audience` fingerprint the new
+    /// process computed for its own request and response (see
+    /// [`Audience::fingerprint`]) qualify. Prefers the newest that holds `last_id`,
+    /// else the newest.
+    pub fn hand_over(
+        &self,
+        key: &StreamKey,
+        last_id: Option<&str>,
+        audience: &[u8],
+    ) -> Option<Subscription> {
+        let hubs: Vec<Arc<Hub>> = self
+            .hubs_of(key)
+            .into_iter()
+            .filter(|h| h.audience.fingerprint().as_deref() == Some(audience))
+            .collect();
         let holds = |h: &&Arc<Hub>| {
             last_id.is_some_and(|id| matches!(h.lock().store.after(id), Lookup::After(_)))
         };
@@ -642,25 +746,25 @@ impl Registry {
     /// Removes a hub that ended or lingered out.
     pub fn remove(&self, hub: &Arc<Hub>) {
         let mut map = self.lock();
-        if let Some(v) = map.get_mut(&hub.key) {
-            let before = v.len();
-            v.retain(|h| !Arc::ptr_eq(h, hub));
-            if v.len() < before {
-                self.counters.hubs.fetch_sub(1, Ordering::Relaxed);
+        let mut found = false;
+        for key in &hub.keys {
+            if let Some(v) = map.get_mut(key) {
+                let before = v.len();
+                v.retain(|h| !Arc::ptr_eq(h, hub));
+                found |= v.len() < before;
+                if v.is_empty() {
+                    map.remove(key);
+                }
             }
-            if v.is_empty() {
-                map.remove(&hub.key);
-            }
+        }
+        if found {
+            self.counters.hubs.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Hubs without a subscriber now, waiting out their linger window.
     pub fn lingering(&self) -> usize {
-        self.lock()
-            .values()
-            .flatten()
-            .filter(|h| h.subscribers() == 0)
-            .count()
+        self.each(|h| h.subscribers() == 0).len()
     }
 
     /// Whether another hub may be created.
@@ -670,7 +774,18 @@ impl Registry {
 
     /// Hubs registered now.
     pub fn len(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.each(|_| true).len()
+    }
+
+    /// Every registered hub for which `pick` holds, each once (a hub with aliases is
+    /// listed under each of its keys).
+    fn each(&self, pick: impl Fn(&Hub) -> bool) -> Vec<Arc<Hub>> {
+        self.lock()
+            .iter()
+            .flat_map(|(k, v)| v.iter().filter(move |h| h.keys.first() == Some(k)))
+            .filter(|h| pick(h))
+            .cloned()
+            .collect()
     }
 
     /// True when no hub is registered.
@@ -683,6 +798,40 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::replay::{Budget, MemoryRing, RingBounds};
+
+    static NO_HEADERS: std::sync::LazyLock<http::HeaderMap> =
+        std::sync::LazyLock::new(http::HeaderMap::new);
+
+    /// An anonymous request with no headers.
+    fn nobody() -> Viewer<'static> {
+        Viewer {
+            headers: &NO_HEADERS,
+            has_identity: false,
+        }
+    }
+
+    /// A hub of `key` for a response with `head` headers.
+    fn new_hub(key: &StreamKey, head: http::HeaderMap, seed: Option<Seed>) -> NewHub {
+        let bounds = RingBounds {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+        };
+        let mut response = http::Response::new(()).into_parts().0;
+        let identity = ["cookie".to_owned()];
+        let audience = Audience::of(&head, &http::HeaderMap::new(), &identity, false);
+        response.headers = head;
+        NewHub {
+            key: key.clone(),
+            aliases: vec![],
+            shared: false,
+            audience,
+            head: response,
+            store: Box::new(MemoryRing::new(bounds, Budget::new(1 << 20))),
+            max_event_bytes: 1 << 16,
+            seed,
+        }
+    }
 
     fn block(id: u32) -> StoredEvent {
         let raw = format!("id: {id}\ndata: {id}\n\n");
@@ -701,21 +850,17 @@ mod tests {
     /// `after`.
     fn seeded(seed: &[u32], after: &str) -> (Arc<Hub>, Subscription) {
         let registry = Registry::new(64, 10);
-        let bounds = RingBounds {
-            max_events: 100,
-            max_bytes: 1 << 20,
-            max_age: Duration::from_secs(60),
+        let seed = Seed {
+            blocks: seed.iter().map(|i| block(*i)).collect(),
+            resume_after: Some(after.into()),
         };
         let (hub, sub, created) = registry.create(
-            StreamKey::new([&b"k"[..]]),
-            false,
-            http::Response::new(()).into_parts().0,
-            Box::new(MemoryRing::new(bounds, Budget::new(1 << 20))),
-            1 << 16,
-            Some(Seed {
-                blocks: seed.iter().map(|i| block(*i)).collect(),
-                resume_after: Some(after.into()),
-            }),
+            new_hub(
+                &StreamKey::new([&b"k"[..]]),
+                http::HeaderMap::new(),
+                Some(seed),
+            ),
+            nobody(),
         );
         assert!(created);
         (hub, sub)
@@ -776,21 +921,10 @@ mod tests {
     fn hand_over_prefers_the_hub_that_holds_the_id() {
         let registry = Registry::new(64, 10);
         let key = StreamKey::new([&b"k"[..]]);
-        let bounds = RingBounds {
-            max_events: 100,
-            max_bytes: 1 << 20,
-            max_age: Duration::from_secs(60),
-        };
         let mut hubs = vec![];
         for ids in [&[1u32, 2][..], &[7, 8][..]] {
-            let (hub, sub, _) = registry.create(
-                key.clone(),
-                false,
-                http::Response::new(()).into_parts().0,
-                Box::new(MemoryRing::new(bounds, Budget::new(1 << 20))),
-                1 << 16,
-                None,
-            );
+            let (hub, sub, _) =
+                registry.create(new_hub(&key, http::HeaderMap::new(), None), nobody());
             hub.feed(&raw(ids)).unwrap();
             hubs.push((hub, sub));
         }
@@ -800,18 +934,91 @@ mod tests {
                 .map(|b| b.id.to_string())
                 .collect::<Vec<_>>()
         };
+        let public = Audience::of(&http::HeaderMap::new(), &http::HeaderMap::new(), &[], false)
+            .fingerprint()
+            .unwrap();
         assert_eq!(
-            ids(registry.hand_over(&key, Some("1")).unwrap()),
+            ids(registry.hand_over(&key, Some("1"), &public).unwrap()),
             ["1", "2"]
         );
-        assert_eq!(ids(registry.hand_over(&key, None).unwrap()), ["7", "8"]);
+        assert_eq!(
+            ids(registry.hand_over(&key, None, &public).unwrap()),
+            ["7", "8"]
+        );
         assert!(registry
-            .hand_over(&StreamKey::new([&b"other"[..]]), None)
+            .hand_over(&StreamKey::new([&b"other"[..]]), None, &public)
             .is_none());
+        // Another audience (here: a private response) is not handed over.
+        let mut private = http::HeaderMap::new();
+        private.insert(http::header::CACHE_CONTROL, "private".parse().unwrap());
+        let other = Audience::of(&private, &http::HeaderMap::new(), &[], false)
+            .fingerprint()
+            .unwrap();
+        assert!(registry.hand_over(&key, None, &other).is_none());
         // Held hubs do not linger out.
         let held = registry.hold_all();
         assert_eq!(held.len(), 2);
         drop(hubs);
         assert_eq!((registry.lingering(), registry.len()), (0, 2));
+    }
+
+    #[test]
+    fn only_the_audience_of_a_hub_may_resume_or_join_it() {
+        let registry = Registry::new(64, 10);
+        let key = StreamKey::new([&b"anonymous"[..]]);
+        let alias = StreamKey::new([&b"with its cookie"[..]]);
+        let mut head = http::HeaderMap::new();
+        head.insert(http::header::SET_COOKIE, "s=1; path=/".parse().unwrap());
+        let mut new = new_hub(&key, head, None);
+        new.aliases = vec![alias.clone()];
+        let (hub, first, _) = registry.create(new, nobody());
+        hub.feed(&raw(&[1, 2, 3])).unwrap();
+        drop(first);
+        // Another anonymous visitor with a guessed id: the response was private.
+        assert_eq!(
+            registry.resume(&key, "1", nobody()).err(),
+            Some(Miss::Denied(Denied::Private))
+        );
+        // The visitor it was for comes back with the cookie it was given.
+        let mut cookie = http::HeaderMap::new();
+        cookie.insert(http::header::COOKIE, "s=1".parse().unwrap());
+        let back = Viewer {
+            headers: &cookie,
+            has_identity: true,
+        };
+        let (_, sub) = registry.resume(&alias, "1", back).unwrap();
+        assert_eq!(sub.replay.len(), 2);
+        assert_eq!(
+            registry.resume(&alias, "9", back).err(),
+            Some(Miss::Unknown)
+        );
+        // Listed once, removed from every key.
+        assert_eq!(registry.len(), 1);
+        drop(sub);
+        registry.remove(&hub);
+        assert!(registry.is_empty());
+        assert_eq!(registry.counters.hubs.load(Ordering::Relaxed), 0);
+
+        // Vary: a shared hub is joined only by requests with the same values.
+        let mut vary = http::HeaderMap::new();
+        vary.insert(http::header::VARY, "accept-language".parse().unwrap());
+        let mut de = http::HeaderMap::new();
+        de.insert(http::header::ACCEPT_LANGUAGE, "de".parse().unwrap());
+        let mut fr = http::HeaderMap::new();
+        fr.insert(http::header::ACCEPT_LANGUAGE, "fr".parse().unwrap());
+        let mut new = new_hub(&key, http::HeaderMap::new(), None);
+        new.shared = true;
+        new.audience = Audience::of(&vary, &de, &[], true);
+        let viewer = |h| Viewer {
+            headers: h,
+            has_identity: false,
+        };
+        let (_hub, _sub, _) = registry.create(new, viewer(&de));
+        assert!(registry
+            .join_shared(&key, Start::Live, viewer(&fr))
+            .is_none());
+        assert!(registry
+            .join_shared(&key, Start::Live, viewer(&de))
+            .is_some());
     }
 }

@@ -5,6 +5,8 @@
 //! - [`config`]: the TOML file, its defaults and validation (pure).
 //! - [`sse`]: the WHATWG event-stream parser and the bytes the gateway writes (pure).
 //! - [`shutdown`]: graceful-shutdown signal and in-flight count (pure).
+//! - [`key`]: what a stream is keyed on (the request as the upstream sees it, `Vary`,
+//!   private responses) and the one host normalisation (pure).
 //! - [`replay`]: the bounded store of a stream's recent events (pure).
 //! - [`hub`]: one upstream stream, its store and its subscribers; the registry (pure).
 //! - [`limit`]: request, stream-connect and concurrent-stream limits (pure).
@@ -39,6 +41,7 @@ pub mod config;
 pub mod conn;
 pub mod handover;
 pub mod hub;
+pub mod key;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;

@@ -79,7 +79,9 @@ impl ClientIdentity {
             .unwrap_or(peer)
     }
 
-    fn is_trusted(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is a trusted proxy, whose forwarding headers are believed.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
     }
 

@@ -13,7 +13,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, TextEncoder};
 
-use crate::hub::Registry;
+use crate::hub::{Miss, Registry};
 use crate::shutdown::Shutdown;
 
 /// Every metric the gateway exports.
@@ -46,7 +46,8 @@ pub struct Metrics {
     /// TLS handshakes completed, by protocol version.
     pub tls_handshakes: IntCounterVec,
     replay_hits: IntCounter,
-    replay_misses: IntCounter,
+    /// By reason (`crate::hub::Miss`): children made once, set at scrape time.
+    replay_misses: Vec<IntCounter>,
     events_replayed: IntCounter,
     upstreams_saved: IntCounter,
     handed_over: IntCounter,
@@ -143,11 +144,18 @@ impl Metrics {
                 "ssegate_replay_hits_total",
                 "Resumes whose Last-Event-ID was found",
             )?,
-            replay_misses: counter(
-                &r,
-                "ssegate_replay_misses_total",
-                "Resumes whose Last-Event-ID was not found",
-            )?,
+            replay_misses: {
+                let v = counter_vec(
+                    &r,
+                    "ssegate_replay_misses_total",
+                    "Resumes not replayed: the Last-Event-ID was not found (unknown_id), or the stream that had it may not be shared with this request (vary, vary_star, private)",
+                    &["reason"],
+                )?;
+                Miss::ALL
+                    .iter()
+                    .map(|m| v.with_label_values(&[m.as_str()]))
+                    .collect()
+            },
             events_replayed: counter(
                 &r,
                 "ssegate_events_replayed_total",
@@ -203,7 +211,9 @@ impl Metrics {
             m.inc_by(v);
         };
         set(&self.replay_hits, c.hits.load(Ordering::Relaxed));
-        set(&self.replay_misses, c.misses.load(Ordering::Relaxed));
+        for (m, n) in self.replay_misses.iter().zip(&c.misses) {
+            set(m, n.load(Ordering::Relaxed));
+        }
         set(
             &self.events_replayed,
             c.events_replayed.load(Ordering::Relaxed),

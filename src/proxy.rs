@@ -29,7 +29,8 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, RefuseStreamsWith, Route};
 use crate::handover::{Offer, Source};
-use crate::hub::{Registry, StreamKey};
+use crate::hub::Registry;
+use crate::key::{self, BadHost};
 use crate::limit::{self, ClientKey, Decision, Limits};
 use crate::metrics::Metrics;
 use crate::relay::{self, Admission, RelayStats, ReplayCx};
@@ -148,6 +149,16 @@ pub struct RequestCtx {
     _active: Option<ActiveGuard>,
 }
 
+/// What the outer pass hands the inner one (a pingora subrequest).
+#[derive(Clone)]
+pub struct InnerRequest {
+    /// Facts about the client and the route.
+    pub client: ClientInfo,
+    /// The request as prepared for the upstream, for a subrequest that would otherwise
+    /// re-read the client's raw HTTP/1 bytes (see `relay::Subrequest::spawn`).
+    pub request: Option<RequestHeader>,
+}
+
 /// Client facts passed from the outer pass to the inner one.
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
@@ -157,8 +168,13 @@ pub struct ClientInfo {
     pub client_ip: Option<std::net::IpAddr>,
     /// The client's limiting key.
     pub key: Option<ClientKey>,
-    /// `https` or `http`, for `X-Forwarded-Proto`.
+    /// `https` or `http`, for `X-Forwarded-Proto` and the stream key.
     pub proto: &'static str,
+    /// The request's host, normalised once: routing, the stream key and the upstream's
+    /// `Host` all use this value. `None` only for an HTTP/1.0 request that names none.
+    pub host: Option<String>,
+    /// The peer is a trusted proxy: its forwarding headers are kept and appended to.
+    pub trusted_peer: bool,
     /// The route chosen in the outer pass.
     pub route: Arc<Route>,
     /// Index of the route's upstream.
@@ -205,10 +221,11 @@ impl Gateway {
         self.registry.clone()
     }
 
-    /// Replay context for a GET on a replay route: the stream key (route, upstream,
-    /// method, path and query without the last-event-id parameter, identity headers
-    /// unless the route is shared) and the client's last event ID.
-    fn replay_cx(&self, session: &Session, route: &Route) -> Option<ReplayCx> {
+    /// Replay context for a GET on a replay route: the stream key (see
+    /// [`crate::key`]: built from the request as the upstream receives it, so call this
+    /// after [`prepare_upstream_request`]) and the client's last event ID.
+    fn replay_cx(&self, session: &Session, client: &ClientInfo) -> Option<ReplayCx> {
+        let route = &client.route;
         let settings = &route.replay;
         let req = session.req_header();
         if !settings.enabled || req.method != http::Method::GET {
@@ -219,27 +236,23 @@ impl Gateway {
             req.uri.query().unwrap_or(""),
             settings.last_event_id_param.as_deref(),
         );
-        // By route name, not position, so streams keep their keys across reloads.
-        let mut parts: Vec<Vec<u8>> = vec![
-            route.name.as_bytes().to_vec(),
-            route.upstream.name.as_bytes().to_vec(),
-            req.method.as_str().as_bytes().to_vec(),
-            req.uri.path().as_bytes().to_vec(),
-            resume.query_key,
-        ];
-        if !settings.shared {
-            for name in &settings.identity_headers {
-                parts.push(name.as_bytes().to_vec());
-                for v in req.headers.get_all(name.as_str()) {
-                    parts.push(v.as_bytes().to_vec());
-                }
-            }
-        }
+        let resource = key::Resource {
+            route: route.name.clone(),
+            upstream: route.upstream.name.clone(),
+            method: req.method.as_str().to_owned(),
+            scheme: client.proto,
+            host: client.host.clone().unwrap_or_default(),
+            path: req.uri.path().as_bytes().to_vec(),
+            query: resume.query_key,
+        };
+        let identity = &settings.identity_headers;
         Some(ReplayCx {
             handover: self.handover.clone(),
             registry: self.registry.clone(),
             budget: self.budget.clone(),
-            key: StreamKey::new(parts.iter().map(Vec::as_slice)),
+            key: key::stream_key(&resource, identity, &req.headers),
+            has_identity: key::has_identity(identity, &req.headers),
+            resource,
             last_event_id: resume.last_event_id,
             settings: settings.clone(),
         })
@@ -270,13 +283,6 @@ impl Gateway {
             .position(|u| Arc::ptr_eq(u, &route.upstream))
             .unwrap_or(0)
     }
-}
-
-/// The request's host: the URI authority (HTTP/2, absolute form) or the `Host` header.
-fn request_host(req: &RequestHeader) -> Option<&str> {
-    req.uri
-        .host()
-        .or_else(|| req.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
 }
 
 /// Does the client say it wants an event stream?
@@ -326,27 +332,124 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     }
 }
 
-/// What every proxied request gets on its way upstream: the client in
-/// `X-Forwarded-For`/`-Proto`, and no `Accept-Encoding` on a stream request.
-pub fn add_forwarding_headers(req: &mut RequestHeader, client: &ClientInfo) -> Result<()> {
-    if let Some(ip) = &client.ip {
-        let xff = match req
+/// Headers that name the client or the original request to the upstream. Believed
+/// only from trusted proxies; from anyone else they are dropped (the gateway then says
+/// who the client is itself), so a client can neither pose as another address nor,
+/// through `X-Forwarded-Host`, as another site.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Turns the client's request into the one the upstream receives, once, before either
+/// upstream path (pingora's or the stream client) copies it, so the stream key (built
+/// from it) is what the upstream sees:
+/// - `Host` is the one normalised host, and the target is in origin form;
+/// - HTTP/2 cookie crumbs are one `Cookie` line, `; `-joined (RFC 9113 §8.2.3);
+/// - forwarding headers: believed and appended to from a trusted proxy, replaced from
+///   anyone else (`X-Forwarded-For` is the peer, `X-Forwarded-Proto` the scheme);
+/// - a stream request asks for no compression (gzip does not flush per event; asking
+///   for identity keeps mod_deflate and PHP's zlib output off);
+/// - a GET on a shared route carries no identity (`Cookie`, `Authorization`, the
+///   route's identity headers): what is shared is what an anonymous visitor gets.
+pub fn prepare_upstream_request(req: &mut RequestHeader, client: &ClientInfo) -> Result<()> {
+    if let Some(host) = &client.host {
+        req.insert_header(header::HOST, host.as_str())?;
+    }
+    if target_authority(req).is_some() {
+        // Origin form: the upstream learns the host from `Host` alone.
+        let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = http::Uri::try_from(target)
+            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "request target", e))?;
+        req.set_uri(uri);
+    }
+    join_cookie_crumbs(req)?;
+    let xff = if client.trusted_peer {
+        let prev: Vec<&str> = req
             .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-            _ => ip.clone(),
-        };
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        let mut all = prev.join(", ");
+        if let Some(ip) = &client.ip {
+            if !all.is_empty() {
+                all.push_str(", ");
+            }
+            all.push_str(ip);
+        }
+        all
+    } else {
+        for name in FORWARDING {
+            req.remove_header(name);
+        }
+        client.ip.clone().unwrap_or_default()
+    };
+    if !xff.is_empty() {
         req.insert_header("x-forwarded-for", xff)?;
     }
     req.insert_header("x-forwarded-proto", client.proto)?;
     if accepts_event_stream(req) {
-        // An event stream must never be compressed: gzip does not flush per event.
-        // Asking for identity keeps mod_deflate and PHP's zlib output off.
         req.remove_header(&header::ACCEPT_ENCODING);
     }
+    let replay = &client.route.replay;
+    if replay.enabled && replay.shared && req.method == http::Method::GET {
+        req.remove_header(&header::COOKIE);
+        req.remove_header(&header::AUTHORIZATION);
+        for name in &replay.identity_headers {
+            req.remove_header(name.as_str());
+        }
+    }
     Ok(())
+}
+
+/// HTTP/2 clients may split `Cookie` into one field per pair; an HTTP/1.1 upstream
+/// (Apache joins repeated fields with `, `) and the stream key need the one line.
+fn join_cookie_crumbs(req: &mut RequestHeader) -> Result<()> {
+    if req.headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return Ok(());
+    }
+    let joined: Vec<u8> = req
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(http::HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    let value = http::HeaderValue::from_bytes(&joined)
+        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "cookie", e))?;
+    req.insert_header(header::COOKIE, value)
+}
+
+/// The authority the request target names: HTTP/2's `:authority`, or an HTTP/1
+/// absolute-form target (which pingora keeps verbatim beside a path-only URI).
+fn target_authority(req: &RequestHeader) -> Option<String> {
+    if let Some(a) = req.uri.authority() {
+        return Some(a.as_str().to_owned());
+    }
+    let raw = req.raw_path();
+    if raw.starts_with(b"/") || raw == b"*" {
+        return None;
+    }
+    let uri = http::Uri::try_from(raw).ok()?;
+    uri.authority().map(|a| a.as_str().to_owned())
+}
+
+/// The request's host, normalised once (see [`key::request_authority`]), or why it is
+/// refused.
+fn request_authority(req: &RequestHeader, https: bool) -> Result<Option<String>, BadHost> {
+    let hosts: Vec<&http::HeaderValue> = req.headers.get_all(header::HOST).iter().collect();
+    key::request_authority(
+        target_authority(req).as_deref(),
+        &hosts,
+        https,
+        req.version >= http::Version::HTTP_11,
+    )
 }
 
 async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
@@ -376,13 +479,30 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if let Some(sub) = session.subrequest_ctx.as_ref() {
             // Inner pass: take the outer pass's decisions and go the ordinary path.
-            let info = sub
+            let InnerRequest {
+                client: info,
+                request,
+            } = sub
                 .user_ctx()
-                .and_then(|u| u.downcast_ref::<ClientInfo>())
+                .and_then(|u| u.downcast_ref::<InnerRequest>())
                 .cloned()
                 .ok_or_else(|| {
                     Error::explain(ErrorType::InternalError, "subrequest without client info")
                 })?;
+            if let Some(mut prepared) = request {
+                // The request as prepared for the upstream, with this pass's framing.
+                let req = session.req_header();
+                let keep_cl = req.headers.contains_key(header::CONTENT_LENGTH);
+                let keep_te = req.headers.contains_key(header::TRANSFER_ENCODING);
+                prepared.set_version(req.version);
+                if !keep_cl {
+                    prepared.remove_header(&header::CONTENT_LENGTH);
+                }
+                if !keep_te {
+                    prepared.remove_header(&header::TRANSFER_ENCODING);
+                }
+                *session.req_header_mut() = prepared;
+            }
             ctx.inner = true;
             ctx.live = Some(info.live.clone());
             ctx.upstream_index = info.upstream_index;
@@ -395,40 +515,44 @@ impl ProxyHttp for Gateway {
 
         let live = self.live.load_full();
         ctx.live = Some(live.clone());
-        let req = session.req_header();
+        let https = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        let host = match request_authority(session.req_header(), https) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!("refused: {e}");
+                respond_text(session, 400, "400 Bad Request: bad or conflicting host\n").await?;
+                return Ok(true);
+            }
+        };
         let Some(route) = live
             .config
-            .route_for(request_host(req), req.uri.path())
+            .route_for(host.as_deref(), session.req_header().uri.path())
             .cloned()
         else {
             respond_text(session, 404, "404 Not Found: no route for this request\n").await?;
             return Ok(true);
         };
+        let peer = session
+            .client_addr()
+            .and_then(PingoraAddr::as_inet)
+            .map(|a| a.ip());
+        let client_ip = self.client_ip(&live, session);
         let client = ClientInfo {
-            ip: session
-                .client_addr()
-                .and_then(PingoraAddr::as_inet)
-                .map(|a| a.ip().to_string()),
-            proto: if session
-                .digest()
-                .and_then(|d| d.ssl_digest.as_ref())
-                .is_some()
-            {
-                "https"
-            } else {
-                "http"
-            },
+            ip: peer.map(|ip| ip.to_string()),
+            trusted_peer: peer.is_some_and(|ip| live.config.limits.identity.is_trusted(ip)),
+            proto: if https { "https" } else { "http" },
+            host,
             upstream_index: Self::upstream_index(&live, &route),
-            client_ip: None,
-            key: None,
+            client_ip,
+            key: client_ip.map(|ip| live.config.limits.identity.key(ip)),
             route: route.clone(),
             live: live.clone(),
         };
-        let mut client = client;
-        client.client_ip = self.client_ip(&live, session);
-        client.key = client
-            .client_ip
-            .map(|ip| live.config.limits.identity.key(ip));
+        // After the client's address is read from the forwarding headers it came with.
+        prepare_upstream_request(session.req_header_mut(), &client)?;
         ctx.upstream_index = client.upstream_index;
         ctx.route = Some(route.clone());
         ctx.client = Some(client.clone());
@@ -479,7 +603,7 @@ impl ProxyHttp for Gateway {
         }
         let admission = Admission {
             metrics: self.metrics.clone(),
-            replay: self.replay_cx(session, &route),
+            replay: self.replay_cx(session, &client),
             slot,
             limits: live.limits.clone(),
             refusal,
@@ -565,15 +689,16 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(client) = ctx.client.as_ref() else {
+        // The forwarding headers were set in the outer pass (`prepare_upstream_request`).
+        if ctx.client.is_none() {
             return Ok(());
-        };
+        }
         if session.get_header(header::HOST).is_none() {
             if let Some(host) = req.uri.authority().map(|a| a.to_string()) {
                 req.insert_header(header::HOST, host)?;
             }
         }
-        add_forwarding_headers(req, client)
+        Ok(())
     }
 
     async fn response_filter(
@@ -668,6 +793,7 @@ impl ProxyHttp for Gateway {
             events,
             heartbeats,
             replay = ctx.relay.as_ref().and_then(|r| r.replay),
+            replay_miss = ctx.relay.as_ref().and_then(|r| r.miss),
             replayed = ctx.relay.as_ref().map_or(0, |r| r.replayed),
             refused = refused.map(|r| r.as_str()),
             error = e

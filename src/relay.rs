@@ -29,10 +29,11 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::config::{ReplaySettings, Route, SseSettings};
 use crate::handover::Source;
-use crate::hub::{Hub, HubMsg, Registry, Start, StreamKey, Subscription};
+use crate::hub::{Hub, HubMsg, Miss, NewHub, Registry, Start, StreamKey, Subscription, Viewer};
+use crate::key::{self, Audience};
 use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
 use crate::metrics::Metrics;
-use crate::proxy::{accepts_event_stream, ClientInfo};
+use crate::proxy::{accepts_event_stream, ClientInfo, InnerRequest};
 use crate::replay::{Budget, MemoryRing};
 use crate::sse;
 use crate::upstream;
@@ -47,10 +48,25 @@ pub struct ReplayCx {
     pub budget: Arc<Budget>,
     /// The request's stream key.
     pub key: StreamKey,
+    /// What the key was built from, to build the key a cookie set by the response
+    /// will give (see [`key::cookie_set_by`]).
+    pub resource: key::Resource,
+    /// The request carries one of the route's identity headers.
+    pub has_identity: bool,
     /// The client's `Last-Event-ID` (header or configured query parameter).
     pub last_event_id: Option<String>,
     /// The route's replay settings.
     pub settings: ReplaySettings,
+}
+
+impl ReplayCx {
+    /// The request as a hub's audience sees it.
+    fn viewer<'a>(&self, req: &'a RequestHeader) -> Viewer<'a> {
+        Viewer {
+            headers: &req.headers,
+            has_identity: self.has_identity,
+        }
+    }
 }
 
 /// How a subscriber came to its hub, for the response header and the access log.
@@ -58,8 +74,8 @@ pub struct ReplayCx {
 enum Attach {
     /// Its `Last-Event-ID` was found: replayed from the store.
     Hit,
-    /// Its `Last-Event-ID` was not found.
-    Miss,
+    /// Its `Last-Event-ID` was not found, or its hub may not be read by it.
+    Miss(Miss),
     /// It started the hub, or joined a shared one without an id.
     Fresh,
 }
@@ -198,6 +214,9 @@ pub struct RelayStats {
     pub refused: Option<RefuseReason>,
     /// Replay outcome: `hit`, `miss` or `fresh` (hub streams only).
     pub replay: Option<&'static str>,
+    /// Why a resume missed: `unknown_id`, or why the hub that had it was not shared
+    /// with this request (`vary`, `vary_star`, `private`).
+    pub miss: Option<&'static str>,
     /// Blocks sent from the replay store.
     pub replayed: u64,
 }
@@ -306,29 +325,31 @@ async fn run(
     let key = client.key;
     let response_timeout = route.upstream.response_timeout;
 
-    let mut missed = false;
+    let mut missed = None;
     // Held while this request opens a shared key's upstream (see `Registry::open_lock`).
     let mut opening = None;
     if let Some(rcx) = &admission.replay {
         let shared = rcx.settings.shared;
         let mut attached = None;
         if let Some(id) = &rcx.last_event_id {
-            attached = rcx
+            match rcx
                 .registry
-                .resume(&rcx.key, id)
-                .map(|(h, s)| (h, s, Attach::Hit));
-            missed = attached.is_none();
+                .resume(&rcx.key, id, rcx.viewer(session.req_header()))
+            {
+                Ok((h, s)) => attached = Some((h, s, Attach::Hit)),
+                Err(m) => missed = Some(m),
+            }
         }
         if attached.is_none() && shared {
             // A shared upstream cannot replay for one client: a miss joins live too.
             let start = match (missed, rcx.settings.on_connect) {
-                (false, n) if n > 0 => Start::Last(n),
+                (None, n) if n > 0 => Start::Last(n),
                 _ => Start::Live,
             };
-            let how = if missed { Attach::Miss } else { Attach::Fresh };
+            let how = missed.map_or(Attach::Fresh, Attach::Miss);
             attached = rcx
                 .registry
-                .join_shared(&rcx.key, start)
+                .join_shared(&rcx.key, start, rcx.viewer(session.req_header()))
                 .map(|(h, s)| (h, s, how));
             if attached.is_none() {
                 // Nobody streams this key yet: one client opens it while the others
@@ -340,7 +361,7 @@ async fn run(
                         .ok();
                 attached = rcx
                     .registry
-                    .join_shared(&rcx.key, start)
+                    .join_shared(&rcx.key, start, rcx.viewer(session.req_header()))
                     .map(|(h, s)| (h, s, how));
                 if attached.is_none() {
                     opening = guard;
@@ -355,8 +376,9 @@ async fn run(
                     return refuse(session, &admission.refusal, reason, retry_after).await;
                 }
             };
-            // The live hub's upstream never saw this client's id: nothing to skip.
-            let follow = Follow::new(how, None, &route, rcx, admission, slot, session);
+            // The live hub's upstream never saw this client's id: nothing to skip. The
+            // head came from another request: its cookies are not this client's.
+            let follow = Follow::new(how, None, false, &route, rcx, admission, slot, session);
             return follow_hub(session, hub, sub, follow, shutdown, stats).await;
         }
     }
@@ -512,20 +534,46 @@ async fn run(
         }
     };
     let head: http::response::Parts = (**resp).clone();
+    let req = session.req_header();
+    let identity = &rcx.settings.identity_headers;
+    let audience = Audience::of(&head.headers, &req.headers, identity, rcx.settings.shared);
+    // A visitor answered with a session cookie comes back with it: the hub answers to
+    // that key too (only that visitor holds the cookie).
+    let aliases = match key::cookie_set_by(&head.headers) {
+        Some(cookie)
+            if !rcx.settings.shared
+                && !req.headers.contains_key(header::COOKIE)
+                && identity.iter().any(|n| n == "cookie") =>
+        {
+            let mut h = req.headers.clone();
+            h.insert(header::COOKIE, cookie);
+            vec![key::stream_key(&rcx.resource, identity, &h)]
+        }
+        _ => vec![],
+    };
+    // Whether another request with this key could ever read what this one records.
+    let reusable = audience.admits(&req.headers, rcx.has_identity).is_ok();
+    if let Err(d) = audience.admits(&req.headers, rcx.has_identity) {
+        tracing::debug!(
+            reason = d.as_str(),
+            "stream recorded for its own client only"
+        );
+    }
     let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
     // Just after an upgrade, the old process may still hold this stream's recent events
-    // and its upstream: take them over.
-    let mut import = match &rcx.handover {
-        Some(source) => {
+    // and its upstream: take them over (only those recorded for the same audience).
+    let mut import = match (&rcx.handover, audience.fingerprint()) {
+        (Some(source), Some(fingerprint)) if reusable => {
             source
                 .fetch(
                     &rcx.key,
+                    &fingerprint,
                     rcx.last_event_id.as_deref(),
                     route.sse.max_event_bytes,
                 )
                 .await
         }
-        None => None,
+        _ => None,
     };
     let seed = import.as_mut().map(|i| std::mem::take(&mut i.seed));
     if let Some(seed) = &seed {
@@ -534,14 +582,28 @@ async fn run(
             .handed_over
             .fetch_add(seed.blocks.len() as u64, Ordering::Relaxed);
     }
-    let (hub, sub, created) = rcx.registry.create(
-        rcx.key.clone(),
-        rcx.settings.shared,
+    // Nobody else could resume a stream of its own client only: no linger for it.
+    let linger = if reusable || !aliases.is_empty() {
+        rcx.settings.linger
+    } else {
+        Duration::ZERO
+    };
+    let viewer_headers = req.headers.clone();
+    let new = NewHub {
+        key: rcx.key.clone(),
+        aliases,
+        shared: rcx.settings.shared,
+        audience,
         head,
         store,
-        route.sse.max_event_bytes,
+        max_event_bytes: route.sse.max_event_bytes,
         seed,
-    );
+    };
+    let viewer = Viewer {
+        headers: &viewer_headers,
+        has_identity: rcx.has_identity,
+    };
+    let (hub, sub, created) = rcx.registry.create(new, viewer);
     // The hub is registered: waiting clients of a shared key may join it now.
     drop(opening);
     if sub.resumed {
@@ -560,7 +622,7 @@ async fn run(
             registry: rcx.registry.clone(),
             source,
             pending: tasks.collect(),
-            linger: rcx.settings.linger,
+            linger,
         };
         tokio::spawn(pump.run());
     } else {
@@ -569,16 +631,16 @@ async fn run(
     }
     let how = match (sub.resumed, missed) {
         (true, _) => Attach::Hit,
-        (false, true) => Attach::Miss,
-        (false, false) => Attach::Fresh,
+        (false, Some(m)) => Attach::Miss(m),
+        (false, None) => Attach::Fresh,
     };
     // A new upstream got the client's Last-Event-ID: if it replays that very event
     // too, the client must not see it twice.
     let skip_id = match how {
-        Attach::Miss => rcx.last_event_id.as_deref().map(Arc::from),
+        Attach::Miss(_) => rcx.last_event_id.as_deref().map(Arc::from),
         _ => None,
     };
-    let follow = Follow::new(how, skip_id, &route, rcx, admission, slot, session);
+    let follow = Follow::new(how, skip_id, created, &route, rcx, admission, slot, session);
     follow_hub(session, hub, sub, follow, shutdown, stats).await
 }
 
@@ -640,6 +702,9 @@ fn feed_task(hub: &Hub, t: HttpTask) -> bool {
 /// How a subscriber follows its hub.
 struct Follow<'a> {
     how: Attach,
+    /// The hub's head is the response to this client's own request, so its
+    /// `Set-Cookie` is this client's; no other subscriber ever gets it.
+    own_head: bool,
     /// Drop a block that carries exactly this id (the client has it).
     skip_id: Option<Arc<str>>,
     sse: &'a SseSettings,
@@ -655,20 +720,23 @@ struct Follow<'a> {
 impl<'a> Follow<'a> {
     /// How a client that attached to a hub follows it. A miss is counted here, once the
     /// attach is final (a handover may still have turned it into a hit).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         how: Attach,
         skip_id: Option<Arc<str>>,
+        own_head: bool,
         route: &'a Route,
         rcx: &'a ReplayCx,
         admission: &Admission,
         slot: Option<StreamSlot>,
         session: &Session,
     ) -> Follow<'a> {
-        if how == Attach::Miss {
-            rcx.registry.counters.misses.fetch_add(1, Ordering::Relaxed);
+        if let Attach::Miss(m) = how {
+            rcx.registry.counters.misses[m.index()].fetch_add(1, Ordering::Relaxed);
         }
         Follow {
             how,
+            own_head,
             skip_id,
             sse: &route.sse,
             replay: &rcx.settings,
@@ -694,21 +762,25 @@ async fn follow_hub(
     stats.stream = true;
     stats.replay = Some(match f.how {
         Attach::Hit => "hit",
-        Attach::Miss => "miss",
+        Attach::Miss(m) => {
+            stats.miss = Some(m.as_str());
+            "miss"
+        }
         Attach::Fresh => "fresh",
     });
     let mut resp = ResponseHeader::build(hub.head.status, Some(hub.head.headers.len() + 4))?;
     for (name, value) in &hub.head.headers {
         resp.append_header(name.clone(), value.clone())?;
     }
-    if hub.shared {
-        // A public stream's head came from one client's request: never hand its
-        // cookies to the others.
+    if hub.shared || !f.own_head {
+        // A stored `Set-Cookie` is never replayed (RFC 9111 §3.1 leaves that to us): it
+        // belongs to the request the head answered, and a shared route's request went
+        // out without this client's identity anyway.
         resp.remove_header(&header::SET_COOKIE);
     }
     let replay_note = match f.how {
         Attach::Hit => format!("hit; events={}", sub.replay.len()),
-        Attach::Miss => "miss".to_owned(),
+        Attach::Miss(_) => "miss".to_owned(),
         Attach::Fresh => "fresh".to_owned(),
     };
     resp.insert_header("x-ssegate-replay", replay_note)?;
@@ -730,7 +802,7 @@ async fn follow_hub(
     if let Some(b) = &retry_block {
         first.extend_from_slice(b);
     }
-    if f.how == Attach::Miss && f.replay.miss_event {
+    if matches!(f.how, Attach::Miss(_)) && f.replay.miss_event {
         first.extend_from_slice(b"event: ssegate-replay-miss\ndata: ");
         first.extend_from_slice(f.last_event_id.unwrap_or("").as_bytes());
         first.extend_from_slice(b"\n\n");
@@ -1156,13 +1228,16 @@ impl Subrequest {
                 }
             }
         }
+        // pingora re-reads an HTTP/1 client's request from its raw bytes, which lack what
+        // `proxy::prepare_upstream_request` changed: the inner pass takes this copy.
+        let request = (!session.is_http2()).then(|| session.req_header().clone());
         let sub_ctx = SubrequestCtx::builder()
             .body_mode(if body_done {
                 BodyMode::NoBody
             } else {
                 BodyMode::ExpectBody
             })
-            .user_ctx(Box::new(client))
+            .user_ctx(Box::new(InnerRequest { client, request }))
             .build();
         let spawner = session
             .subrequest_spawner

@@ -88,7 +88,7 @@ pub async fn open(req: &RequestHeader, client: &ClientInfo, metrics: &Metrics) -
         .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| upstream_error(ErrorType::ConnectError, "handshake", e))?;
-    let request = upstream_request(req, client)?;
+    let request = upstream_request(req)?;
     let response = Box::pin(sender.send_request(request));
     // Dropping the sender now lets the connection close once this response is over.
     drop(sender);
@@ -120,9 +120,10 @@ fn upstream_error(
     Error::because(etype, what, e).into_up()
 }
 
-/// The request as the upstream gets it: the client's header without its hop-by-hop
-/// fields, in HTTP/1.1 form, plus the forwarding headers every proxied request gets.
-fn upstream_request(req: &RequestHeader, client: &ClientInfo) -> Result<Request<Empty<Bytes>>> {
+/// The request as the upstream gets it: the client's header (already prepared for the
+/// upstream, see `proxy::prepare_upstream_request`) without its hop-by-hop fields, in
+/// HTTP/1.1 form.
+fn upstream_request(req: &RequestHeader) -> Result<Request<Empty<Bytes>>> {
     let mut head = RequestHeader::build(
         req.method.clone(),
         req.uri
@@ -148,7 +149,6 @@ fn upstream_request(req: &RequestHeader, client: &ClientInfo) -> Result<Request<
             head.insert_header(header::HOST, authority)?;
         }
     }
-    proxy::add_forwarding_headers(&mut head, client)?;
 
     let mut out = Request::builder()
         .method(head.method.clone())

@@ -309,3 +309,91 @@ fn connections_past_max_connections_are_closed_at_once() {
     .0
     .success()));
 }
+
+/// The request's host is normalised once, for routing, the stream key and the upstream:
+/// case, a trailing dot or a default port cannot skip a host's route (and its limits),
+/// and a request whose host is ambiguous is refused.
+#[test]
+fn hosts_are_normalised_once_and_ambiguous_ones_refused() {
+    let php = Php::start();
+    // The only route is for a.test: a request that escapes it gets 404.
+    let gw = GatewayOptions::to(&php)
+        .extra("host = \"a.test\"\n")
+        .start();
+    let get = |head: &str| {
+        raw(
+            gw.port,
+            format!("GET /echo.php HTTP/1.1\r\n{head}Connection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+    };
+    for host in ["a.test", "A.TEST", "a.test.", "a.test.:80", "a.test:"] {
+        let resp = get(&format!("Host: {host}\r\n"));
+        assert_eq!(status(&resp), "200", "Host: {host}\n{resp}");
+        // The upstream gets the one normalised host.
+        assert!(resp.contains("\"host\":\"a.test\""), "Host: {host}\n{resp}");
+    }
+    assert_eq!(status(&get("Host: b.test\r\n")), "404");
+    assert_eq!(status(&get("Host: a.test:8080\r\n")), "200");
+    for bad in [
+        "Host: a.test\r\nHost: a.test\r\n",
+        "Host: a.test\r\nHost: b.test\r\n",
+        "Host: user@a.test\r\n",
+        "",
+    ] {
+        let resp = get(bad);
+        assert_eq!(status(&resp), "400", "{bad:?}\n{resp}");
+    }
+    // An absolute-form target names the host: routed by it, sent upstream in origin
+    // form with that Host; one that contradicts Host is refused.
+    let abs = |head: &str| {
+        raw(
+            gw.port,
+            format!("GET http://A.test/echo.php?x=1 HTTP/1.1\r\n{head}Connection: close\r\n\r\n")
+                .as_bytes(),
+            Duration::from_secs(5),
+        )
+    };
+    let resp = abs("");
+    assert_eq!(status(&resp), "200", "{resp}");
+    assert!(resp.contains("\"host\":\"a.test\""), "{resp}");
+    assert!(resp.contains("\"uri\":\"\\/echo.php?x=1\""), "{resp}");
+    assert_eq!(status(&abs("Host: A.test\r\n")), "200");
+    assert_eq!(status(&abs("Host: b.test\r\n")), "400");
+}
+
+/// HTTP/2 lets a client split `Cookie` into one field per pair; the upstream (which
+/// would join them with `, `) and the stream key get one `; `-joined line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_crumbs_reach_the_upstream_as_one_cookie() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    for accept in ["*/*", "text/event-stream"] {
+        let mut client = client.clone().ready().await.expect("h2 ready");
+        let req = http::Request::get(format!("http://127.0.0.1:{}/echo.php", gw.port))
+            .header("accept", accept)
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(())
+            .expect("request");
+        let (resp, _) = client.send_request(req, true).expect("send");
+        let resp = resp.await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut out = vec![];
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["headers"]["cookie"], "a=1; b=2", "{accept}: {v}");
+    }
+}
