@@ -151,7 +151,17 @@ fn owned(h: &[&str]) -> Vec<String> {
     h.iter().map(|s| s.to_string()).collect()
 }
 
+/// Records a failed expectation and goes on, so one run shows every case that leaks.
+macro_rules! check {
+    ($problems:ident, $cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            $problems.push(format!($($fmt)+));
+        }
+    };
+}
+
 fn run_cases(shared: bool, proto: &str) {
+    let mut problems: Vec<String> = Vec::new();
     let php = Php::start();
     let mut opts = GatewayOptions::to(&php).replay("linger = \"30s\"\n");
     if shared {
@@ -186,7 +196,8 @@ fn run_cases(shared: bool, proto: &str) {
         b_headers.push(format!("Last-Event-ID: {k}"));
         let b = sse(&url, proto, &b_headers, 1.0);
         let b_values = b.field(c.field);
-        assert!(
+        check!(
+            problems,
             b.events.len() >= 3,
             "{what}: B got {} events",
             b.events.len()
@@ -194,7 +205,8 @@ fn run_cases(shared: bool, proto: &str) {
 
         // Never A's Set-Cookie, whatever the route.
         for cookie in a.set_cookies() {
-            assert!(
+            check!(
+                problems,
                 !b.head.contains(cookie),
                 "{what}: B got A's {cookie}\n{}",
                 b.head
@@ -204,7 +216,8 @@ fn run_cases(shared: bool, proto: &str) {
         // anonymous request: A never held its cookie, so it is not A's.)
         let a_owns_value = !(shared && c.field == "sid");
         if a_owns_value && !a_value.is_empty() && c.b_value != Some(a_value.as_str()) {
-            assert!(
+            check!(
+                problems,
                 !b_values.contains(&a_value),
                 "{what}: B received A's events: {b_values:?}"
             );
@@ -212,16 +225,18 @@ fn run_cases(shared: bool, proto: &str) {
         if shared {
             // The shared stream is what an anonymous request gets: no cookie, no token.
             for v in [&a, &b] {
-                assert!(v.set_cookies().is_empty(), "{what}: {}", v.head);
+                check!(problems, v.set_cookies().is_empty(), "{what}: {}", v.head);
             }
         } else {
-            assert_eq!(b.replay(), "miss", "{what}: {}", b.head);
+            check!(problems, b.replay() == "miss", "{what}: B: {}", b.head);
             match c.b_value {
-                Some(want) => assert!(
+                Some(want) => check!(
+                    problems,
                     b_values.iter().all(|v| v == want),
                     "{what}: B's events name {b_values:?}, not {want:?}"
                 ),
-                None => assert!(
+                None => check!(
+                    problems,
                     b_values.iter().all(|v| !v.is_empty() && *v != a_value),
                     "{what}: B's events name {b_values:?} (A was {a_value:?})"
                 ),
@@ -236,24 +251,43 @@ fn run_cases(shared: bool, proto: &str) {
         back_headers.push(format!("Last-Event-ID: {k}"));
         let back = sse(&url, proto, &back_headers, 0.6);
         if c.a_back_resumes {
-            assert!(
+            check!(
+                problems,
                 back.replay().starts_with("hit"),
                 "{what}: A back: {}",
                 back.head
             );
-            assert_eq!(back.events.first().map(|e| e.0), Some(k + 1), "{what}");
-            assert!(back.set_cookies().is_empty(), "{what}: {}", back.head);
+            check!(
+                problems,
+                back.events.first().map(|e| e.0) == Some(k + 1),
+                "{what}: A back starts at {:?}, not {}",
+                back.events.first().map(|e| e.0),
+                k + 1
+            );
+            check!(
+                problems,
+                back.set_cookies().is_empty(),
+                "{what}: {}",
+                back.head
+            );
             if !shared {
-                assert!(
+                check!(
+                    problems,
                     back.field(c.field).iter().all(|v| *v == a_value),
                     "{what}: A back got {:?}",
                     back.field(c.field)
                 );
             }
         } else {
-            assert_eq!(back.replay(), "miss", "{what}: A back: {}", back.head);
+            check!(
+                problems,
+                back.replay() == "miss",
+                "{what}: A back: {}",
+                back.head
+            );
         }
     }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
     let seen = std::fs::read_to_string(&log).expect("backend log");
     if shared {
         // The backend never saw a client's identity on a shared route.
