@@ -351,6 +351,9 @@ fn normalize_host(host: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The longest duration any setting may have.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Collects errors with their places while converting the file layer.
 struct Checker<'a> {
     path: &'a Path,
@@ -409,6 +412,11 @@ impl Checker<'_> {
 
     fn duration(&mut self, v: &toml::Spanned<String>, key: &str) -> Duration {
         match humantime::parse_duration(v.get_ref()) {
+            // Deadlines are computed as `now + d`: a duration of centuries would overflow.
+            Ok(d) if d > MAX_DURATION => {
+                self.span_error(v, key, "longer than a year: not a sensible setting");
+                Duration::ZERO
+            }
             Ok(d) => d,
             Err(e) => {
                 self.span_error(v, key, &format!("not a duration such as \"15s\": {e}"));

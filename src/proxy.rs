@@ -452,6 +452,26 @@ fn request_authority(req: &RequestHeader, https: bool) -> Result<Option<String>,
     )
 }
 
+/// A request whose framing or host cannot be trusted: 400, and the connection closes
+/// (what follows on it may be a body we never read).
+async fn refuse_malformed(session: &mut Session, body: &'static str) -> Result<bool> {
+    session.set_keepalive(None);
+    respond_text(session, 400, body).await?;
+    Ok(true)
+}
+
+/// RFC 9110 §8.6 lets a proxy take `Content-Length: 3, 3` as 3 or refuse it; pingora
+/// and the two upstream paths would read it differently, so it is refused (as are two
+/// `Content-Length` lines).
+fn content_length_is_one_number(req: &RequestHeader) -> bool {
+    let mut values = req.headers.get_all(header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit),
+        (Some(_), Some(_)) => false,
+    }
+}
+
 async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(3))?;
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -523,10 +543,13 @@ impl ProxyHttp for Gateway {
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!("refused: {e}");
-                respond_text(session, 400, "400 Bad Request: bad or conflicting host\n").await?;
-                return Ok(true);
+                return refuse_malformed(session, "400 Bad Request: bad or conflicting host\n")
+                    .await;
             }
         };
+        if !content_length_is_one_number(session.req_header()) {
+            return refuse_malformed(session, "400 Bad Request: bad Content-Length\n").await;
+        }
         let Some(route) = live
             .config
             .route_for(host.as_deref(), session.req_header().uri.path())

@@ -65,6 +65,20 @@ fn malformed_toml_names_file_and_line() {
 }
 
 #[test]
+fn durations_past_a_year_are_refused_not_overflowed() {
+    for key in [
+        "[sse]\nheartbeat_interval",
+        "[replay]\nlinger",
+        "[server]\ngrace_period",
+    ] {
+        let (code, text, path, _d) = check(&format!("{GOOD}\n{key} = \"500000000years\"\n"));
+        assert_eq!(code, 1, "{key}: {text}");
+        assert!(text.contains(&format!("{}:13:", path.display())), "{text}");
+        assert!(text.contains("longer than a year"), "{text}");
+    }
+}
+
+#[test]
 fn unknown_key_names_file_line_and_key() {
     let (code, text, path, _d) = check(&format!("{GOOD}\n[sse]\nheartbeat_intervall = \"5s\"\n"));
     assert_eq!(code, 1);

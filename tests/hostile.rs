@@ -48,6 +48,9 @@ fn malformed_requests_get_400() {
         b"GET /\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        // A Content-Length list, even of equal values: refused, not half-forwarded.
+        b"POST /echo.php HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc",
+        b"POST /echo.php HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
         // 300 headers: past pingora's 256.
         &[
             b"GET / HTTP/1.1\r\nHost: a\r\n".as_slice(),
@@ -64,6 +67,8 @@ fn malformed_requests_get_400() {
             "{:?} -> {resp:?}",
             String::from_utf8_lossy(req)
         );
+        // Refused at the edge, not passed on for the backend to judge.
+        assert!(!resp.contains("Apache"), "{resp}");
     }
     // And the gateway serves on.
     let (ok, body) = curl(&[&gw.url("/es_page.html")]);
