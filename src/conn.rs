@@ -43,12 +43,14 @@ pub struct ConnGuard<A> {
     inner: Arc<A>,
     limits: ConnLimits,
     open: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
+    /// Where the public listeners' connections are counted; `None` for the admin
+    /// listener, whose connections are not the gateway's traffic.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<A> ConnGuard<A> {
     /// Guards `inner`'s connections with `limits`.
-    pub fn new(inner: A, limits: ConnLimits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(inner: A, limits: ConnLimits, metrics: Option<Arc<Metrics>>) -> Self {
         ConnGuard {
             inner: Arc::new(inner),
             limits,
@@ -84,14 +86,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
                 let cap = self.limits.max_connections;
                 if cap > 0 && open > cap {
                     self.open.fetch_sub(1, Ordering::AcqRel);
-                    self.metrics
-                        .refusals
-                        .with_label_values(&["max_connections"])
-                        .inc();
+                    if let Some(m) = &self.metrics {
+                        m.refusals.with_label_values(&["max_connections"]).inc();
+                    }
                     tracing::debug!(open, cap, "connection closed: max_connections");
                     return Box::pin(std::future::ready(None));
                 }
-                self.metrics.connections_open.inc();
+                if let Some(m) = &self.metrics {
+                    m.connections_open.inc();
+                }
                 Box::new(Deadline::new(
                     stream,
                     self.limits.header_timeout,
@@ -113,13 +116,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
 /// Counts a connection as open until dropped.
 struct Counted {
     open: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.connections_open.dec();
+        if let Some(m) = &self.metrics {
+            m.connections_open.dec();
+        }
     }
 }
 
@@ -235,7 +240,9 @@ impl AsyncRead for Deadline {
 
 impl Deadline {
     fn metrics_timeout(&self) {
-        self._counted.metrics.header_timeouts.inc();
+        if let Some(m) = &self._counted.metrics {
+            m.header_timeouts.inc();
+        }
     }
 }
 

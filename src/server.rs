@@ -26,6 +26,9 @@ use crate::tls::ReloadableCert;
 /// old one for streams (a bound only: a gone process is noticed at once).
 const HANDOVER_SLACK: Duration = Duration::from_secs(10);
 
+/// Most connections the admin listener holds at once (scrapers and probes need few).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// Makes pingora's settings from ours.
 pub fn server_conf(config: &Config) -> ServerConf {
     let mut conf = ServerConf {
@@ -82,7 +85,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     };
     let mut proxy = pingora::services::listening::Service::new(
         "ssegate".to_owned(),
-        ConnGuard::new(app, limits, metrics.clone()),
+        ConnGuard::new(app, limits, Some(metrics.clone())),
     );
     let mut certs = vec![];
     for l in &config.listeners {
@@ -110,12 +113,22 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     }
     server.add_service(proxy);
     if let Some(addr) = config.server.admin {
+        // The same guard as the public listeners, with a cap of its own: idle
+        // connections must not pile up on the operators' port either.
+        let admin_limits = ConnLimits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            header_timeout: config.server.request_header_timeout,
+        };
         let mut admin = pingora::services::listening::Service::new(
             "ssegate admin".to_owned(),
-            Admin {
-                metrics: metrics.clone(),
-                shutdown: shutdown.clone(),
-            },
+            ConnGuard::new(
+                Admin {
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                },
+                admin_limits,
+                None,
+            ),
         );
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);

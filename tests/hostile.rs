@@ -402,3 +402,40 @@ async fn http2_cookie_crumbs_reach_the_upstream_as_one_cookie() {
         assert_eq!(v["headers"]["cookie"], "a=1; b=2", "{accept}: {v}");
     }
 }
+
+/// The admin listener has the public listeners' guard with a small cap of its own:
+/// idle connections past 64 are closed at once, the rest when their header is late,
+/// and none of them counts as the gateway's traffic.
+#[test]
+fn admin_listener_caps_idle_connections_and_closes_them_when_late() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .server("request_header_timeout = \"2s\"\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
+    let mut conns: Vec<TcpStream> = (0..150)
+        .map(|_| TcpStream::connect(("127.0.0.1", admin)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let count_closed = |conns: &mut Vec<TcpStream>| {
+        let mut closed = 0;
+        for s in conns.iter_mut() {
+            // Non-blocking: an open connection answers WouldBlock at once.
+            s.set_nonblocking(true).expect("nonblocking");
+            closed += usize::from(is_closed(s));
+        }
+        closed
+    };
+    let at_once = count_closed(&mut conns);
+    assert!((80..=90).contains(&at_once), "{at_once} closed at once");
+    // Past the header deadline, every one of them is gone.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(count_closed(&mut conns), 150);
+    drop(conns);
+    assert_eq!(admin_metric(admin, "ssegate_connections_open"), 0.0);
+    assert_eq!(
+        admin_metric(admin, "ssegate_refusals_total{reason=\"max_connections\"}"),
+        0.0
+    );
+}
