@@ -14,6 +14,7 @@ use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, TextEncoder};
 
 use crate::hub::{Miss, Registry};
+use crate::replay::Budget;
 use crate::shutdown::Shutdown;
 
 /// Every metric the gateway exports.
@@ -53,6 +54,9 @@ pub struct Metrics {
     handed_over: IntCounter,
     hubs: IntGauge,
     hubs_lingering: IntGauge,
+    replay_bytes: IntGauge,
+    /// The replay stores' byte budget; read at scrape time.
+    budget: Arc<Budget>,
     /// Hub counters live in the registry; read at scrape time.
     hub_registry: Arc<Registry>,
 }
@@ -82,7 +86,10 @@ fn gauge(r: &prometheus::Registry, name: &str, help: &str) -> prometheus::Result
 
 impl Metrics {
     /// Registers every metric.
-    pub fn new(hub_registry: Arc<Registry>) -> prometheus::Result<Arc<Metrics>> {
+    pub fn new(
+        hub_registry: Arc<Registry>,
+        budget: Arc<Budget>,
+    ) -> prometheus::Result<Arc<Metrics>> {
         let r = prometheus::Registry::new();
         let streams_open = IntGaugeVec::new(
             Opts::new("ssegate_streams_open", "Event streams open now"),
@@ -198,6 +205,12 @@ impl Metrics {
                 "ssegate_hubs_lingering",
                 "Stream hubs without clients, waiting out their linger window",
             )?,
+            replay_bytes: gauge(
+                &r,
+                "ssegate_replay_bytes",
+                "Bytes held by all replay stores (bounded by replay.total_max_bytes)",
+            )?,
+            budget,
             hub_registry,
             registry: r,
         }))
@@ -224,6 +237,7 @@ impl Metrics {
         );
         set(&self.handed_over, c.handed_over.load(Ordering::Relaxed));
         self.hubs.set(c.hubs.load(Ordering::Relaxed) as i64);
+        self.replay_bytes.set(self.budget.used() as i64);
         self.hubs_lingering
             .set(self.hub_registry.lingering() as i64);
         let mut out = Vec::new();

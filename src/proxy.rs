@@ -190,10 +190,11 @@ impl Gateway {
             config.replay.lag_blocks,
             config.replay.max_hubs,
         ));
+        let budget = Budget::new(config.replay.total_max_bytes);
         Ok(Gateway {
-            metrics: Metrics::new(registry.clone())?,
+            metrics: Metrics::new(registry.clone(), budget.clone())?,
             registry,
-            budget: Budget::new(config.replay.total_max_bytes),
+            budget,
             live: Arc::new(ArcSwap::from_pointee(Live::new(config, None))),
             shutdown,
             handover: None,

@@ -193,10 +193,11 @@ impl ReplayStore for MemoryRing {
         self.bytes += size;
         self.budget.used.fetch_add(size, Ordering::Relaxed);
         // The total bound is enforced where memory is added: this stream gives up its
-        // oldest blocks (idle streams shrink by age).
+        // oldest blocks, down to none (idle streams shrink by age). A resume from a
+        // store emptied so is a miss, never a silent gap.
         while self.events.len() > self.bounds.max_events
             || self.bytes > self.bounds.max_bytes
-            || (self.budget.over() && self.events.len() > 1)
+            || (self.budget.over() && !self.events.is_empty())
         {
             self.pop_oldest();
         }
@@ -285,7 +286,10 @@ mod tests {
         for i in 0..4 {
             small.push(ev(&i.to_string(), true, 10));
         }
-        assert!(small.bytes() <= 30, "total budget bounds the ring");
+        assert!(small.bytes() <= 25, "total budget bounds the ring");
+        // A block larger than the whole budget is not kept either, nor what came before.
+        small.push(ev("huge", true, 40));
+        assert_eq!((small.len(), small.bytes()), (0, 0));
         drop(r);
         assert_eq!(budget.used(), 0, "a dropped ring gives its bytes back");
     }

@@ -52,6 +52,10 @@ pub struct Event {
     pub dispatched: bool,
 }
 
+/// Blocks larger than this are not left sharing the parser's buffer (see
+/// `Parser::take_front`).
+const RELEASE_AFTER: usize = 64 * 1024;
+
 /// Incremental event-stream parser: `push` bytes, then call `next_event` until `None`.
 #[derive(Debug)]
 pub struct Parser {
@@ -236,7 +240,7 @@ impl Parser {
             if !self.in_block {
                 // A comment between blocks belongs to no event: forget its bytes so a
                 // stream of comments alone cannot grow the buffer.
-                let _ = self.buf.split_to(next);
+                let _ = self.take_front(next);
                 self.scan -= next;
                 self.line_start -= next;
             }
@@ -274,9 +278,20 @@ impl Parser {
         None
     }
 
+    /// Takes the first `n` bytes of the buffer. After a large block the rest moves to an
+    /// allocation of its own: split-off bytes share the buffer's, so otherwise one
+    /// big event would pin its memory for the parser's whole life.
+    fn take_front(&mut self, n: usize) -> BytesMut {
+        let front = self.buf.split_to(n);
+        if n > RELEASE_AFTER {
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
+        front
+    }
+
     /// A blank line ended at `next`: dispatch the pending event, if it has data.
     fn dispatch(&mut self, next: usize) -> Option<Event> {
-        let raw = self.buf.split_to(next).freeze();
+        let raw = self.take_front(next).freeze();
         self.scan -= next;
         self.line_start -= next;
         let had_fields = std::mem::take(&mut self.in_block);

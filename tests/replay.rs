@@ -256,6 +256,29 @@ fn large_events_stay_within_the_byte_bound() {
     assert_eq!(miss.replay_header(), "miss");
 }
 
+/// `total_max_bytes` is a bound, not a hint: a store over the shared budget gives up its
+/// blocks down to none (a later resume is a miss), even its newest one.
+#[test]
+fn the_total_replay_budget_holds_for_events_larger_than_it() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\ntotal_max_bytes = 65536\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
+    let url = |i: u32| gw.url(&format!("/big.php?size=1000000&n=1&stream={i}"));
+    for i in 0..11 {
+        let s = sse(&url(i), &[], 0.8);
+        assert_eq!(s.ids(), [1], "stream {i}");
+    }
+    // Eleven lingering hubs, each with a 1 MB event it may not keep.
+    assert_eq!(admin_metric(admin, "ssegate_hubs"), 11.0);
+    let held = admin_metric(admin, "ssegate_replay_bytes");
+    assert!(held <= 65536.0, "{held} bytes held");
+    let back = sse(&url(0), &["Last-Event-ID: 1"], 0.5);
+    assert_eq!(back.replay_header(), "miss", "{}", back.head);
+}
+
 #[test]
 fn shared_route_serves_1000_clients_from_one_upstream_request() {
     let php = Php::start();
