@@ -87,6 +87,9 @@ pub struct ReplayGlobal {
     /// Most hubs at once (live and lingering); past it, new streams are relayed
     /// directly, without replay.
     pub max_hubs: usize,
+    /// Most hubs one client may have opened that are still alive (live and lingering);
+    /// past it, its oldest lingering hub is closed first.
+    pub max_hubs_per_client: usize,
 }
 
 /// Replay behaviour of one route.
@@ -542,6 +545,9 @@ impl Checker<'_> {
                 .unwrap_or(128)
                 .max(1),
             max_hubs: gateway_wide(|r| r.max_hubs.as_ref()).unwrap_or(10_000),
+            max_hubs_per_client: gateway_wide(|r| r.max_hubs_per_client.as_ref())
+                .unwrap_or(16)
+                .max(1),
         };
         let refuse_default = match raw
             .limits
@@ -687,6 +693,7 @@ impl Checker<'_> {
                 ("total_max_bytes", &own.total_max_bytes),
                 ("lag_blocks", &own.lag_blocks),
                 ("max_hubs", &own.max_hubs),
+                ("max_hubs_per_client", &own.max_hubs_per_client),
             ] {
                 if let Some(v) = v {
                     self.span_error(
@@ -983,6 +990,7 @@ mod file {
         pub total_max_bytes: Option<Spanned<usize>>,
         pub lag_blocks: Option<Spanned<usize>>,
         pub max_hubs: Option<Spanned<usize>>,
+        pub max_hubs_per_client: Option<Spanned<usize>>,
     }
 
     #[derive(Debug, Default, Deserialize)]

@@ -23,6 +23,7 @@ use tokio::sync::{broadcast, Notify};
 
 pub use crate::key::StreamKey;
 use crate::key::{Audience, Denied};
+use crate::limit::ClientKey;
 use crate::replay::{Lookup, ReplayStore, StoredEvent};
 use crate::sse;
 
@@ -51,6 +52,8 @@ pub struct ReplayCounters {
     pub hubs: AtomicUsize,
     /// Blocks taken over from the process this one replaced (graceful upgrade).
     pub handed_over: AtomicU64,
+    /// Lingering hubs closed early because their client opened too many.
+    pub evicted: AtomicU64,
 }
 
 /// Where a new subscriber starts.
@@ -130,6 +133,9 @@ pub struct NewHub {
     pub max_event_bytes: usize,
     /// After an upgrade: what the old process handed over.
     pub seed: Option<Seed>,
+    /// The client whose request opened it: its upstream connection is charged to that
+    /// client while the hub lives, lingering included (see `Registry::with_client_cap`).
+    pub owner: Option<ClientKey>,
 }
 
 impl NewHub {
@@ -152,6 +158,7 @@ impl NewHub {
             store,
             max_event_bytes,
             seed: None,
+            owner: None,
         }
     }
 }
@@ -316,6 +323,8 @@ pub struct Hub {
     pub shared: bool,
     /// Who else may read it (secondary key).
     audience: Audience,
+    /// The client charged for it.
+    owner: Option<ClientKey>,
     /// The upstream's response status and headers, for every subscriber.
     pub head: http::response::Parts,
     inner: Mutex<Inner>,
@@ -469,6 +478,8 @@ impl Hub {
             let _ = inner.tx.send(HubMsg::End);
         }
         drop(inner);
+        // The pump may be waiting out the linger window: it closes the upstream now.
+        self.changed.notify_waiters();
         self.merged.notify_one();
         true
     }
@@ -536,6 +547,11 @@ pub struct Registry {
     pub lag_blocks: usize,
     /// Most hubs at once; each holds an upstream connection, lingering ones too.
     pub max_hubs: usize,
+    /// Most hubs alive per client that opened them.
+    max_per_client: usize,
+    /// The hubs alive per client that opened them, oldest first. (Taken before a hub's
+    /// own lock, never while holding `hubs`.)
+    by_owner: Mutex<HashMap<ClientKey, VecDeque<Arc<Hub>>>>,
 }
 
 impl Registry {
@@ -543,6 +559,8 @@ impl Registry {
     pub fn new(lag_blocks: usize, max_hubs: usize) -> Registry {
         Registry {
             max_hubs,
+            max_per_client: usize::MAX,
+            by_owner: Mutex::new(HashMap::new()),
             hubs: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             counters: Arc::new(ReplayCounters::default()),
@@ -550,8 +568,38 @@ impl Registry {
         }
     }
 
+    /// At most `n` hubs alive per client that opened them: a client that opens and
+    /// leaves streams to many URLs cannot keep an upstream connection each lingering.
+    pub fn with_client_cap(mut self, n: usize) -> Registry {
+        self.max_per_client = n.max(1);
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<StreamKey, Vec<Arc<Hub>>>> {
         self.hubs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn owners(&self) -> MutexGuard<'_, HashMap<ClientKey, VecDeque<Arc<Hub>>>> {
+        self.by_owner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before `owner` opens another hub: while it is at its cap, close its oldest
+    /// lingering hub (its pump then closes the upstream and unregisters it). Hubs with
+    /// clients are never cut: those are bounded by the stream limits.
+    fn make_room_for(&self, owner: ClientKey) {
+        let mut owners = self.owners();
+        let Some(hubs) = owners.get_mut(&owner) else {
+            return;
+        };
+        hubs.retain(|h| !h.ended());
+        while hubs.len() >= self.max_per_client {
+            let Some(i) = hubs.iter().position(|h| h.end_if_idle()) else {
+                break;
+            };
+            hubs.remove(i);
+            self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = ?owner.0, "closed a lingering hub: its client opened too many");
+        }
     }
 
     fn hubs_of(&self, key: &StreamKey) -> Vec<Arc<Hub>> {
@@ -633,7 +681,11 @@ impl Registry {
             mut store,
             max_event_bytes,
             seed,
+            owner,
         } = new;
+        if let Some(o) = owner {
+            self.make_room_for(o);
+        }
         let mut map = self.lock();
         if shared {
             let existing = map.get(&key).cloned().unwrap_or_default();
@@ -665,6 +717,7 @@ impl Registry {
             keys,
             shared,
             audience,
+            owner,
             head,
             inner: Mutex::new(Inner {
                 parser: sse::Parser::boundaries_only(max_event_bytes),
@@ -683,6 +736,9 @@ impl Registry {
         }
         self.counters.hubs.fetch_add(1, Ordering::Relaxed);
         drop(map);
+        if let Some(o) = owner {
+            self.owners().entry(o).or_default().push_back(hub.clone());
+        }
         // A hub that has not started cannot have ended: attach directly.
         let resumed = replay.is_some();
         let mut sub = hub.attach(hub.lock(), replay.unwrap_or_default());
@@ -760,6 +816,16 @@ impl Registry {
         if found {
             self.counters.hubs.fetch_sub(1, Ordering::Relaxed);
         }
+        drop(map);
+        if let Some(o) = hub.owner {
+            let mut owners = self.owners();
+            if let Some(v) = owners.get_mut(&o) {
+                v.retain(|h| !Arc::ptr_eq(h, hub));
+                if v.is_empty() {
+                    owners.remove(&o);
+                }
+            }
+        }
     }
 
     /// Hubs without a subscriber now, waiting out their linger window.
@@ -830,6 +896,7 @@ mod tests {
             store: Box::new(MemoryRing::new(bounds, Budget::new(1 << 20))),
             max_event_bytes: 1 << 16,
             seed,
+            owner: None,
         }
     }
 
@@ -1020,5 +1087,36 @@ mod tests {
         assert!(registry
             .join_shared(&key, Start::Live, viewer(&de))
             .is_some());
+    }
+
+    #[test]
+    fn a_client_at_its_cap_loses_its_oldest_lingering_hub() {
+        let registry = Registry::new(64, 100).with_client_cap(2);
+        let me = ClientKey("127.0.0.1".parse().unwrap());
+        let other = ClientKey("127.0.0.2".parse().unwrap());
+        let open = |name: &str, owner| {
+            let mut new = new_hub(
+                &StreamKey::new([name.as_bytes()]),
+                http::HeaderMap::new(),
+                None,
+            );
+            new.owner = Some(owner);
+            registry.create(new, nobody())
+        };
+        let (theirs, sub, _) = open("theirs", other);
+        drop(sub);
+        let (first, sub, _) = open("a", me);
+        drop(sub);
+        let (second, live, _) = open("b", me);
+        // At the cap: the lingering one goes, the one with a client stays.
+        let (_third, _sub, _) = open("c", me);
+        assert!(first.ended());
+        assert!(!second.ended());
+        assert!(!theirs.ended());
+        assert_eq!(registry.counters.evicted.load(Ordering::Relaxed), 1);
+        // Both remaining have clients or are new: nothing to close, the hub still opens.
+        let (_fourth, _sub4, _) = open("d", me);
+        assert!(!second.ended());
+        drop(live);
     }
 }

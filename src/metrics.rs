@@ -52,6 +52,7 @@ pub struct Metrics {
     events_replayed: IntCounter,
     upstreams_saved: IntCounter,
     handed_over: IntCounter,
+    hubs_evicted: IntCounter,
     hubs: IntGauge,
     hubs_lingering: IntGauge,
     replay_bytes: IntGauge,
@@ -194,6 +195,11 @@ impl Metrics {
                 "TLS handshakes completed, by protocol version (started minus completed: failed or abandoned)",
                 &["version"],
             )?,
+            hubs_evicted: counter(
+                &r,
+                "ssegate_hubs_evicted_total",
+                "Lingering hubs closed early because the client that opened them opened too many (replay.max_hubs_per_client)",
+            )?,
             handed_over: counter(
                 &r,
                 "ssegate_events_handed_over_total",
@@ -236,6 +242,7 @@ impl Metrics {
             c.upstreams_saved.load(Ordering::Relaxed),
         );
         set(&self.handed_over, c.handed_over.load(Ordering::Relaxed));
+        set(&self.hubs_evicted, c.evicted.load(Ordering::Relaxed));
         self.hubs.set(c.hubs.load(Ordering::Relaxed) as i64);
         self.replay_bytes.set(self.budget.used() as i64);
         self.hubs_lingering

@@ -186,10 +186,10 @@ pub struct ClientInfo {
 impl Gateway {
     /// A gateway serving `config`.
     pub fn new(config: Arc<Config>, shutdown: Shutdown) -> prometheus::Result<Self> {
-        let registry = Arc::new(Registry::new(
-            config.replay.lag_blocks,
-            config.replay.max_hubs,
-        ));
+        let registry = Arc::new(
+            Registry::new(config.replay.lag_blocks, config.replay.max_hubs)
+                .with_client_cap(config.replay.max_hubs_per_client),
+        );
         let budget = Budget::new(config.replay.total_max_bytes);
         Ok(Gateway {
             metrics: Metrics::new(registry.clone(), budget.clone())?,

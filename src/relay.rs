@@ -598,6 +598,7 @@ async fn run(
         store,
         max_event_bytes: route.sse.max_event_bytes,
         seed,
+        owner: key,
     };
     let viewer = Viewer {
         headers: &viewer_headers,

@@ -461,6 +461,67 @@ fn a_client_that_never_reads_is_disconnected_and_its_stream_freed() {
     drop(s);
 }
 
+/// A lingering hub holds an upstream connection: it is charged to the client that
+/// opened it, so one client touching many URLs cannot pin the backend's workers for the
+/// linger window; its oldest lingering hubs go first, other clients' stay.
+#[test]
+fn lingering_hubs_are_charged_to_the_client_that_left_them() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\nmax_hubs_per_client = 3\n")
+        .limits("request_rate = 0\nstream_connect_rate = 0\nmax_streams_per_client = 2\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
+    // Another client (another loopback address) leaves one stream lingering first.
+    let other_url = gw.url("/broadcast.php?period=0.1&who=other");
+    let other = |extra: &[&str]| {
+        let mut args = vec![
+            "-s",
+            "-i",
+            "-N",
+            "--interface",
+            "127.0.0.2",
+            "--max-time",
+            "0.6",
+        ];
+        for h in extra {
+            args.extend(["-H", h]);
+        }
+        args.push(&other_url);
+        let out = Command::new("curl").args(&args).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Seen {
+            head: head.to_ascii_lowercase(),
+            events: parse_stream(body.as_bytes()).0,
+        }
+    };
+    let first = other(&[]);
+    let k = *first.ids().last().expect("events");
+    // This client opens and drops streams to ten URLs.
+    for i in 0..10 {
+        let s = sse(
+            &gw.url(&format!("/broadcast.php?period=0.1&url={i}")),
+            &[],
+            0.4,
+        );
+        assert!(!s.events.is_empty(), "stream {i}");
+    }
+    assert!(
+        wait_for(|| admin_metric(admin, "ssegate_hubs") == 4.0),
+        "{} hubs, {} lingering, {} evicted\n{}",
+        admin_metric(admin, "ssegate_hubs"),
+        admin_metric(admin, "ssegate_hubs_lingering"),
+        admin_metric(admin, "ssegate_hubs_evicted_total"),
+        gw.log()
+    );
+    assert_eq!(admin_metric(admin, "ssegate_hubs_evicted_total"), 7.0);
+    // The other client's stream kept lingering and recording.
+    let back = other(&[&format!("Last-Event-ID: {k}")]);
+    assert!(back.replay_header().starts_with("hit"), "{}", back.head);
+}
+
 #[test]
 fn linger_keeps_a_busy_upstream_for_its_window_then_closes_it() {
     let php = Php::start();
