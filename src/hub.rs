@@ -759,18 +759,18 @@ impl Registry {
     /// For the new process of an upgrade: all the recent blocks of `key`'s hub, then
     /// its live ones. Only hubs whose audience has the `audience` fingerprint the new
     /// process computed for its own request and response (see
-    /// [`Audience::fingerprint`]) qualify. Prefers the newest that holds `last_id`,
+    /// [`Audience::fingerprint`]; `same_audience` compares) qualify. Prefers the newest that holds `last_id`,
     /// else the newest.
     pub fn hand_over(
         &self,
         key: &StreamKey,
         last_id: Option<&str>,
-        audience: &[u8],
+        same_audience: impl Fn(&[u8]) -> bool,
     ) -> Option<Subscription> {
         let hubs: Vec<Arc<Hub>> = self
             .hubs_of(key)
             .into_iter()
-            .filter(|h| h.audience.fingerprint().as_deref() == Some(audience))
+            .filter(|h| h.audience.fingerprint().is_some_and(|f| same_audience(&f)))
             .collect();
         let holds = |h: &&Arc<Hub>| {
             last_id.is_some_and(|id| matches!(h.lock().store.after(id), Lookup::After(_)))
@@ -841,6 +841,11 @@ impl Registry {
     /// Hubs registered now.
     pub fn len(&self) -> usize {
         self.each(|_| true).len()
+    }
+
+    /// Every key a hub answers to now.
+    pub fn keys(&self) -> Vec<StreamKey> {
+        self.lock().keys().cloned().collect()
     }
 
     /// Every registered hub for which `pick` holds, each once (a hub with aliases is
@@ -1005,15 +1010,17 @@ mod tests {
             .fingerprint()
             .unwrap();
         assert_eq!(
-            ids(registry.hand_over(&key, Some("1"), &public).unwrap()),
+            ids(registry
+                .hand_over(&key, Some("1"), |f| f == public)
+                .unwrap()),
             ["1", "2"]
         );
         assert_eq!(
-            ids(registry.hand_over(&key, None, &public).unwrap()),
+            ids(registry.hand_over(&key, None, |f| f == public).unwrap()),
             ["7", "8"]
         );
         assert!(registry
-            .hand_over(&StreamKey::new([&b"other"[..]]), None, &public)
+            .hand_over(&StreamKey::new([&b"other"[..]]), None, |f| f == public)
             .is_none());
         // Another audience (here: a private response) is not handed over.
         let mut private = http::HeaderMap::new();
@@ -1021,7 +1028,7 @@ mod tests {
         let other = Audience::of(&private, &http::HeaderMap::new(), &[], false)
             .fingerprint()
             .unwrap();
-        assert!(registry.hand_over(&key, None, &other).is_none());
+        assert!(registry.hand_over(&key, None, |f| f == other).is_none());
         // Held hubs do not linger out.
         let held = registry.hold_all();
         assert_eq!(held.len(), 2);

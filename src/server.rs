@@ -42,15 +42,42 @@ pub fn server_conf(config: &Config) -> ServerConf {
     if let Some(p) = &config.server.pid_file {
         conf.pid_file = p.display().to_string();
     }
-    if let Some(p) = &config.server.upgrade_sock {
-        conf.upgrade_sock = p.display().to_string();
-    }
+    conf.upgrade_sock = upgrade_sock(config).display().to_string();
     conf
+}
+
+/// pingora's upgrade socket: the configured path, else a private default (never
+/// pingora's own default under `/tmp`, where any local user could take it).
+fn upgrade_sock(config: &Config) -> std::path::PathBuf {
+    config
+        .server
+        .upgrade_sock
+        .clone()
+        .unwrap_or_else(handover::default_upgrade_sock)
 }
 
 /// Builds a ready-to-run server. `upgrade` takes the listening sockets over from a
 /// running instance (pingora's graceful upgrade).
 pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
+    // Before pingora listens on (or sends the listeners to) the upgrade socket.
+    let sock = upgrade_sock(&config);
+    if let Err(e) = handover::ensure_private_dir(&sock) {
+        return Error::e_explain(
+            ErrorType::InternalError,
+            format!(
+                "server.upgrade_sock {}: {e}; another local user could stand in for an \
+                 upgrade and be handed the listeners and every stream's events. Use a \
+                 directory only the gateway's user can write, such as /run/ssegate/",
+                sock.display()
+            ),
+        );
+    }
+    // Read before this process writes its own: the PID the handover must come from.
+    let old_pid = upgrade
+        .then(|| config.server.pid_file.as_ref())
+        .flatten()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| s.trim().parse::<u32>().ok());
     let opt = pingora::server::configuration::Opt {
         upgrade,
         ..Default::default()
@@ -68,6 +95,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         gateway = gateway.with_handover(handover::Source::new(
             handover_path.clone(),
             config.server.grace_period + HANDOVER_SLACK,
+            old_pid,
         ));
     }
     let metrics = gateway.metrics();

@@ -185,3 +185,48 @@ fn devices_are_refused_as_config_or_certificate_files() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
 }
+
+/// pingora's upgrade socket and the streams' handover socket beside it are only ever
+/// put where no other local user can create files: a directory anyone may write (like
+/// `/tmp`) is refused at start, before a socket exists that could be stood in for.
+#[test]
+fn an_upgrade_socket_in_a_directory_others_can_write_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let open = dir.path().join("shared");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let port = free_port();
+    let toml = GOOD.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    let conf = dir.path().join("gw.toml");
+    let sock = open.join("upgrade.sock");
+    std::fs::write(
+        &conf,
+        format!("[server]\nupgrade_sock = \"{}\"\n{toml}", sock.display()),
+    )
+    .expect("write");
+    let mut child = Command::new(bin())
+        .arg("-c")
+        .arg(&conf)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("read");
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(err.contains("server.upgrade_sock"), "{err}");
+    assert!(err.contains("writable by other users"), "{err}");
+    assert!(!sock.exists());
+}
