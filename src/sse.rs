@@ -580,6 +580,22 @@ mod tests {
     }
 
     #[test]
+    fn a_large_block_does_not_pin_the_parsers_buffer() {
+        let mut p = Parser::boundaries_only(1 << 22);
+        p.push(format!("data: {}\n\n", "x".repeat(200_000)).as_bytes());
+        p.push(b"data: small");
+        let big = p.next_block().unwrap().unwrap();
+        // What follows the big block no longer lives in its allocation, so dropping the
+        // block (as a hub does once it has copied it) frees it.
+        let start = big.raw.as_ptr() as usize;
+        let pinned = start..start + big.raw.len() + 64;
+        p.push(b"\n\n");
+        let small = p.next_block().unwrap().unwrap();
+        assert_eq!(&small.raw[..], b"data: small\n\n");
+        assert!(!pinned.contains(&(small.raw.as_ptr() as usize)));
+    }
+
+    #[test]
     fn oversized_event_is_an_error_and_comments_do_not_accumulate() {
         let mut p = Parser::new(64);
         for _ in 0..100 {
