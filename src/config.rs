@@ -195,6 +195,22 @@ pub struct ListenerTls {
     pub sni: Vec<SniCert>,
 }
 
+impl ListenerTls {
+    /// The certificates this listener serves, by name.
+    pub fn cert_set(&self) -> crate::tls::CertSet {
+        let mut by_name = std::collections::HashMap::new();
+        for s in &self.sni {
+            for n in &s.names {
+                by_name.insert(n.clone(), s.cert_key.certified.clone());
+            }
+        }
+        crate::tls::CertSet {
+            default: self.cert_key.certified.clone(),
+            by_name,
+        }
+    }
+}
+
 /// A certificate served to clients that ask for one of its names.
 #[derive(Debug, Clone)]
 pub struct SniCert {

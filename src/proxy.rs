@@ -11,100 +11,33 @@
 //! comes. WebSocket upgrades skip the relay and take the ordinary
 //! path directly.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use http::header;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::FailToProxy;
-use pingora::server::{ExecutionPhase, ShutdownWatch};
-use pingora::services::background::BackgroundService;
-use pingora::{ErrorSource, ErrorType};
+use pingora::ErrorType;
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, RefuseStreamsWith, Route};
-use crate::handover::{Offer, Source};
+use crate::handover::Source;
 use crate::hub::Registry;
-use crate::key::{self, BadHost};
-use crate::limit::{self, ClientKey, Decision, Limits};
+use crate::key;
+use crate::limit::{self, Decision};
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::relay::{self, Admission, RelayStats, ReplayCx};
 use crate::replay::{resume_request, Budget};
+use crate::reply::{self, refuse_malformed, respond_text};
+use crate::request::{
+    accepts_event_stream, content_length_is_one_number, prepare_upstream_request,
+    request_authority, strip_hop_by_hop, ClientInfo, InnerRequest,
+};
 use crate::shutdown::{ActiveGuard, Shutdown};
-
-/// Everything derived from the config file. A reload swaps it whole; a request keeps
-/// the one it started with.
-pub struct Live {
-    /// How many configs were loaded so far, this one included (1 at start).
-    pub generation: u64,
-    /// The checked configuration.
-    pub config: Arc<Config>,
-    /// Round-robin position per upstream, by index in `config.upstreams`.
-    next_server: Vec<AtomicUsize>,
-    /// Rate limits and stream caps.
-    pub limits: Arc<Limits>,
-    /// Per-route limiters, by route index.
-    pub route_limits: Vec<Arc<limit::RouteLimits>>,
-}
-
-impl Live {
-    /// Builds the live state for `config`, keeping the limiters of `previous` when
-    /// their settings did not change (so a reload does not hand out fresh quotas).
-    pub fn new(config: Arc<Config>, previous: Option<&Live>) -> Live {
-        let next_server = config
-            .upstreams
-            .iter()
-            .map(|_| AtomicUsize::new(0))
-            .collect();
-        let max = config.limits.settings.max_tracked_clients;
-        let route_limits = config
-            .routes
-            .iter()
-            .map(|r| {
-                Arc::new(limit::RouteLimits {
-                    requests: r
-                        .limits
-                        .request_rate
-                        .and_then(|rate| limit::ClientRate::new(rate, max)),
-                })
-            })
-            .collect();
-        let limits = match previous {
-            Some(p) if p.config.limits.settings == config.limits.settings => p.limits.clone(),
-            _ => Arc::new(Limits::new(config.limits.settings.clone())),
-        };
-        Live {
-            generation: previous.map_or(1, |p| p.generation + 1),
-            config,
-            next_server,
-            limits,
-            route_limits,
-        }
-    }
-
-    /// The server of an upstream to try first: round-robin.
-    pub fn next_server(&self, upstream_index: usize) -> usize {
-        self.next_server
-            .get(upstream_index)
-            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
-    }
-}
-
-impl std::fmt::Debug for Live {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Live(generation {} of {})",
-            self.generation,
-            self.config.path.display()
-        )
-    }
-}
 
 /// State shared by every request of the proxy service.
 pub struct Gateway {
@@ -147,40 +80,6 @@ pub struct RequestCtx {
     refused: Option<limit::RefuseReason>,
     /// Counts this request as in flight for graceful shutdown.
     _active: Option<ActiveGuard>,
-}
-
-/// What the outer pass hands the inner one (a pingora subrequest).
-#[derive(Clone)]
-pub struct InnerRequest {
-    /// Facts about the client and the route.
-    pub client: ClientInfo,
-    /// The request as prepared for the upstream, for a subrequest that would otherwise
-    /// re-read the client's raw HTTP/1 bytes (see `relay::Subrequest::spawn`).
-    pub request: Option<RequestHeader>,
-}
-
-/// Client facts passed from the outer pass to the inner one.
-#[derive(Clone, Debug)]
-pub struct ClientInfo {
-    /// The peer's IP as text, appended to `X-Forwarded-For`.
-    pub ip: Option<String>,
-    /// The client's address as limits see it (trusted proxies resolved), for logs.
-    pub client_ip: Option<std::net::IpAddr>,
-    /// The client's limiting key.
-    pub key: Option<ClientKey>,
-    /// `https` or `http`, for `X-Forwarded-Proto` and the stream key.
-    pub proto: &'static str,
-    /// The request's host, normalised once: routing, the stream key and the upstream's
-    /// `Host` all use this value. `None` only for an HTTP/1.0 request that names none.
-    pub host: Option<String>,
-    /// The peer is a trusted proxy: its forwarding headers are kept and appended to.
-    pub trusted_peer: bool,
-    /// The route chosen in the outer pass.
-    pub route: Arc<Route>,
-    /// Index of the route's upstream.
-    pub upstream_index: usize,
-    /// The configuration the request runs under.
-    pub live: Arc<Live>,
 }
 
 impl Gateway {
@@ -284,204 +183,6 @@ impl Gateway {
             .position(|u| Arc::ptr_eq(u, &route.upstream))
             .unwrap_or(0)
     }
-}
-
-/// Does the client say it wants an event stream?
-pub fn accepts_event_stream(req: &RequestHeader) -> bool {
-    req.headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|m| {
-            m.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
-        })
-}
-
-/// Hop-by-hop fields: they describe one connection, not the message. (pingora frames
-/// bodies by `Transfer-Encoding`, so that one is handled where a body is written.)
-pub const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-/// The field names a `Connection` header nominates as hop-by-hop, lowercased.
-pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-        .collect()
-}
-
-/// Removes the upstream connection's hop-by-hop fields from a response.
-pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
-    for name in connection_nominated(&resp.headers) {
-        resp.remove_header(&name);
-    }
-    for name in HOP_BY_HOP {
-        resp.remove_header(name);
-    }
-}
-
-/// Headers that name the client or the original request to the upstream. Believed
-/// only from trusted proxies; from anyone else they are dropped (the gateway then says
-/// who the client is itself), so a client can neither pose as another address nor,
-/// through `X-Forwarded-Host`, as another site.
-const FORWARDING: [&str; 5] = [
-    "x-forwarded-for",
-    "forwarded",
-    "x-real-ip",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-];
-
-/// Turns the client's request into the one the upstream receives, once, before either
-/// upstream path (pingora's or the stream client) copies it, so the stream key (built
-/// from it) is what the upstream sees:
-/// - `Host` is the one normalised host, and the target is in origin form;
-/// - HTTP/2 cookie crumbs are one `Cookie` line, `; `-joined (RFC 9113 §8.2.3);
-/// - forwarding headers: believed and appended to from a trusted proxy, replaced from
-///   anyone else (`X-Forwarded-For` is the peer, `X-Forwarded-Proto` the scheme);
-/// - a stream request asks for no compression (gzip does not flush per event; asking
-///   for identity keeps mod_deflate and PHP's zlib output off);
-/// - a GET on a shared route carries no identity (`Cookie`, `Authorization`, the
-///   route's identity headers): what is shared is what an anonymous visitor gets.
-pub fn prepare_upstream_request(req: &mut RequestHeader, client: &ClientInfo) -> Result<()> {
-    if let Some(host) = &client.host {
-        req.insert_header(header::HOST, host.as_str())?;
-    }
-    if target_authority(req).is_some() {
-        // Origin form: the upstream learns the host from `Host` alone.
-        let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = http::Uri::try_from(target)
-            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "request target", e))?;
-        req.set_uri(uri);
-    }
-    join_cookie_crumbs(req)?;
-    let xff = if client.trusted_peer {
-        let prev: Vec<&str> = req
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        let mut all = prev.join(", ");
-        if let Some(ip) = &client.ip {
-            if !all.is_empty() {
-                all.push_str(", ");
-            }
-            all.push_str(ip);
-        }
-        all
-    } else {
-        for name in FORWARDING {
-            req.remove_header(name);
-        }
-        client.ip.clone().unwrap_or_default()
-    };
-    if !xff.is_empty() {
-        req.insert_header("x-forwarded-for", xff)?;
-    }
-    req.insert_header("x-forwarded-proto", client.proto)?;
-    if accepts_event_stream(req) {
-        req.remove_header(&header::ACCEPT_ENCODING);
-    }
-    let replay = &client.route.replay;
-    if replay.enabled && replay.shared && req.method == http::Method::GET {
-        req.remove_header(&header::COOKIE);
-        req.remove_header(&header::AUTHORIZATION);
-        for name in &replay.identity_headers {
-            req.remove_header(name.as_str());
-        }
-    }
-    Ok(())
-}
-
-/// HTTP/2 clients may split `Cookie` into one field per pair; an HTTP/1.1 upstream
-/// (Apache joins repeated fields with `, `) and the stream key need the one line.
-fn join_cookie_crumbs(req: &mut RequestHeader) -> Result<()> {
-    if req.headers.get_all(header::COOKIE).iter().nth(1).is_none() {
-        return Ok(());
-    }
-    let joined: Vec<u8> = req
-        .headers
-        .get_all(header::COOKIE)
-        .iter()
-        .map(http::HeaderValue::as_bytes)
-        .collect::<Vec<_>>()
-        .join(&b"; "[..]);
-    let value = http::HeaderValue::from_bytes(&joined)
-        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "cookie", e))?;
-    req.insert_header(header::COOKIE, value)
-}
-
-/// The authority the request target names: HTTP/2's `:authority`, or an HTTP/1
-/// absolute-form target (which pingora keeps verbatim beside a path-only URI).
-fn target_authority(req: &RequestHeader) -> Option<String> {
-    if let Some(a) = req.uri.authority() {
-        return Some(a.as_str().to_owned());
-    }
-    let raw = req.raw_path();
-    if raw.starts_with(b"/") || raw == b"*" {
-        return None;
-    }
-    let uri = http::Uri::try_from(raw).ok()?;
-    uri.authority().map(|a| a.as_str().to_owned())
-}
-
-/// The request's host, normalised once (see [`key::request_authority`]), or why it is
-/// refused.
-fn request_authority(req: &RequestHeader, https: bool) -> Result<Option<String>, BadHost> {
-    let hosts: Vec<&http::HeaderValue> = req.headers.get_all(header::HOST).iter().collect();
-    key::request_authority(
-        target_authority(req).as_deref(),
-        &hosts,
-        https,
-        req.version >= http::Version::HTTP_11,
-    )
-}
-
-/// A request whose framing or host cannot be trusted: 400, and the connection closes
-/// (what follows on it may be a body we never read).
-async fn refuse_malformed(session: &mut Session, body: &'static str) -> Result<bool> {
-    session.set_keepalive(None);
-    respond_text(session, 400, body).await?;
-    Ok(true)
-}
-
-/// RFC 9110 §8.6 lets a proxy take `Content-Length: 3, 3` as 3 or refuse it; pingora
-/// and the two upstream paths would read it differently, so it is refused (as are two
-/// `Content-Length` lines).
-fn content_length_is_one_number(req: &RequestHeader) -> bool {
-    let mut values = req.headers.get_all(header::CONTENT_LENGTH).iter();
-    match (values.next(), values.next()) {
-        (None, _) => true,
-        (Some(v), None) => !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit),
-        (Some(_), Some(_)) => false,
-    }
-}
-
-async fn respond_text(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(3))?;
-    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-        .await
 }
 
 #[async_trait]
@@ -743,33 +444,7 @@ impl ProxyHttp for Gateway {
         e: &Error,
         _ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let code = match e.etype() {
-            ErrorType::HTTPStatus(code) => *code,
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
-                if e.esource() == &ErrorSource::Upstream =>
-            {
-                504
-            }
-            _ => match e.esource() {
-                ErrorSource::Upstream => 502,
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
-                },
-                ErrorSource::Internal | ErrorSource::Unset => 500,
-            },
-        };
-        if code > 0 {
-            let body = match code {
-                502 => "502 Bad Gateway: the upstream failed\n",
-                504 => "504 Gateway Timeout: the upstream did not answer in time\n",
-                400 => "400 Bad Request\n",
-                _ => "the gateway could not complete this request\n",
-            };
-            if let Err(err) = respond_text(session, code, body).await {
-                tracing::debug!("could not send the error response: {err}");
-            }
-        }
+        let code = reply::error(session, e).await;
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
@@ -824,165 +499,5 @@ impl ProxyHttp for Gateway {
                 .map(|e| e.to_string())
                 .or_else(|| ctx.relay.as_ref().and_then(|r| r.error.clone())),
         );
-    }
-}
-
-/// Drops limiter state of clients idle long enough to be fresh again, so limiter
-/// memory follows the active clients, not every address ever seen.
-pub struct LimitPruner {
-    /// The live limits (swapped by reloads).
-    pub live: Arc<ArcSwap<Live>>,
-    /// How often.
-    pub every: std::time::Duration,
-    /// Hub counters, reported alongside.
-    pub registry: Arc<Registry>,
-}
-
-#[async_trait]
-impl BackgroundService for LimitPruner {
-    async fn start(&self, mut watch: ShutdownWatch) {
-        let mut last = usize::MAX;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.every) => {}
-                _ = watch.changed() => return,
-            }
-            let live = self.live.load();
-            let tracked = live.limits.prune(&live.route_limits);
-            if tracked != last {
-                tracing::info!(
-                    tracked,
-                    open_streams = live.limits.open_streams(),
-                    "limits pruned"
-                );
-                last = tracked;
-            }
-        }
-    }
-}
-
-/// Bridges pingora's shutdown watch to [`Shutdown`], and exits the process once a
-/// graceful shutdown has started and no request is left in flight (pingora alone would
-/// sleep out the whole grace period).
-///
-/// On a graceful upgrade (SIGQUIT) it first offers the hubs to the new process (see
-/// [`crate::handover`]) and keeps them, and the process, for a window after the streams
-/// end: long enough for their clients to reconnect to the new process.
-pub struct ShutdownBridge {
-    /// The state streams watch.
-    pub shutdown: Shutdown,
-    /// pingora's execution phases, to tell an upgrade from a plain shutdown.
-    pub phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
-    /// Where to offer the hubs on an upgrade.
-    pub handover_path: std::path::PathBuf,
-    /// Removed at exit unless a new process took it over.
-    pub pid_file: Option<std::path::PathBuf>,
-    /// The hubs to offer.
-    pub registry: Arc<Registry>,
-    /// For the window: the streams' reconnection delay and the grace period.
-    pub live: Arc<ArcSwap<Live>>,
-}
-
-/// How long after its streams end an upgraded-away process keeps its hubs, beyond the
-/// longest `retry:` it told clients to wait.
-const HANDOVER_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Resolves with the next execution phase; never, once there are no more.
-async fn next_phase(
-    rx: &mut Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>,
-) -> ExecutionPhase {
-    if let Some(r) = rx {
-        loop {
-            match r.recv().await {
-                Ok(p) => return p,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            }
-        }
-    }
-    std::future::pending().await
-}
-
-impl ShutdownBridge {
-    /// How long the old process keeps its hubs for the new one.
-    fn handover_window(&self) -> std::time::Duration {
-        let live = self.live.load();
-        let config = &live.config;
-        let retry = config
-            .routes
-            .iter()
-            .map(|r| r.sse.shutdown_retry)
-            .max()
-            .unwrap_or_default();
-        (retry + HANDOVER_MARGIN).min(config.server.grace_period)
-    }
-}
-
-#[async_trait]
-impl BackgroundService for ShutdownBridge {
-    async fn start(&self, mut watch: ShutdownWatch) {
-        let mut phases = self.phases.lock().ok().and_then(|mut p| p.take());
-        let mut offer = None;
-        loop {
-            tokio::select! {
-                biased;
-                p = next_phase(&mut phases) => {
-                    if matches!(p, ExecutionPhase::GracefulUpgradeTransferringFds) {
-                        // Bound before the streams end, so it is there when their
-                        // clients reach the new process.
-                        match Offer::bind(&self.handover_path) {
-                            Ok(o) => offer = Some(o),
-                            Err(e) => tracing::warn!(
-                                "upgrade: cannot offer the streams' events at {}: {e}",
-                                self.handover_path.display()
-                            ),
-                        }
-                    }
-                }
-                r = watch.wait_for(|v| *v) => {
-                    if r.is_err() {
-                        return;
-                    }
-                    break;
-                }
-            }
-        }
-        let mut keep_until = None;
-        if let Some(offer) = offer {
-            let window = self.handover_window();
-            let until = tokio::time::Instant::now() + window;
-            let holds = self.registry.hold_all();
-            tracing::info!(
-                hubs = holds.len(),
-                window = ?window,
-                "upgrade: offering streams to the new process"
-            );
-            tokio::spawn(offer.serve(self.registry.clone(), self.shutdown.clone(), until));
-            tokio::spawn(async move {
-                tokio::time::sleep_until(until).await;
-                drop(holds);
-            });
-            keep_until = Some(until.into_std());
-        }
-        tracing::info!(
-            active = self.shutdown.active(),
-            "graceful shutdown: ending streams"
-        );
-        self.shutdown.begin();
-        std::thread::spawn({
-            let shutdown = self.shutdown.clone();
-            let pid_file = self.pid_file.clone();
-            move || loop {
-                let kept = keep_until.is_some_and(|t| std::time::Instant::now() < t);
-                if shutdown.active() == 0 && !kept {
-                    tracing::info!("graceful shutdown: no request left, exiting");
-                    if let Some(p) = &pid_file {
-                        crate::server::remove_pid_file_if_ours(p);
-                    }
-                    std::process::exit(0);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        });
     }
 }

@@ -33,8 +33,9 @@ use crate::hub::{Hub, HubMsg, Miss, NewHub, Registry, Start, StreamKey, Subscrip
 use crate::key::{self, Audience};
 use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
 use crate::metrics::Metrics;
-use crate::proxy::{accepts_event_stream, ClientInfo, InnerRequest};
 use crate::replay::{Budget, MemoryRing};
+use crate::reply;
+use crate::request::{accepts_event_stream, ClientInfo, InnerRequest};
 use crate::sse;
 use crate::upstream;
 
@@ -283,35 +284,12 @@ pub async fn serve(
     let mut stats = RelayStats::default();
     if let Err(e) = run(session, client, &mut admission, &mut shutdown, &mut stats).await {
         tracing::debug!("relay ended: {e}");
-        let client_gone = e.esource() == &pingora::ErrorSource::Downstream
-            && matches!(
-                e.etype(),
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-            );
-        if session.response_written().is_none() && !client_gone {
-            let (code, body) = match e.etype() {
-                ErrorType::HTTPStatus(504) => (
-                    504,
-                    "504 Gateway Timeout: the upstream did not answer in time\n",
-                ),
-                _ if e.esource() == &pingora::ErrorSource::Downstream => (400, "400 Bad Request\n"),
-                _ => (502, "502 Bad Gateway: the upstream failed\n"),
-            };
-            let _ = write_error(session, code, body).await;
+        if session.response_written().is_none() {
+            reply::error(session, &e).await;
         }
         stats.error = Some(e.to_string());
     }
     stats
-}
-
-async fn write_error(session: &mut Session, code: u16, body: &'static str) -> Result<()> {
-    let mut resp = ResponseHeader::build(code, Some(3))?;
-    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-        .await
 }
 
 async fn run(

@@ -17,8 +17,8 @@ use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
+use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::proxy::Live;
 use crate::tls::ReloadableCert;
 
 /// Watches for SIGHUP and reloads.
@@ -60,7 +60,7 @@ impl Reloader {
             if let (Some(tls), Some((_, cert))) =
                 (&l.tls, self.certs.iter().find(|(a, _)| *a == l.address))
             {
-                cert.set(crate::tls::CertSet::of(tls));
+                cert.set(tls.cert_set());
             }
         }
         let live = Live::new(Arc::new(config), Some(&old));

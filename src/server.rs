@@ -16,8 +16,9 @@ use pingora::services::background::background_service;
 use crate::config::Config;
 use crate::conn::{ConnGuard, ConnLimits};
 use crate::handover;
+use crate::lifecycle::{LimitPruner, ShutdownBridge};
 use crate::metrics::Admin;
-use crate::proxy::{Gateway, LimitPruner, ShutdownBridge};
+use crate::proxy::Gateway;
 use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
 use crate::tls::ReloadableCert;
@@ -125,7 +126,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
                     metrics: metrics.clone(),
                 }))?;
                 let cert = Arc::new(ReloadableCert::new(
-                    crate::tls::CertSet::of(tls),
+                    tls.cert_set(),
                     metrics.tls_hellos.clone(),
                 ));
                 certs.push((l.address, cert.clone()));
@@ -198,21 +199,6 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
 /// keeps an open stream cheap (headers larger than it are still read whole).
 fn client_buffers() -> L4BufferSettings {
     L4BufferSettings::new(4096, 1460)
-}
-
-/// Writes this process's id to `path`. During an upgrade the new process overwrites the
-/// old one's: the file always names the process that owns the listeners.
-pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
-    std::fs::write(path, format!("{}\n", std::process::id()))
-}
-
-/// Removes `path` at exit if it still names this process (not the one that replaced it).
-pub fn remove_pid_file_if_ours(path: &Path) {
-    let ours =
-        std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
-    if ours {
-        let _ = std::fs::remove_file(path);
-    }
 }
 
 /// Counts completed TLS handshakes (certificates come from the resolver).

@@ -110,22 +110,6 @@ pub struct CertSet {
     pub by_name: HashMap<String, Arc<CertifiedKey>>,
 }
 
-impl CertSet {
-    /// The set a listener's config describes.
-    pub fn of(tls: &crate::config::ListenerTls) -> CertSet {
-        let mut by_name = HashMap::new();
-        for s in &tls.sni {
-            for n in &s.names {
-                by_name.insert(n.clone(), s.cert_key.certified.clone());
-            }
-        }
-        CertSet {
-            default: tls.cert_key.certified.clone(),
-            by_name,
-        }
-    }
-}
-
 /// Checks that `cert` is valid for host `name` (as a client would, wildcards included);
 /// returns the name in lowercase.
 pub fn check_name(cert: &CertKey, name: &str) -> Result<String, String> {

@@ -28,7 +28,7 @@ use pingora::ErrorType;
 use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
-use crate::proxy::{self, ClientInfo};
+use crate::request::{self, ClientInfo};
 
 type Conn = http1::Connection<TokioIo<TcpStream>, Empty<Bytes>>;
 type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<http::Response<Incoming>>> + Send>>;
@@ -121,7 +121,7 @@ fn upstream_error(
 }
 
 /// The request as the upstream gets it: the client's header (already prepared for the
-/// upstream, see `proxy::prepare_upstream_request`) without its hop-by-hop fields, in
+/// upstream, see `request::prepare_upstream_request`) without its hop-by-hop fields, in
 /// HTTP/1.1 form.
 fn upstream_request(req: &RequestHeader) -> Result<Request<Empty<Bytes>>> {
     let mut head = RequestHeader::build(
@@ -131,9 +131,9 @@ fn upstream_request(req: &RequestHeader) -> Result<Request<Empty<Bytes>>> {
             .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
         Some(req.headers.len() + 3),
     )?;
-    let nominated = proxy::connection_nominated(&req.headers);
+    let nominated = request::connection_nominated(&req.headers);
     for (name, value) in &req.headers {
-        let skip = proxy::HOP_BY_HOP.contains(&name.as_str())
+        let skip = request::HOP_BY_HOP.contains(&name.as_str())
             || nominated.iter().any(|n| n == name.as_str())
             // hyper frames the (empty) body itself.
             || name == header::TRANSFER_ENCODING
@@ -226,7 +226,7 @@ impl Exchange {
                 return HttpTask::Failed(e);
             }
         }
-        proxy::strip_hop_by_hop(&mut head);
+        request::strip_hop_by_hop(&mut head);
         if !end {
             self.body = Some(body);
         }

@@ -1,0 +1,78 @@
+//! What the gateway derives from its config file: the checked config, the limiters,
+//! round-robin positions. A reload swaps it whole; a request keeps the one it started
+//! with.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::limit::{self, Limits};
+
+/// Everything derived from the config file. A reload swaps it whole; a request keeps
+/// the one it started with.
+pub struct Live {
+    /// How many configs were loaded so far, this one included (1 at start).
+    pub generation: u64,
+    /// The checked configuration.
+    pub config: Arc<Config>,
+    /// Round-robin position per upstream, by index in `config.upstreams`.
+    next_server: Vec<AtomicUsize>,
+    /// Rate limits and stream caps.
+    pub limits: Arc<Limits>,
+    /// Per-route limiters, by route index.
+    pub route_limits: Vec<Arc<limit::RouteLimits>>,
+}
+
+impl Live {
+    /// Builds the live state for `config`, keeping the limiters of `previous` when
+    /// their settings did not change (so a reload does not hand out fresh quotas).
+    pub fn new(config: Arc<Config>, previous: Option<&Live>) -> Live {
+        let next_server = config
+            .upstreams
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let max = config.limits.settings.max_tracked_clients;
+        let route_limits = config
+            .routes
+            .iter()
+            .map(|r| {
+                Arc::new(limit::RouteLimits {
+                    requests: r
+                        .limits
+                        .request_rate
+                        .and_then(|rate| limit::ClientRate::new(rate, max)),
+                })
+            })
+            .collect();
+        let limits = match previous {
+            Some(p) if p.config.limits.settings == config.limits.settings => p.limits.clone(),
+            _ => Arc::new(Limits::new(config.limits.settings.clone())),
+        };
+        Live {
+            generation: previous.map_or(1, |p| p.generation + 1),
+            config,
+            next_server,
+            limits,
+            route_limits,
+        }
+    }
+
+    /// The server of an upstream to try first: round-robin.
+    pub fn next_server(&self, upstream_index: usize) -> usize {
+        self.next_server
+            .get(upstream_index)
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Live(generation {} of {})",
+            self.generation,
+            self.config.path.display()
+        )
+    }
+}
