@@ -1,0 +1,396 @@
+//! A stream request on a replay route meets the hubs: it resumes or joins a live hub,
+//! or its upstream response becomes a new hub (fed by a [`Pump`]); either way the
+//! client then follows the hub through the stream writer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use pingora::prelude::*;
+use pingora::protocols::http::HttpTask;
+use tokio::sync::watch;
+
+use super::admit::{refuse, take_slot, Admission};
+use super::source::Feed;
+use super::stream::{HubSource, Source, StreamMetrics, Writer};
+use super::RelayStats;
+use crate::config::{ReplaySettings, Route};
+use crate::handover::Source as Handover;
+use crate::hub::{Hub, Miss, NewHub, Registry, Start, StreamKey, Subscription, Viewer};
+use crate::key::{self, Audience};
+use crate::limit::ClientKey;
+use crate::replay::{Budget, MemoryRing};
+
+/// What a GET stream request needs to use hubs (replay, linger, sharing).
+pub struct ReplayCx {
+    /// Where hubs live.
+    pub registry: Arc<Registry>,
+    /// After a graceful upgrade: the old process's streams, to seed new hubs from.
+    pub handover: Option<Arc<Handover>>,
+    /// The total byte budget of replay stores.
+    pub budget: Arc<Budget>,
+    /// The request's stream key.
+    pub key: StreamKey,
+    /// What the key was built from, to build the key a cookie set by the response
+    /// will give (see [`key::cookie_set_by`]).
+    pub resource: key::Resource,
+    /// The request carries one of the route's identity headers.
+    pub has_identity: bool,
+    /// The client's `Last-Event-ID` (header or configured query parameter).
+    pub last_event_id: Option<String>,
+    /// The route's replay settings.
+    pub settings: ReplaySettings,
+}
+
+impl ReplayCx {
+    /// The request as a hub's audience sees it.
+    fn viewer<'a>(&self, req: &'a RequestHeader) -> Viewer<'a> {
+        Viewer {
+            headers: &req.headers,
+            has_identity: self.has_identity,
+        }
+    }
+}
+
+/// How a subscriber came to its hub, for the response header and the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Attach {
+    /// Its `Last-Event-ID` was found: replayed from the store.
+    Hit,
+    /// Its `Last-Event-ID` was not found, or its hub may not be read by it.
+    Miss(Miss),
+    /// It started the hub, or joined a shared one without an id.
+    Fresh,
+}
+
+/// What looking for a live hub gave.
+pub(super) enum Found {
+    /// A live hub to follow.
+    Hub(Arc<Hub>, Subscription, Attach),
+    /// None: the request goes upstream. `missed`: its resume missed; `opening`: it
+    /// holds the right to open a shared key's upstream (the others wait for its hub).
+    Upstream {
+        missed: Option<Miss>,
+        opening: Option<tokio::sync::OwnedMutexGuard<()>>,
+    },
+}
+
+/// Resumes the request from a live hub that holds its `Last-Event-ID`, or joins the
+/// shared hub of its key.
+pub(super) async fn find(rcx: &ReplayCx, req: &RequestHeader, response_timeout: Duration) -> Found {
+    let mut missed = None;
+    if let Some(id) = &rcx.last_event_id {
+        match rcx.registry.resume(&rcx.key, id, rcx.viewer(req)) {
+            Ok((h, s)) => return Found::Hub(h, s, Attach::Hit),
+            Err(m) => missed = Some(m),
+        }
+    }
+    if !rcx.settings.shared {
+        return Found::Upstream {
+            missed,
+            opening: None,
+        };
+    }
+    // A shared upstream cannot replay for one client: a miss joins live too.
+    let start = match (missed, rcx.settings.on_connect) {
+        (None, n) if n > 0 => Start::Last(n),
+        _ => Start::Live,
+    };
+    let how = missed.map_or(Attach::Fresh, Attach::Miss);
+    if let Some((h, s)) = rcx.registry.join_shared(&rcx.key, start, rcx.viewer(req)) {
+        return Found::Hub(h, s, how);
+    }
+    // Nobody streams this key yet: one client opens it while the others wait here,
+    // then join. Bounded: if the opener's upstream is slow, go to the upstream alone.
+    let guard = tokio::time::timeout(response_timeout, rcx.registry.open_lock(&rcx.key))
+        .await
+        .ok();
+    match rcx.registry.join_shared(&rcx.key, start, rcx.viewer(req)) {
+        Some((h, s)) => Found::Hub(h, s, how),
+        None => Found::Upstream {
+            missed,
+            opening: guard,
+        },
+    }
+}
+
+/// Makes the upstream response (`resp` and the tasks that came with it, then `feed`) a
+/// hub that outlives this client, and serves the client as its first subscriber.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn start(
+    session: &mut Session,
+    admission: &mut Admission,
+    route: &Route,
+    owner: Option<ClientKey>,
+    resp: &ResponseHeader,
+    feed: Feed,
+    pending: Vec<HttpTask>,
+    missed: Option<Miss>,
+    opening: Option<tokio::sync::OwnedMutexGuard<()>>,
+    shutdown: &mut watch::Receiver<bool>,
+    stats: &mut RelayStats,
+) -> Result<()> {
+    let slot = match take_slot(&mut admission.slot, &admission.limits, owner) {
+        Ok(slot) => slot,
+        Err((reason, retry_after)) => {
+            stats.refused = Some(reason);
+            return refuse(session, &admission.refusal, reason, retry_after).await;
+        }
+    };
+    let Some(rcx) = admission.replay.as_ref() else {
+        return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
+    };
+    let head: http::response::Parts = (**resp).clone();
+    let req = session.req_header();
+    let identity = &rcx.settings.identity_headers;
+    let audience = Audience::of(&head.headers, &req.headers, identity, rcx.settings.shared);
+    // A visitor answered with a session cookie comes back with it: the hub answers to
+    // that key too (only that visitor holds the cookie).
+    let aliases = match key::cookie_set_by(&head.headers) {
+        Some(cookie)
+            if !rcx.settings.shared
+                && !req.headers.contains_key(header::COOKIE)
+                && identity.iter().any(|n| n == "cookie") =>
+        {
+            let mut h = req.headers.clone();
+            h.insert(header::COOKIE, cookie);
+            vec![key::stream_key(&rcx.resource, identity, &h)]
+        }
+        _ => vec![],
+    };
+    // Whether another request with this key could ever read what this one records.
+    let reusable = match audience.admits(&req.headers, rcx.has_identity) {
+        Ok(()) => true,
+        Err(d) => {
+            tracing::debug!(
+                reason = d.as_str(),
+                "stream recorded for its own client only"
+            );
+            false
+        }
+    };
+    let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
+    // Just after an upgrade, the old process may still hold this stream's recent events
+    // and its upstream: take them over (only those recorded for the same audience).
+    let mut import = match (&rcx.handover, audience.fingerprint()) {
+        (Some(source), Some(fingerprint)) if reusable => {
+            let last = rcx.last_event_id.as_deref();
+            let max = route.sse.max_event_bytes;
+            source.fetch(&rcx.key, &fingerprint, last, max).await
+        }
+        _ => None,
+    };
+    let seed = import.as_mut().map(|i| std::mem::take(&mut i.seed));
+    if let Some(seed) = &seed {
+        rcx.registry
+            .counters
+            .handed_over
+            .fetch_add(seed.blocks.len() as u64, Ordering::Relaxed);
+    }
+    // Nobody else could resume a stream of its own client only: no linger for it.
+    let linger = if reusable || !aliases.is_empty() {
+        rcx.settings.linger
+    } else {
+        Duration::ZERO
+    };
+    let new = NewHub {
+        key: rcx.key.clone(),
+        aliases,
+        shared: rcx.settings.shared,
+        audience,
+        head,
+        store,
+        max_event_bytes: route.sse.max_event_bytes,
+        seed,
+        owner,
+    };
+    let (hub, sub, created) = rcx.registry.create(new, rcx.viewer(req));
+    // The hub is registered: waiting clients of a shared key may join it now.
+    drop(opening);
+    if sub.resumed {
+        let counters = &rcx.registry.counters;
+        counters.hits.fetch_add(1, Ordering::Relaxed);
+        counters
+            .events_replayed
+            .fetch_add(sub.replay.len() as u64, Ordering::Relaxed);
+    }
+    if created {
+        if let Some(import) = import {
+            tokio::spawn(import.follow(hub.clone(), rcx.registry.clone()));
+        }
+        let pump = Pump {
+            hub: hub.clone(),
+            registry: rcx.registry.clone(),
+            feed,
+            pending,
+            linger,
+        };
+        tokio::spawn(pump.run());
+    } else {
+        // Another client's request made the shared hub first: ours is not needed.
+        drop(feed);
+    }
+    let how = match (sub.resumed, missed) {
+        (true, _) => Attach::Hit,
+        (false, Some(m)) => Attach::Miss(m),
+        (false, None) => Attach::Fresh,
+    };
+    // A new upstream got the client's Last-Event-ID: if it replays that very event
+    // too, the client must not see it twice.
+    let skip_id = match how {
+        Attach::Miss(_) => rcx.last_event_id.as_deref().map(Arc::from),
+        _ => None,
+    };
+    let follow = Follow {
+        how,
+        skip_id,
+        own_head: created,
+        slot,
+    };
+    follow
+        .run(session, hub, sub, route, admission, shutdown, stats)
+        .await
+}
+
+/// How a client follows a hub.
+pub(super) struct Follow {
+    pub(super) how: Attach,
+    /// Drop a block that carries exactly this id (the client has it).
+    pub(super) skip_id: Option<Arc<str>>,
+    /// The hub's head is the response to this client's own request, so its
+    /// `Set-Cookie` is this client's; no other subscriber ever gets it.
+    pub(super) own_head: bool,
+    /// The stream's place in the limits.
+    pub(super) slot: Option<crate::limit::StreamSlot>,
+}
+
+impl Follow {
+    /// Serves one client from a hub: the response head, the replay, then live blocks
+    /// (through the stream writer). A miss is counted here, once the attach is final
+    /// (a handover may still have turned it into a hit).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn run(
+        self,
+        session: &mut Session,
+        hub: Arc<Hub>,
+        mut sub: Subscription,
+        route: &Route,
+        admission: &Admission,
+        shutdown: &mut watch::Receiver<bool>,
+        stats: &mut RelayStats,
+    ) -> Result<()> {
+        let Some(rcx) = admission.replay.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
+        };
+        stats.replay = Some(match self.how {
+            Attach::Hit => "hit",
+            Attach::Miss(m) => {
+                rcx.registry.counters.misses[m.index()].fetch_add(1, Ordering::Relaxed);
+                stats.miss = Some(m.as_str());
+                "miss"
+            }
+            Attach::Fresh => "fresh",
+        });
+        let mut resp = ResponseHeader::build(hub.head.status, Some(hub.head.headers.len() + 4))?;
+        for (name, value) in &hub.head.headers {
+            resp.append_header(name.clone(), value.clone())?;
+        }
+        if hub.shared || !self.own_head {
+            // A stored `Set-Cookie` is never replayed (RFC 9111 §3.1 leaves that to us):
+            // it belongs to the request the head answered, and a shared route's request
+            // went out without this client's identity anyway.
+            resp.remove_header(&header::SET_COOKIE);
+        }
+        let note = match self.how {
+            Attach::Hit => format!("hit; events={}", sub.replay.len()),
+            Attach::Miss(_) => "miss".to_owned(),
+            Attach::Fresh => "fresh".to_owned(),
+        };
+        resp.insert_header("x-ssegate-replay", note)?;
+        let metrics = StreamMetrics::new(&admission.metrics, &route.name, session);
+        let jitter = admission.refusal.jitter;
+        let mut writer =
+            Writer::start(session, resp, &route.sse, jitter, self.slot, metrics).await?;
+        let notice = match (self.how, rcx.settings.miss_event) {
+            (Attach::Miss(_), true) => Some(
+                [
+                    &b"event: ssegate-replay-miss\ndata: "[..],
+                    rcx.last_event_id.as_deref().unwrap_or("").as_bytes(),
+                    b"\n\n",
+                ]
+                .concat(),
+            ),
+            _ => None,
+        };
+        let replay: Vec<Bytes> = std::mem::take(&mut sub.replay)
+            .into_iter()
+            .map(|b| b.raw)
+            .collect();
+        stats.replayed = replay.len() as u64;
+        writer
+            .first(session, notice.as_deref(), &replay, stats)
+            .await?;
+        let source = Source::Hub(HubSource {
+            sub,
+            skip_id: self.skip_id,
+        });
+        writer.run(session, source, shutdown, stats).await
+    }
+}
+
+/// Feeds a hub from its upstream until the upstream ends or the hub has had no
+/// subscriber for its linger window; then closes the upstream (by dropping the feed)
+/// and unregisters.
+struct Pump {
+    hub: Arc<Hub>,
+    registry: Arc<Registry>,
+    feed: Feed,
+    /// Tasks that came with the response header.
+    pending: Vec<HttpTask>,
+    linger: Duration,
+}
+
+impl Pump {
+    async fn run(mut self) {
+        let mut alive = std::mem::take(&mut self.pending)
+            .into_iter()
+            .all(|t| feed_task(&self.hub, t));
+        let hub = self.hub.clone();
+        let idle = hub.idle_for(self.linger);
+        tokio::pin!(idle);
+        while alive {
+            tokio::select! {
+                t = self.feed.next_task() => alive = t.is_some_and(|t| feed_task(&self.hub, t)),
+                _ = &mut idle => {
+                    if self.hub.end_if_idle() {
+                        tracing::debug!("stream without clients for its linger window: closing upstream");
+                        alive = false;
+                    } else {
+                        // Someone attached just now: wait for the next idle window.
+                        idle.set(hub.idle_for(self.linger));
+                    }
+                }
+            }
+        }
+        self.hub.end();
+        self.registry.remove(&self.hub);
+    }
+}
+
+/// Feeds one upstream task to a hub; `false` when the upstream stream is over.
+fn feed_task(hub: &Hub, t: HttpTask) -> bool {
+    match t {
+        HttpTask::Body(Some(b), end) => match hub.feed(&b) {
+            Ok(_) => !end,
+            Err(e) => {
+                tracing::warn!("closing stream: upstream sent an {e}");
+                false
+            }
+        },
+        HttpTask::Body(None, end) | HttpTask::UpgradedBody(_, end) => !end,
+        HttpTask::Header(..) => true,
+        HttpTask::Trailer(_) | HttpTask::Done | HttpTask::Failed(_) => false,
+    }
+}

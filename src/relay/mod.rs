@@ -1,0 +1,242 @@
+//! The relay: runs one client request against the upstream and moves the response to
+//! the client.
+//!
+//! One event's path through here: the response arrives from a [`source`] (the stream
+//! client for GETs that ask for an event stream, else a pingora subrequest). An event
+//! stream on a replay route becomes a hub ([`hubs`]: its pump feeds the hub, the
+//! client follows it); any other event stream is relayed byte for byte. Either way the
+//! client is served by the one stream writer ([`stream`]): heartbeats at event
+//! boundaries, `retry:`, the shutdown hint. A response that is not an event stream is
+//! passed through task by task.
+//!
+//! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
+//! - [`source`]: where a response comes from.
+//! - [`hubs`]: resume, join or create a hub; its pump; following it.
+//! - [`stream`]: the stream writer and its two sources.
+
+mod admit;
+mod hubs;
+mod source;
+mod stream;
+
+use pingora::prelude::*;
+use pingora::protocols::http::HttpTask;
+use pingora::ErrorType;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
+
+pub use admit::{refuse, Admission, Refusal};
+pub use hubs::ReplayCx;
+pub use stream::is_event_stream;
+
+use crate::limit::RefuseReason;
+use crate::reply;
+use crate::request::{accepts_event_stream, ClientInfo};
+use crate::upstream;
+use admit::take_slot;
+use hubs::{Follow, Found};
+use source::{Feed, Subrequest, Up};
+use stream::{is_compressed, ByteSource, Source, StreamMetrics, Writer};
+
+/// What the relay did, for the access log.
+#[derive(Debug, Default, Clone)]
+pub struct RelayStats {
+    /// The response was an event stream.
+    pub stream: bool,
+    /// Events relayed.
+    pub events: u64,
+    /// Heartbeats written.
+    pub heartbeats: u64,
+    /// Why the relay stopped early, if it did.
+    pub error: Option<String>,
+    /// The limits refused the stream when it showed up.
+    pub refused: Option<RefuseReason>,
+    /// Replay outcome: `hit`, `miss` or `fresh` (hub streams only).
+    pub replay: Option<&'static str>,
+    /// Why a resume missed: `unknown_id`, or why the hub that had it was not shared
+    /// with this request (`vary`, `vary_star`, `private`).
+    pub miss: Option<&'static str>,
+    /// Blocks sent from the replay store.
+    pub replayed: u64,
+}
+
+/// Serves the request in `session` (the outer pass). Errors are answered to the client
+/// here; the returned stats describe what happened.
+pub async fn serve(
+    session: &mut Session,
+    client: ClientInfo,
+    mut admission: Admission,
+    mut shutdown: watch::Receiver<bool>,
+) -> RelayStats {
+    let mut stats = RelayStats::default();
+    if let Err(e) = run(session, client, &mut admission, &mut shutdown, &mut stats).await {
+        tracing::debug!("relay ended: {e}");
+        if session.response_written().is_none() {
+            reply::error(session, &e).await;
+        }
+        stats.error = Some(e.to_string());
+    }
+    stats
+}
+
+async fn run(
+    session: &mut Session,
+    client: ClientInfo,
+    admission: &mut Admission,
+    shutdown: &mut watch::Receiver<bool>,
+    stats: &mut RelayStats,
+) -> Result<()> {
+    let route = client.route.clone();
+    let owner = client.key;
+    let response_timeout = route.upstream.response_timeout;
+
+    // A live hub may serve the request without bothering the upstream.
+    let (mut missed, mut opening) = (None, None);
+    if let Some(rcx) = &admission.replay {
+        match hubs::find(rcx, session.req_header(), response_timeout).await {
+            Found::Hub(hub, sub, how) => {
+                let slot = match take_slot(&mut admission.slot, &admission.limits, owner) {
+                    Ok(slot) => slot,
+                    Err((reason, retry_after)) => {
+                        stats.refused = Some(reason);
+                        return refuse(session, &admission.refusal, reason, retry_after).await;
+                    }
+                };
+                // The live hub's upstream never saw this client's id: nothing to skip.
+                // Its head answered another request: its cookies are not this client's.
+                let follow = Follow {
+                    how,
+                    skip_id: None,
+                    own_head: false,
+                    slot,
+                };
+                return follow
+                    .run(session, hub, sub, &route, admission, shutdown, stats)
+                    .await;
+            }
+            Found::Upstream {
+                missed: m,
+                opening: o,
+            } => (missed, opening) = (m, o),
+        }
+    }
+
+    let body_done = session.as_downstream_mut().is_body_done();
+    // A GET that asks for an event stream goes out on the stream client; the rest take
+    // pingora's proxy path (see `upstream`).
+    let mut feed =
+        if admission.replay.is_some() && body_done && accepts_event_stream(session.req_header()) {
+            let exchange =
+                upstream::open(session.req_header(), &client, &admission.metrics).await?;
+            Feed::Direct(Box::new(exchange))
+        } else {
+            Feed::Sub(Subrequest::spawn(session, client, body_done)?)
+        };
+    let (resp, end) = response_header(session, &mut feed, response_timeout).await?;
+    let stream = resp.status == http::StatusCode::OK && !end && is_event_stream(&resp);
+    let room = admission
+        .replay
+        .as_ref()
+        .is_some_and(|r| r.registry.has_room());
+    if stream && room && !is_compressed(&resp) {
+        // An event stream on a replay route: it becomes a hub that outlives this
+        // client, which becomes its first subscriber.
+        let mut pending = Vec::new();
+        feed.drain(&mut pending);
+        return hubs::start(
+            session, admission, &route, owner, &resp, feed, pending, missed, opening, shutdown,
+            stats,
+        )
+        .await;
+    }
+    // Not a hub after all (an error page, a compressed stream...): the other clients of
+    // a shared key must not wait for this response to finish.
+    drop(opening);
+    if !stream {
+        // Not a stream: give the slot taken for one back now.
+        admission.slot = None;
+        return pass_through(session, feed, resp, end).await;
+    }
+    // Announced as a stream or not, it is admitted now that it turned out to be one.
+    let slot = match take_slot(&mut admission.slot, &admission.limits, owner) {
+        Ok(slot) => slot,
+        Err((reason, retry_after)) => {
+            stats.refused = Some(reason);
+            return refuse(session, &admission.refusal, reason, retry_after).await;
+        }
+    };
+    let metrics = StreamMetrics::new(&admission.metrics, &route.name, session);
+    let opaque = is_compressed(&resp);
+    let jitter = admission.refusal.jitter;
+    let mut writer = Writer::start(session, *resp, &route.sse, jitter, slot, metrics).await?;
+    writer.first(session, None, &[], stats).await?;
+    let source = Source::Bytes(Box::new(ByteSource::new(
+        feed,
+        route.sse.max_event_bytes,
+        opaque,
+    )));
+    writer.run(session, source, shutdown, stats).await
+}
+
+/// Waits for the upstream's final response header (within `timeout`), passing
+/// informational ones (`100 Continue`) through.
+async fn response_header(
+    session: &mut Session,
+    feed: &mut Feed,
+    timeout: std::time::Duration,
+) -> Result<(Box<ResponseHeader>, bool)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let up = tokio::select! {
+            u = feed.next(session) => u?,
+            _ = sleep_until(deadline) => {
+                return Error::e_explain(ErrorType::HTTPStatus(504), "no response header in time");
+            }
+        };
+        match up {
+            Up::Task(HttpTask::Header(resp, end)) if resp.status.is_informational() => {
+                session
+                    .write_response_tasks(vec![HttpTask::Header(resp, end)])
+                    .await?;
+            }
+            Up::Task(HttpTask::Header(resp, end)) => return Ok((resp, end)),
+            Up::Task(_) => {
+                return Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "upstream body before header",
+                )
+            }
+            Up::Ended => {
+                return Error::e_explain(
+                    ErrorType::ConnectProxyFailure,
+                    "upstream produced no response",
+                )
+            }
+            Up::Failed(e) => return Err(e),
+        }
+    }
+}
+
+/// Passes an ordinary response through as it comes, then lets its upstream connection
+/// go back to the pool.
+async fn pass_through(
+    session: &mut Session,
+    mut feed: Feed,
+    resp: Box<ResponseHeader>,
+    end: bool,
+) -> Result<()> {
+    let mut task = HttpTask::Header(resp, end);
+    loop {
+        if session.write_response_tasks(vec![task]).await? {
+            feed.finish();
+            return Ok(());
+        }
+        task = match feed.next(session).await? {
+            Up::Task(t) => t,
+            Up::Ended => {
+                return Error::e_explain(ErrorType::ReadError, "upstream response cut short")
+            }
+            Up::Failed(e) => return Err(e),
+        };
+    }
+}

@@ -1,0 +1,486 @@
+//! The one stream writer: what every event stream the gateway serves gets, whichever
+//! source feeds it (a hub's blocks, or an upstream's bytes relayed as they come): the
+//! response header fixed for intermediaries, the initial `retry:`, heartbeat comments
+//! at event boundaries while the source is quiet, the shutdown hint at a boundary, the
+//! write timeout, and the stream's metrics.
+//!
+//! A [`Source`] says where the bytes come from and whether the stream is between two
+//! events now; [`Writer::run`] is the one loop that serves it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Version};
+use pingora::prelude::*;
+use pingora::protocols::http::HttpTask;
+use pingora::ErrorType;
+use tokio::sync::{broadcast, watch};
+use tokio::time::{sleep_until, Instant};
+
+use super::source::{Feed, Up};
+use super::RelayStats;
+use crate::config::SseSettings;
+use crate::hub::{HubMsg, Subscription};
+use crate::limit::{self, StreamSlot};
+use crate::metrics::Metrics;
+use crate::sse;
+
+/// On shutdown, how long to wait for an upstream to finish the event it is sending.
+const MID_EVENT_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Metric handles of one stream, looked up once; the open-streams gauge goes back
+/// down when the stream ends, however it ends.
+pub(super) struct StreamMetrics {
+    open: prometheus::IntGauge,
+    events: prometheus::IntCounter,
+    bytes: prometheus::IntCounter,
+    heartbeats: prometheus::IntCounter,
+}
+
+impl StreamMetrics {
+    pub(super) fn new(m: &Metrics, route: &str, session: &Session) -> StreamMetrics {
+        let protocol = if session.is_http2() { "h2" } else { "h1" };
+        let open = m.streams_open.with_label_values(&[route, protocol]);
+        open.inc();
+        StreamMetrics {
+            open,
+            events: m.events.with_label_values(&[route]),
+            bytes: m.stream_bytes.with_label_values(&[route]),
+            heartbeats: m.heartbeats.with_label_values(&[route]),
+        }
+    }
+}
+
+impl Drop for StreamMetrics {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// What a source hands the writer.
+pub(super) enum Piece {
+    /// Bytes to write as they are, in which `events` events end; `sets_retry`: the
+    /// upstream just set its own reconnection delay (the gateway's goes right after it,
+    /// at the next boundary).
+    Bytes {
+        bytes: Bytes,
+        events: u64,
+        sets_retry: bool,
+    },
+    /// The source is over: end the response (with why, for the access log, if it was
+    /// not the upstream's own end).
+    End(Option<String>),
+}
+
+/// Where a stream's bytes come from.
+pub(super) enum Source {
+    /// A hub's whole blocks: always between two events when waiting.
+    Hub(HubSource),
+    /// An upstream's bytes as they arrive, with a parser to know where events end.
+    Bytes(Box<ByteSource>),
+}
+
+impl Source {
+    /// The next piece, while watching the client: a client that closes ends the wait
+    /// with `Err`. `wrote`: the gateway has written body bytes already (which changes
+    /// what a leading BOM means).
+    async fn next(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
+        match self {
+            Source::Hub(h) => h.next(session, wrote).await,
+            Source::Bytes(b) => b.next(session, wrote).await,
+        }
+    }
+
+    /// Between two events now: a heartbeat or the shutdown hint may go out.
+    fn at_boundary(&self) -> bool {
+        match self {
+            Source::Hub(_) => true,
+            Source::Bytes(b) => b.opaque || b.parser.at_boundary(),
+        }
+    }
+
+    /// Compressed upstream bytes: no heartbeats, nothing to wait for on shutdown.
+    fn opaque(&self) -> bool {
+        matches!(self, Source::Bytes(b) if b.opaque)
+    }
+}
+
+/// A subscriber's side of a hub.
+pub(super) struct HubSource {
+    pub(super) sub: Subscription,
+    /// Drop a block that carries exactly this id (the client has it already).
+    pub(super) skip_id: Option<Arc<str>>,
+}
+
+impl HubSource {
+    async fn next(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
+        loop {
+            let m = tokio::select! {
+                // Blocks first: a busy stream is served without polling the client.
+                biased;
+                m = self.sub.rx.recv() => m,
+                r = session.downstream_session.read_body_or_idle(true) => {
+                    r.map_err(|e| e.into_down())?;
+                    return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
+                }
+            };
+            return Ok(match m {
+                Ok(HubMsg::Block(b)) => {
+                    // Only the upstream's first id can repeat the client's last one.
+                    if b.has_id_field && self.skip_id.take().is_some_and(|id| id == b.id) {
+                        continue;
+                    }
+                    let bytes = if !wrote && b.raw.starts_with(sse::BOM) {
+                        // Past the body's start this block was an ignored unknown field;
+                        // as its first bytes the client would strip the BOM and read it.
+                        let mut v = BytesMut::with_capacity(b.raw.len() + 1);
+                        v.extend_from_slice(b"\n");
+                        v.extend_from_slice(&b.raw);
+                        v.freeze()
+                    } else {
+                        b.raw.clone()
+                    };
+                    Piece::Bytes {
+                        bytes,
+                        events: 1,
+                        sets_retry: b.sets_retry,
+                    }
+                }
+                Ok(HubMsg::End) | Err(broadcast::error::RecvError::Closed) => Piece::End(None),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Too slow a reader: it comes back with Last-Event-ID and resumes
+                    // from the store, instead of holding memory here.
+                    tracing::warn!(
+                        behind = n,
+                        "client fell behind its stream; disconnecting it"
+                    );
+                    Piece::End(Some(format!("fell behind by {n} blocks")))
+                }
+            });
+        }
+    }
+}
+
+/// An upstream response relayed byte for byte (POST streams, routes without replay,
+/// and streams past `max_hubs`).
+pub(super) struct ByteSource {
+    pub(super) feed: Feed,
+    /// Finds event boundaries in the upstream bytes.
+    pub(super) parser: sse::Parser,
+    /// The upstream's body is not parseable (compressed): relayed as is.
+    pub(super) opaque: bool,
+    /// Removes a late leading BOM once the gateway has written first.
+    bom: Option<sse::BomStripper>,
+    /// The upstream has sent body bytes.
+    upstream_spoke: bool,
+    /// The last bytes came with the end of the response.
+    ended: bool,
+}
+
+impl ByteSource {
+    pub(super) fn new(feed: Feed, max_event_bytes: usize, opaque: bool) -> ByteSource {
+        if opaque {
+            tracing::warn!("upstream compressed an event stream; relaying it without heartbeats");
+        }
+        ByteSource {
+            feed,
+            parser: sse::Parser::boundaries_only(max_event_bytes),
+            opaque,
+            bom: None,
+            upstream_spoke: false,
+            ended: false,
+        }
+    }
+
+    async fn next(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
+        if self.ended {
+            return Ok(Piece::End(None));
+        }
+        if wrote && !self.upstream_spoke && self.bom.is_none() {
+            // The upstream's BOM may only open the body, and the gateway wrote first.
+            self.bom = Some(sse::BomStripper::default());
+        }
+        loop {
+            let task = match self.feed.next(session).await? {
+                Up::Task(t) => t,
+                Up::Ended => return Ok(Piece::End(None)),
+                Up::Failed(e) => {
+                    // The header is out: all that is left is to end the response.
+                    tracing::debug!("upstream failed mid-response: {e}");
+                    return Ok(Piece::End(None));
+                }
+            };
+            let (bytes, end) = match task {
+                HttpTask::Body(Some(bytes), end) => (bytes, end),
+                HttpTask::Body(None, false) | HttpTask::Header(..) | HttpTask::UpgradedBody(..) => {
+                    continue
+                }
+                HttpTask::Failed(e) => {
+                    tracing::debug!("upstream stream failed: {e}");
+                    return Ok(Piece::End(None));
+                }
+                HttpTask::Body(None, true) | HttpTask::Done | HttpTask::Trailer(_) => {
+                    return Ok(Piece::End(None))
+                }
+            };
+            self.ended = end;
+            let bytes = match self.bom.as_mut() {
+                Some(b) => b.feed(bytes),
+                None => bytes,
+            };
+            if bytes.is_empty() {
+                if end {
+                    return Ok(Piece::End(None));
+                }
+                continue;
+            }
+            self.upstream_spoke = true;
+            let (mut events, mut sets_retry) = (0, false);
+            if !self.opaque {
+                self.parser.push(&bytes);
+                loop {
+                    match self.parser.next_event() {
+                        Ok(Some(ev)) => {
+                            events += 1;
+                            sets_retry |= ev.retry.is_some();
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!("closing stream: upstream sent an {e}");
+                            return Ok(Piece::End(None));
+                        }
+                    }
+                }
+            }
+            return Ok(Piece::Bytes {
+                bytes,
+                events,
+                sets_retry,
+            });
+        }
+    }
+}
+
+/// Writes one stream to its client.
+pub(super) struct Writer<'a> {
+    sse: &'a SseSettings,
+    /// The `retry:` block the gateway sends to set or override the client's delay.
+    retry_block: Option<Bytes>,
+    heartbeat: Bytes,
+    metrics: StreamMetrics,
+    /// Holds the stream's place in the limits while it lives.
+    _slot: Option<StreamSlot>,
+    /// When the gateway last wrote: a heartbeat is due `heartbeat_interval` later.
+    last_write: Instant,
+    /// Body bytes went out already.
+    wrote: bool,
+}
+
+impl<'a> Writer<'a> {
+    /// Writes the stream's response header (fixed for intermediaries) and sets the
+    /// write timeout: a client that stops reading must not hold its stream, and the
+    /// hub's unread events, forever.
+    pub(super) async fn start(
+        session: &mut Session,
+        mut resp: ResponseHeader,
+        sse: &'a SseSettings,
+        jitter: f64,
+        slot: Option<StreamSlot>,
+        metrics: StreamMetrics,
+    ) -> Result<Writer<'a>> {
+        resp.remove_header(&header::CONTENT_LENGTH);
+        resp.remove_header(&header::TRANSFER_ENCODING);
+        resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
+        resp.insert_header("x-accel-buffering", "no")?;
+        if !session.is_http2() && session.req_header().version == Version::HTTP_11 {
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        }
+        session
+            .as_downstream_mut()
+            .set_write_timeout(Some(sse.write_timeout));
+        session.write_response_header(Box::new(resp), false).await?;
+        Ok(Writer {
+            sse,
+            retry_block: sse.retry.map(|r| {
+                Bytes::from(format!(
+                    "retry: {}\n\n",
+                    limit::jittered(r, jitter).as_millis()
+                ))
+            }),
+            heartbeat: sse::heartbeat(&sse.heartbeat_comment),
+            metrics,
+            _slot: slot,
+            last_write: Instant::now(),
+            wrote: false,
+        })
+    }
+
+    /// The body's first bytes, in one write: the gateway's `retry:`, then `notice` (a
+    /// replay-miss event), then the `replay`ed blocks.
+    pub(super) async fn first(
+        &mut self,
+        session: &mut Session,
+        notice: Option<&[u8]>,
+        replay: &[Bytes],
+        stats: &mut RelayStats,
+    ) -> Result<()> {
+        let mut first = BytesMut::new();
+        if let Some(b) = &self.retry_block {
+            first.extend_from_slice(b);
+        }
+        if let Some(n) = notice {
+            first.extend_from_slice(n);
+        }
+        let before_replay = first.len();
+        for b in replay {
+            // See `HubSource::next`: a BOM block may not open the body.
+            if first.is_empty() && b.starts_with(sse::BOM) {
+                first.extend_from_slice(b"\n");
+            }
+            first.extend_from_slice(b);
+        }
+        stats.events += replay.len() as u64;
+        self.metrics.events.inc_by(replay.len() as u64);
+        self.metrics
+            .bytes
+            .inc_by((first.len() - before_replay) as u64);
+        if !first.is_empty() {
+            self.write(session, first.freeze()).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes stream bytes straight to the client session, past pingora's module
+    /// filters: the only module installed is response compression, which is off and
+    /// must never touch an event stream anyway, and this runs for every event of every
+    /// client.
+    async fn write(&mut self, session: &mut Session, bytes: Bytes) -> Result<()> {
+        session
+            .as_downstream_mut()
+            .write_response_body(bytes, false)
+            .await?;
+        self.wrote = true;
+        self.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// Ends the stream at a boundary with a short reconnection delay, so clients come
+    /// back at once (to this process's successor).
+    async fn end_with_hint(&mut self, session: &mut Session) -> Result<()> {
+        let hint = sse::shutdown_hint(self.sse.shutdown_retry.as_millis() as u64);
+        self.write(session, hint).await?;
+        session.write_response_body(None, true).await
+    }
+
+    /// Serves `source` to the client until it ends, the client leaves, or shutdown.
+    pub(super) async fn run(
+        mut self,
+        session: &mut Session,
+        mut source: Source,
+        shutdown: &mut watch::Receiver<bool>,
+        stats: &mut RelayStats,
+    ) -> Result<()> {
+        stats.stream = true;
+        let interval = self.sse.heartbeat_interval;
+        // One timer and one shutdown wait for the stream's life, not one per event: with
+        // thousands of streams, re-registering both on every event costs more than the
+        // event (the timer and the shutdown watch are shared, locked structures). A
+        // write only moves `last_write`; the timer, when it fires, checks the silence.
+        let heartbeat_timer = sleep_until(self.last_write + interval);
+        tokio::pin!(heartbeat_timer);
+        let shutdown_wait = shutdown_started(shutdown);
+        tokio::pin!(shutdown_wait);
+        // Shutdown came mid-event: end by then even if the event never finishes.
+        let mut close_by: Option<Instant> = None;
+        let mut retry_due = false;
+        let far_future = Instant::now() + Duration::from_secs(86400 * 365);
+        loop {
+            let beating = !source.opaque() && close_by.is_none();
+            tokio::select! {
+                biased;
+
+                p = source.next(session, self.wrote) => match p? {
+                    Piece::Bytes { bytes, events, sets_retry } => {
+                        self.metrics.bytes.inc_by(bytes.len() as u64);
+                        self.write(session, bytes).await?;
+                        stats.events += events;
+                        self.metrics.events.inc_by(events);
+                        retry_due |= sets_retry && self.retry_block.is_some();
+                        if retry_due && source.at_boundary() {
+                            // The upstream just set its own delay: ours goes right after.
+                            retry_due = false;
+                            if let Some(b) = self.retry_block.clone() {
+                                self.write(session, b).await?;
+                            }
+                        }
+                        if close_by.is_some() && source.at_boundary() {
+                            return self.end_with_hint(session).await;
+                        }
+                    }
+                    Piece::End(why) => {
+                        stats.error = stats.error.take().or(why);
+                        return session.write_response_body(None, true).await;
+                    }
+                },
+
+                _ = &mut heartbeat_timer, if beating => {
+                    let mut next = self.last_write + interval;
+                    if self.last_write.elapsed() >= interval {
+                        if source.at_boundary() {
+                            self.write(session, self.heartbeat.clone()).await?;
+                            stats.heartbeats += 1;
+                            self.metrics.heartbeats.inc();
+                        }
+                        // Mid-event the upstream owes the rest: check again later.
+                        next = Instant::now() + interval;
+                    }
+                    heartbeat_timer.as_mut().reset(next);
+                }
+
+                _ = &mut shutdown_wait, if close_by.is_none() => {
+                    if source.at_boundary() {
+                        return self.end_with_hint(session).await;
+                    }
+                    close_by = Some(Instant::now() + MID_EVENT_SHUTDOWN_WAIT);
+                }
+
+                _ = sleep_until(close_by.unwrap_or(far_future)), if close_by.is_some() => {
+                    // The upstream never finished its event. A hint appended now would
+                    // join the unfinished line, so end without one: the client drops the
+                    // partial event and reconnects after its current delay.
+                    tracing::debug!("shutdown: upstream left an event unfinished");
+                    return session.write_response_body(None, true).await;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the shutdown has started; never, if its sender is gone.
+async fn shutdown_started(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Is this response an event stream? By `Content-Type` only: any case, parameters allowed.
+pub fn is_event_stream(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// The body is compressed: not parseable as events.
+pub(super) fn is_compressed(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+}
