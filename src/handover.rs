@@ -449,7 +449,7 @@ impl Import {
                     Some(Ok(f)) => {
                         for b in parse(&mut self.parser, &f) {
                             hub.take_handed_over(b);
-                            registry.counters.handed_over.fetch_add(1, Ordering::Relaxed);
+                            registry.count_handed_over(1);
                         }
                     }
                     _ => break,

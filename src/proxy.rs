@@ -176,12 +176,133 @@ impl Gateway {
         ))
     }
 
+    /// Checks the request's host and framing and picks its route: the client as the
+    /// rest of the request sees it, or `None` once it is answered (400, 404).
+    async fn route_request(
+        &self,
+        session: &mut Session,
+        live: &Arc<Live>,
+    ) -> Result<Option<ClientInfo>> {
+        let https = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        let host = match request_authority(session.req_header(), https) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!("refused: {e}");
+                refuse_malformed(session, "400 Bad Request: bad or conflicting host\n").await?;
+                return Ok(None);
+            }
+        };
+        if !content_length_is_one_number(session.req_header()) {
+            refuse_malformed(session, "400 Bad Request: bad Content-Length\n").await?;
+            return Ok(None);
+        }
+        let Some(route) = live
+            .config
+            .route_for(host.as_deref(), session.req_header().uri.path())
+            .cloned()
+        else {
+            respond_text(session, 404, "404 Not Found: no route for this request\n").await?;
+            return Ok(None);
+        };
+        let peer = session
+            .client_addr()
+            .and_then(PingoraAddr::as_inet)
+            .map(|a| a.ip());
+        let client_ip = self.client_ip(live, session);
+        Ok(Some(ClientInfo {
+            ip: peer.map(|ip| ip.to_string()),
+            trusted_peer: peer.is_some_and(|ip| live.config.limits.identity.is_trusted(ip)),
+            proto: if https { "https" } else { "http" },
+            host,
+            upstream_index: Self::upstream_index(live, &route),
+            client_ip,
+            key: client_ip.map(|ip| live.config.limits.identity.key(ip)),
+            route,
+            live: live.clone(),
+        }))
+    }
+
     fn upstream_index(live: &Live, route: &Route) -> usize {
         live.config
             .upstreams
             .iter()
             .position(|u| Arc::ptr_eq(u, &route.upstream))
             .unwrap_or(0)
+    }
+}
+
+/// The inner pass (the relay's pingora subrequest): takes the outer pass's decisions
+/// and request, and goes pingora's ordinary proxy path.
+fn inner_pass(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let InnerRequest {
+        client: info,
+        request,
+    } = session
+        .subrequest_ctx
+        .as_ref()
+        .and_then(|sub| sub.user_ctx())
+        .and_then(|u| u.downcast_ref::<InnerRequest>())
+        .cloned()
+        .ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "subrequest without client info")
+        })?;
+    if let Some(mut prepared) = request {
+        // The request as prepared for the upstream, with this pass's framing.
+        let req = session.req_header();
+        let keep_cl = req.headers.contains_key(header::CONTENT_LENGTH);
+        let keep_te = req.headers.contains_key(header::TRANSFER_ENCODING);
+        prepared.set_version(req.version);
+        if !keep_cl {
+            prepared.remove_header(&header::CONTENT_LENGTH);
+        }
+        if !keep_te {
+            prepared.remove_header(&header::TRANSFER_ENCODING);
+        }
+        *session.req_header_mut() = prepared;
+    }
+    ctx.inner = true;
+    ctx.live = Some(info.live.clone());
+    ctx.upstream_index = info.upstream_index;
+    ctx.route = Some(info.route.clone());
+    ctx.client = Some(info);
+    Ok(false)
+}
+
+/// The request limits, then, for a stream request (an `EventSource` always says so),
+/// its stream slot: taken before the upstream is bothered, so a reconnect storm never
+/// reaches the backend.
+fn check_limits(
+    live: &Live,
+    client: &ClientInfo,
+    wants_stream: bool,
+) -> std::result::Result<Option<limit::StreamSlot>, (limit::RefuseReason, std::time::Duration)> {
+    let Some(key) = client.key else {
+        return Ok(None);
+    };
+    let route_limits = live
+        .route_limits
+        .get(client.route.index)
+        .cloned()
+        .unwrap_or_default();
+    if let Decision::Refuse {
+        reason,
+        retry_after,
+    } = live.limits.check_request(&key, &route_limits)
+    {
+        return Err((reason, retry_after));
+    }
+    if !wants_stream {
+        return Ok(None);
+    }
+    match live.limits.open_stream(&key) {
+        Decision::Allow(s) => Ok(Some(s)),
+        Decision::Refuse {
+            reason,
+            retry_after,
+        } => Err((reason, retry_after)),
     }
 }
 
@@ -199,129 +320,37 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if let Some(sub) = session.subrequest_ctx.as_ref() {
-            // Inner pass: take the outer pass's decisions and go the ordinary path.
-            let InnerRequest {
-                client: info,
-                request,
-            } = sub
-                .user_ctx()
-                .and_then(|u| u.downcast_ref::<InnerRequest>())
-                .cloned()
-                .ok_or_else(|| {
-                    Error::explain(ErrorType::InternalError, "subrequest without client info")
-                })?;
-            if let Some(mut prepared) = request {
-                // The request as prepared for the upstream, with this pass's framing.
-                let req = session.req_header();
-                let keep_cl = req.headers.contains_key(header::CONTENT_LENGTH);
-                let keep_te = req.headers.contains_key(header::TRANSFER_ENCODING);
-                prepared.set_version(req.version);
-                if !keep_cl {
-                    prepared.remove_header(&header::CONTENT_LENGTH);
-                }
-                if !keep_te {
-                    prepared.remove_header(&header::TRANSFER_ENCODING);
-                }
-                *session.req_header_mut() = prepared;
-            }
-            ctx.inner = true;
-            ctx.live = Some(info.live.clone());
-            ctx.upstream_index = info.upstream_index;
-            ctx.route = Some(info.route.clone());
-            ctx.client = Some(info);
-            return Ok(false);
+        if session.subrequest_ctx.is_some() {
+            return inner_pass(session, ctx);
         }
         ctx.started = Some(Instant::now());
         ctx._active = Some(self.shutdown.track());
-
         let live = self.live.load_full();
         ctx.live = Some(live.clone());
-        let https = session
-            .digest()
-            .and_then(|d| d.ssl_digest.as_ref())
-            .is_some();
-        let host = match request_authority(session.req_header(), https) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::debug!("refused: {e}");
-                return refuse_malformed(session, "400 Bad Request: bad or conflicting host\n")
-                    .await;
-            }
-        };
-        if !content_length_is_one_number(session.req_header()) {
-            return refuse_malformed(session, "400 Bad Request: bad Content-Length\n").await;
-        }
-        let Some(route) = live
-            .config
-            .route_for(host.as_deref(), session.req_header().uri.path())
-            .cloned()
-        else {
-            respond_text(session, 404, "404 Not Found: no route for this request\n").await?;
-            return Ok(true);
-        };
-        let peer = session
-            .client_addr()
-            .and_then(PingoraAddr::as_inet)
-            .map(|a| a.ip());
-        let client_ip = self.client_ip(&live, session);
-        let client = ClientInfo {
-            ip: peer.map(|ip| ip.to_string()),
-            trusted_peer: peer.is_some_and(|ip| live.config.limits.identity.is_trusted(ip)),
-            proto: if https { "https" } else { "http" },
-            host,
-            upstream_index: Self::upstream_index(&live, &route),
-            client_ip,
-            key: client_ip.map(|ip| live.config.limits.identity.key(ip)),
-            route: route.clone(),
-            live: live.clone(),
+        let Some(client) = self.route_request(session, &live).await? else {
+            return Ok(true); // answered: 400 or 404
         };
         // After the client's address is read from the forwarding headers it came with.
         prepare_upstream_request(session.req_header_mut(), &client)?;
         ctx.upstream_index = client.upstream_index;
-        ctx.route = Some(route.clone());
+        ctx.route = Some(client.route.clone());
         ctx.client = Some(client.clone());
 
         let wants_stream = accepts_event_stream(session.req_header());
         let refusal = relay::Refusal {
             as_event_stream: wants_stream
-                && route.limits.refuse_streams_with == RefuseStreamsWith::EventStream,
+                && client.route.limits.refuse_streams_with == RefuseStreamsWith::EventStream,
             base_retry: live.config.limits.refusal_retry,
             jitter: live.config.limits.retry_jitter,
         };
-        let mut slot = None;
-        if let Some(key) = client.key {
-            let route_limits = live
-                .route_limits
-                .get(route.index)
-                .cloned()
-                .unwrap_or_default();
-            if let Decision::Refuse {
-                reason,
-                retry_after,
-            } = live.limits.check_request(&key, &route_limits)
-            {
+        let slot = match check_limits(&live, &client, wants_stream) {
+            Ok(slot) => slot,
+            Err((reason, retry_after)) => {
                 ctx.refused = Some(reason);
                 relay::refuse(session, &refusal, reason, retry_after).await?;
                 return Ok(true);
             }
-            if wants_stream {
-                // A stream request (EventSource always says so): admit it before the
-                // upstream is bothered, so a reconnect storm never reaches the backend.
-                match live.limits.open_stream(&key) {
-                    Decision::Allow(s) => slot = Some(s),
-                    Decision::Refuse {
-                        reason,
-                        retry_after,
-                    } => {
-                        ctx.refused = Some(reason);
-                        relay::refuse(session, &refusal, reason, retry_after).await?;
-                        return Ok(true);
-                    }
-                }
-            }
-        }
-
+        };
         if session.is_upgrade_req() {
             // WebSocket and other upgrades: pingora's ordinary path pipes them both ways.
             return Ok(false);

@@ -2,7 +2,6 @@
 //! or its upstream response becomes a new hub (fed by a [`Pump`]); either way the
 //! client then follows the hub through the stream writer.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,12 +182,6 @@ pub(super) async fn start(
         _ => None,
     };
     let seed = import.as_mut().map(|i| std::mem::take(&mut i.seed));
-    if let Some(seed) = &seed {
-        rcx.registry
-            .counters
-            .handed_over
-            .fetch_add(seed.blocks.len() as u64, Ordering::Relaxed);
-    }
     // Nobody else could resume a stream of its own client only: no linger for it.
     let linger = if reusable || !aliases.is_empty() {
         rcx.settings.linger
@@ -209,13 +202,6 @@ pub(super) async fn start(
     let (hub, sub, created) = rcx.registry.create(new, rcx.viewer(req));
     // The hub is registered: waiting clients of a shared key may join it now.
     drop(opening);
-    if sub.resumed {
-        let counters = &rcx.registry.counters;
-        counters.hits.fetch_add(1, Ordering::Relaxed);
-        counters
-            .events_replayed
-            .fetch_add(sub.replay.len() as u64, Ordering::Relaxed);
-    }
     if created {
         if let Some(import) = import {
             tokio::spawn(import.follow(hub.clone(), rcx.registry.clone()));
@@ -287,7 +273,7 @@ impl Follow {
         stats.replay = Some(match self.how {
             Attach::Hit => "hit",
             Attach::Miss(m) => {
-                rcx.registry.counters.misses[m.index()].fetch_add(1, Ordering::Relaxed);
+                rcx.registry.count_miss(m);
                 stats.miss = Some(m.as_str());
                 "miss"
             }
