@@ -32,7 +32,7 @@ use ipnet::IpNet;
 pub struct ClientKey(pub IpAddr);
 
 /// How client addresses are found and grouped.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientIdentity {
     /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
     pub trusted_proxies: Vec<IpNet>,
@@ -132,6 +132,11 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// `per_second` sustained with `burst` at once; `None` for a burst of 0.
+    pub fn new(per_second: f64, burst: u32) -> Option<Rate> {
+        NonZeroU32::new(burst).map(|burst| Rate { per_second, burst })
+    }
+
     fn quota(&self) -> Option<Quota> {
         let period = Duration::from_secs_f64(1.0 / self.per_second.max(1e-6));
         Quota::with_period(period).map(|q| q.allow_burst(self.burst))

@@ -89,21 +89,20 @@ impl Checker<'_> {
         let listeners = self.listeners(&raw.listeners);
         let global_sse = self.sse(raw.sse.as_ref(), "sse", None);
         let limits = self.limits(raw.limits.as_ref());
-        let global_replay = self.replay(raw.replay.as_ref(), "replay", &ReplaySettings::defaults());
+        let global_replay = self.replay(raw.replay.as_ref(), "replay", &ReplaySettings::default());
         let gateway_wide = |f: fn(&file::Replay) -> Option<&toml::Spanned<usize>>| {
             raw.replay.as_ref().and_then(f).map(|v| *v.get_ref())
         };
+        let d = ReplayGlobal::default();
         let replay_global = ReplayGlobal {
             total_max_bytes: gateway_wide(|r| r.total_max_bytes.as_ref())
-                .unwrap_or(256 * 1024 * 1024),
-            // Each hub's broadcast ring holds this many slots from the start (about
-            // 90 bytes each), so it is a cost per stream, not only per slow client.
+                .unwrap_or(d.total_max_bytes),
             lag_blocks: gateway_wide(|r| r.lag_blocks.as_ref())
-                .unwrap_or(128)
+                .unwrap_or(d.lag_blocks)
                 .max(1),
-            max_hubs: gateway_wide(|r| r.max_hubs.as_ref()).unwrap_or(10_000),
+            max_hubs: gateway_wide(|r| r.max_hubs.as_ref()).unwrap_or(d.max_hubs),
             max_hubs_per_client: gateway_wide(|r| r.max_hubs_per_client.as_ref())
-                .unwrap_or(16)
+                .unwrap_or(d.max_hubs_per_client)
                 .max(1),
         };
         let refuse_default = match raw
@@ -136,15 +135,14 @@ impl Checker<'_> {
 
     /// `[server]`.
     fn server(&mut self, raw: file::ServerSection) -> Server {
+        let d = Server::default();
         Server {
-            threads: raw.threads.unwrap_or(2).max(1),
+            threads: raw.threads.unwrap_or(d.threads).max(1),
             grace_period: raw
                 .grace_period
                 .as_ref()
-                .map_or(Duration::from_secs(30), |v| {
-                    self.duration(v, "server.grace_period")
-                }),
-            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+                .map_or(d.grace_period, |v| self.duration(v, "server.grace_period")),
+            log_level: raw.log_level.unwrap_or(d.log_level),
             log_json: match raw.log_format.as_ref() {
                 None => false,
                 Some(v) => match v.get_ref().as_str() {
@@ -168,9 +166,9 @@ impl Checker<'_> {
             },
             pid_file: raw.pid_file.map(|p| self.relative(&p)),
             upgrade_sock: raw.upgrade_sock.map(|p| self.relative(&p)),
-            max_connections: raw.max_connections.unwrap_or(10_000),
+            max_connections: raw.max_connections.unwrap_or(d.max_connections),
             request_header_timeout: match raw.request_header_timeout.as_ref() {
-                None => Duration::from_secs(30),
+                None => d.request_header_timeout,
                 Some(v) => {
                     let d = self.duration(v, "server.request_header_timeout");
                     if d.is_zero() {
@@ -279,13 +277,13 @@ impl Checker<'_> {
             let connect_timeout = u
                 .connect_timeout
                 .as_ref()
-                .map_or(Duration::from_secs(3), |v| {
+                .map_or(Upstream::CONNECT_TIMEOUT, |v| {
                     self.duration(v, &format!("{base}.connect_timeout"))
                 });
             let response_timeout = u
                 .response_timeout
                 .as_ref()
-                .map_or(Duration::from_secs(60), |v| {
+                .map_or(Upstream::RESPONSE_TIMEOUT, |v| {
                     self.duration(v, &format!("{base}.response_timeout"))
                 });
             upstreams.push(Arc::new(Upstream {

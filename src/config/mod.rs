@@ -83,7 +83,7 @@ pub struct Config {
 }
 
 /// Replay settings for the whole gateway.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayGlobal {
     /// Bytes all replay stores may hold together.
     pub total_max_bytes: usize,
@@ -121,7 +121,7 @@ pub struct ReplaySettings {
 }
 
 /// Rate limits, stream caps and how refusals are answered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// How a client's address is found and grouped.
     pub identity: ClientIdentity,
@@ -278,9 +278,40 @@ pub struct Route {
     pub index: usize,
 }
 
-impl ReplaySettings {
-    /// The defaults documented in `conf/ssegate.toml`.
-    pub fn defaults() -> ReplaySettings {
+// The defaults: one place each, stated again (and checked against, see the tests) in
+// `conf/ssegate.toml`.
+
+impl Default for Server {
+    fn default() -> Server {
+        Server {
+            threads: 2,
+            grace_period: Duration::from_secs(30),
+            log_level: "info".into(),
+            log_json: false,
+            admin: None,
+            pid_file: None,
+            upgrade_sock: None,
+            max_connections: 10_000,
+            request_header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for SseSettings {
+    fn default() -> SseSettings {
+        SseSettings {
+            heartbeat_interval: Duration::from_secs(15),
+            heartbeat_comment: "heartbeat".into(),
+            shutdown_retry: Duration::from_millis(1000),
+            max_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
+            retry: None,
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for ReplaySettings {
+    fn default() -> ReplaySettings {
         ReplaySettings {
             enabled: true,
             shared: false,
@@ -296,6 +327,47 @@ impl ReplaySettings {
             miss_event: false,
         }
     }
+}
+
+impl Default for ReplayGlobal {
+    fn default() -> ReplayGlobal {
+        ReplayGlobal {
+            total_max_bytes: 256 * 1024 * 1024,
+            // Each hub's broadcast ring holds this many slots from the start (about 90
+            // bytes each), so it is a cost per stream, not only per slow client.
+            lag_blocks: 128,
+            max_hubs: 10_000,
+            max_hubs_per_client: 16,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            identity: ClientIdentity {
+                trusted_proxies: Vec::new(),
+                ipv6_prefix: 64,
+            },
+            settings: LimitSettings {
+                request_rate: Rate::new(50.0, 100),
+                stream_connect_rate: Rate::new(2.0, 20),
+                max_streams_per_client: 64,
+                max_streams: 10_000,
+                max_tracked_clients: 100_000,
+            },
+            refusal_retry: Duration::from_secs(5),
+            retry_jitter: 0.5,
+            prune_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Upstream {
+    /// Default `connect_timeout`.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+    /// Default `response_timeout`.
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 impl Config {
@@ -507,5 +579,33 @@ upstream = "a"
         );
         assert_eq!(r(Some("other"), "/api/x").as_deref(), Some("any-api"));
         assert_eq!(r(None, "/x").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn the_reference_config_states_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/ssegate.toml");
+        let c = Config::load(&path).expect("conf/ssegate.toml loads");
+        let (s, d) = (&c.server, Server::default());
+        assert_eq!(
+            (s.threads, s.grace_period, &s.log_level, s.log_json),
+            (d.threads, d.grace_period, &d.log_level, d.log_json)
+        );
+        assert_eq!(
+            (s.max_connections, s.request_header_timeout),
+            (d.max_connections, d.request_header_timeout)
+        );
+        assert_eq!(c.routes[0].sse, SseSettings::default());
+        assert_eq!(c.routes[0].replay, ReplaySettings::default());
+        assert_eq!(c.replay, ReplayGlobal::default());
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(
+            c.routes[0].limits.refuse_streams_with,
+            RefuseStreamsWith::EventStream
+        );
+        let u = &c.upstreams[0];
+        assert_eq!(
+            (u.connect_timeout, u.response_timeout),
+            (Upstream::CONNECT_TIMEOUT, Upstream::RESPONSE_TIMEOUT)
+        );
     }
 }

@@ -87,7 +87,7 @@ impl Checker<'_> {
         &mut self,
         rate: Option<&toml::Spanned<f64>>,
         burst: Option<&toml::Spanned<u32>>,
-        default: Option<(f64, u32)>,
+        default: Option<Rate>,
         key: &str,
     ) -> Option<Rate> {
         let per_second = match rate {
@@ -100,7 +100,7 @@ impl Checker<'_> {
                 return None;
             }
             Some(r) => *r.get_ref(),
-            None => default?.0,
+            None => default?.per_second,
         };
         if per_second == 0.0 {
             return None;
@@ -114,9 +114,11 @@ impl Checker<'_> {
                     return None;
                 }
             },
-            None => {
-                std::num::NonZeroU32::new(default.map_or(per_second.ceil() as u32, |d| d.1).max(1))?
-            }
+            None => std::num::NonZeroU32::new(
+                default
+                    .map_or(per_second.ceil() as u32, |d| d.burst.get())
+                    .max(1),
+            )?,
         };
         Some(Rate { per_second, burst })
     }
@@ -124,6 +126,7 @@ impl Checker<'_> {
     pub(super) fn limits(&mut self, raw: Option<&file::Limits>) -> Limits {
         let empty = file::Limits::default();
         let l = raw.unwrap_or(&empty);
+        let d = Limits::default();
         let mut trusted_proxies = vec![];
         for (i, n) in l.trusted_proxies.iter().enumerate() {
             let text = n.get_ref();
@@ -143,55 +146,51 @@ impl Checker<'_> {
         let ipv6_prefix = match &l.ipv6_prefix {
             Some(p) if *p.get_ref() > 128 => {
                 self.span_error(p, "limits.ipv6_prefix", "must be 0 to 128");
-                64
+                d.identity.ipv6_prefix
             }
             Some(p) => *p.get_ref(),
-            None => 64,
+            None => d.identity.ipv6_prefix,
         };
         let settings = LimitSettings {
             request_rate: self.rate(
                 l.request_rate.as_ref(),
                 l.request_burst.as_ref(),
-                Some((50.0, 100)),
+                d.settings.request_rate,
                 "limits.request_rate",
             ),
             stream_connect_rate: self.rate(
                 l.stream_connect_rate.as_ref(),
                 l.stream_connect_burst.as_ref(),
-                Some((2.0, 20)),
+                d.settings.stream_connect_rate,
                 "limits.stream_connect_rate",
             ),
-            max_streams_per_client: l.max_streams_per_client.unwrap_or(64),
-            max_streams: l.max_streams.unwrap_or(10_000),
+            max_streams_per_client: l
+                .max_streams_per_client
+                .unwrap_or(d.settings.max_streams_per_client),
+            max_streams: l.max_streams.unwrap_or(d.settings.max_streams),
             max_tracked_clients: match &l.max_tracked_clients {
                 Some(v) if *v.get_ref() == 0 => {
                     self.span_error(v, "limits.max_tracked_clients", "must be at least 1");
                     1
                 }
                 Some(v) => *v.get_ref(),
-                None => 100_000,
+                None => d.settings.max_tracked_clients,
             },
         };
-        let refusal_retry = l
-            .refusal_retry
-            .as_ref()
-            .map_or(Duration::from_secs(5), |v| {
-                self.duration(v, "limits.refusal_retry")
-            });
+        let refusal_retry = l.refusal_retry.as_ref().map_or(d.refusal_retry, |v| {
+            self.duration(v, "limits.refusal_retry")
+        });
         let retry_jitter = match &l.retry_jitter {
             Some(v) if !(0.0..=10.0).contains(v.get_ref()) => {
                 self.span_error(v, "limits.retry_jitter", "must be between 0 and 10");
-                0.5
+                d.retry_jitter
             }
             Some(v) => *v.get_ref(),
-            None => 0.5,
+            None => d.retry_jitter,
         };
-        let prune_interval = l
-            .prune_interval
-            .as_ref()
-            .map_or(Duration::from_secs(10), |v| {
-                self.duration(v, "limits.prune_interval")
-            });
+        let prune_interval = l.prune_interval.as_ref().map_or(d.prune_interval, |v| {
+            self.duration(v, "limits.prune_interval")
+        });
         Limits {
             identity: ClientIdentity {
                 trusted_proxies,
@@ -212,14 +211,7 @@ impl Checker<'_> {
         base: &str,
         parent: Option<&SseSettings>,
     ) -> SseSettings {
-        let defaults = SseSettings {
-            heartbeat_interval: Duration::from_secs(15),
-            heartbeat_comment: "heartbeat".into(),
-            shutdown_retry: Duration::from_millis(1000),
-            max_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
-            retry: None,
-            write_timeout: Duration::from_secs(30),
-        };
+        let defaults = SseSettings::default();
         let parent = parent.unwrap_or(&defaults);
         let Some(own) = own else {
             return parent.clone();
