@@ -2,34 +2,38 @@
 //! infrastructure.
 //!
 //! # Layout
-//! - [`config`]: the TOML file, its defaults and validation (pure).
-//! - [`sse`]: the WHATWG event-stream parser and the bytes the gateway writes (pure).
-//! - [`shutdown`]: graceful-shutdown signal and in-flight count (pure).
+//! The lower floor knows nothing of pingora and is tested alone:
+//! - [`config`]: the TOML file, its defaults and validation.
+//! - [`sse`]: the WHATWG event-stream parser and the bytes the gateway writes.
 //! - [`key`]: what a stream is keyed on (the request as the upstream sees it, `Vary`,
-//!   private responses) and the one host normalisation (pure).
-//! - [`replay`]: the bounded store of a stream's recent events (pure).
-//! - [`hub`]: one upstream stream, its store and its subscribers; the registry (pure).
-//! - [`limit`]: request, stream-connect and concurrent-stream limits (pure).
-//! - [`tls`]: certificate loading and the rustls resolver.
-//! - [`conn`]: client connection cap and request-header deadline (slowloris).
-//! - [`proxy`]: the pingora `ProxyHttp` glue: routing, upstream choice, headers.
-//! - [`relay`]: one response from upstream to client; streams get heartbeats.
-//! - [`metrics`]: Prometheus metrics and the admin endpoints.
-//! - [`reload`]: config reload on SIGHUP.
-//! - [`handover`]: recent events passed from the old process to the new one on a
-//!   graceful upgrade.
-//! - [`server`]: builds the pingora server from a [`config::Config`].
+//!   private responses) and the one host normalisation.
+//! - [`replay`]: the bounded store of a stream's recent events.
+//! - [`hub`]: one upstream stream, its store and its subscribers; the registry.
+//! - [`limit`]: request, stream-connect and concurrent-stream limits.
+//! - `shutdown`: graceful-shutdown signal and in-flight count.
+//! - `handover`: recent events passed from the old process to the new one on a
+//!   graceful upgrade, over a checked unix socket.
 //!
-//! - [`upstream`]: the stream client: event-stream requests on connections of their own.
+//! The upper floor adapts them to pingora; arrows point down only (nothing imports
+//! `proxy`):
+//! - `server`: builds the pingora server from a [`config::Config`]; `lifecycle`: the
+//!   shutdown bridge, the PID file, housekeeping; `reload`: config reload on SIGHUP.
+//! - `proxy`: the `ProxyHttp` phases, each calling a named step.
+//! - `request`: the client as the gateway sees it, the request as the upstream gets it.
+//! - `relay`: one response from upstream to client (admission, sources, hubs, the one
+//!   stream writer); `upstream`: the stream client.
+//! - `live`, `reply`, `conn`, `tls`, `metrics`: config-derived state, the gateway's own
+//!   answers, the connection guard, certificates, Prometheus metrics.
 //!
 //! One event's path: upstream socket → `upstream::Exchange` (hyper's HTTP/1.1 client,
-//! read in the task that consumes it) → `relay::Pump` → `hub::Hub::feed` (cut into
-//! blocks by `sse::Parser`, recorded in the `replay` store, broadcast) →
-//! `relay::follow_hub` (replay first, heartbeats between blocks) → client session.
-//! Requests that do not ask for an event stream reach the upstream as a pingora
-//! subrequest (`proxy`, inner pass) instead; if one answers with a stream anyway, the
-//! subrequest feeds the hub, and streams without replay (POST, or replay off) go from
-//! the subrequest straight through `relay::run` with the parser tracking boundaries.
+//! read in the task that consumes it) → the hub's pump (`relay::hubs`) →
+//! `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the `replay` store,
+//! broadcast) → the subscriber's `relay::stream::Writer` (replay first, then live
+//! blocks, heartbeats between them) → client session. A request that does not ask for
+//! an event stream reaches the upstream as a pingora subrequest (`proxy`'s inner pass);
+//! if its answer is a stream after all, the subrequest feeds a hub the same way, or,
+//! without replay (POST, replay off), the same writer relays its bytes as they come,
+//! with the parser tracking event boundaries.
 #![warn(missing_docs)]
 // Network and file data must never be able to panic the gateway.
 #![cfg_attr(
@@ -38,22 +42,24 @@
 )]
 
 pub mod config;
-pub mod conn;
-pub mod handover;
+mod conn;
+mod handover;
 pub mod hub;
 pub mod key;
-pub mod lifecycle;
+mod lifecycle;
 pub mod limit;
-pub mod live;
-pub mod metrics;
-pub mod proxy;
-pub mod relay;
-pub mod reload;
+mod live;
+mod metrics;
+mod proxy;
+mod relay;
+mod reload;
 pub mod replay;
-pub mod reply;
-pub mod request;
+mod reply;
+mod request;
 pub mod server;
-pub mod shutdown;
+mod shutdown;
 pub mod sse;
-pub mod tls;
-pub mod upstream;
+mod tls;
+mod upstream;
+
+pub use lifecycle::write_pid_file;

@@ -21,8 +21,6 @@ pub struct LimitPruner {
     pub live: Arc<ArcSwap<Live>>,
     /// How often.
     pub every: std::time::Duration,
-    /// Hub counters, reported alongside.
-    pub registry: Arc<Registry>,
 }
 
 #[async_trait]

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(p) = &pid_file {
-        if let Err(e) = ssegate::lifecycle::write_pid_file(p) {
+        if let Err(e) = ssegate::write_pid_file(p) {
             eprintln!("ssegate: cannot write the PID file {}: {e}", p.display());
             return ExitCode::from(1);
         }

@@ -188,7 +188,6 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
         LimitPruner {
             live: live.clone(),
             every: config.limits.prune_interval,
-            registry: registry.clone(),
         },
     ));
     Ok(server)
