@@ -60,19 +60,7 @@ fn upgrade_sock(config: &Config) -> std::path::PathBuf {
 /// Builds a ready-to-run server. `upgrade` takes the listening sockets over from a
 /// running instance (pingora's graceful upgrade).
 pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
-    // Before pingora listens on (or sends the listeners to) the upgrade socket.
-    let sock = upgrade_sock(&config);
-    if let Err(e) = handover::ensure_private_dir(&sock) {
-        return Error::e_explain(
-            ErrorType::InternalError,
-            format!(
-                "server.upgrade_sock {}: {e}; another local user could stand in for an \
-                 upgrade and be handed the listeners and every stream's events. Use a \
-                 directory only the gateway's user can write, such as /run/ssegate/",
-                sock.display()
-            ),
-        );
-    }
+    check_upgrade_sock(&config)?;
     // Read before this process writes its own: the PID the handover must come from.
     let old_pid = upgrade
         .then(|| config.server.pid_file.as_ref())
@@ -102,6 +90,74 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     let metrics = gateway.metrics();
     let live = gateway.live();
     let registry = gateway.registry();
+    let (proxy, certs) = proxy_service(&server, &config, gateway)?;
+    server.add_service(proxy);
+    if let Some(admin) = admin_service(&config, &metrics, &shutdown) {
+        server.add_service(admin);
+    }
+    let phases = server.watch_execution_phase();
+    server.add_service(background_service(
+        "shutdown",
+        ShutdownBridge {
+            shutdown,
+            phases: std::sync::Mutex::new(Some(phases)),
+            handover_path,
+            pid_file: config.server.pid_file.clone(),
+            registry,
+            live: live.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "reload",
+        Reloader {
+            path: config.path.clone(),
+            live: live.clone(),
+            certs,
+            metrics,
+        },
+    ));
+    server.add_service(background_service(
+        "limit pruner",
+        LimitPruner {
+            live,
+            every: config.limits.prune_interval,
+        },
+    ));
+    Ok(server)
+}
+
+/// Refuses to start where another local user could take the upgrade socket: checked
+/// before pingora listens on it (or sends the listeners to it).
+fn check_upgrade_sock(config: &Config) -> Result<()> {
+    let sock = upgrade_sock(config);
+    match handover::ensure_private_dir(&sock) {
+        Ok(()) => Ok(()),
+        Err(e) => Error::e_explain(
+            ErrorType::InternalError,
+            format!(
+                "server.upgrade_sock {}: {e}; another local user could stand in for an \
+                 upgrade and be handed the listeners and every stream's events. Use a \
+                 directory only the gateway's user can write, such as /run/ssegate/",
+                sock.display()
+            ),
+        ),
+    }
+}
+
+/// The public listeners' service: the proxy behind the connection guard, on every
+/// listener; with the TLS listeners' certificates, for reloads.
+type ProxyService =
+    pingora::services::listening::Service<ConnGuard<pingora::proxy::HttpProxy<Gateway>>>;
+
+/// Each TLS listener's reloadable certificates, by address.
+type Certs = Vec<(std::net::SocketAddr, Arc<ReloadableCert>)>;
+
+fn proxy_service(
+    server: &Server,
+    config: &Config,
+    gateway: Gateway,
+) -> Result<(ProxyService, Certs)> {
+    let metrics = gateway.metrics();
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     // An HTTP/2 connection with no stream open is closed like an idle HTTP/1 one.
@@ -119,78 +175,52 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     let mut certs = vec![];
     for l in &config.listeners {
         let addr = l.address.to_string();
-        match &l.tls {
-            None => proxy.add_listener(ListenerConfig::tcp(addr).l4_buffer(client_buffers())),
-            Some(tls) => {
-                let mut settings = TlsSettings::with_callbacks(Box::new(TlsCounter {
-                    metrics: metrics.clone(),
-                }))?;
-                let cert = Arc::new(ReloadableCert::new(
-                    tls.cert_set(),
-                    metrics.tls_hellos.clone(),
-                ));
-                certs.push((l.address, cert.clone()));
-                settings.set_cert_resolver(cert);
-                settings.enable_h2();
-                proxy.add_listener(
-                    ListenerConfig::tcp(addr)
-                        .tls(settings)
-                        .l4_buffer(client_buffers()),
-                );
-            }
-        }
-    }
-    server.add_service(proxy);
-    if let Some(addr) = config.server.admin {
-        // The same guard as the public listeners, with a cap of its own: idle
-        // connections must not pile up on the operators' port either.
-        let admin_limits = ConnLimits {
-            max_connections: ADMIN_MAX_CONNECTIONS,
-            header_timeout: config.server.request_header_timeout,
+        let Some(tls) = &l.tls else {
+            proxy.add_listener(ListenerConfig::tcp(addr).l4_buffer(client_buffers()));
+            continue;
         };
-        let mut admin = pingora::services::listening::Service::new(
-            "ssegate admin".to_owned(),
-            ConnGuard::new(
-                Admin {
-                    metrics: metrics.clone(),
-                    shutdown: shutdown.clone(),
-                },
-                admin_limits,
-                None,
-            ),
-        );
-        admin.add_tcp(&addr.to_string());
-        server.add_service(admin);
-    }
-    let phases = server.watch_execution_phase();
-    server.add_service(background_service(
-        "shutdown",
-        ShutdownBridge {
-            shutdown,
-            phases: std::sync::Mutex::new(Some(phases)),
-            handover_path,
-            pid_file: config.server.pid_file.clone(),
-            registry: registry.clone(),
-            live: live.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "reload",
-        Reloader {
-            path: config.path.clone(),
-            live: live.clone(),
-            certs,
+        let mut settings = TlsSettings::with_callbacks(Box::new(TlsCounter {
             metrics: metrics.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "limit pruner",
-        LimitPruner {
-            live: live.clone(),
-            every: config.limits.prune_interval,
-        },
-    ));
-    Ok(server)
+        }))?;
+        let cert = Arc::new(ReloadableCert::new(
+            tls.cert_set(),
+            metrics.tls_hellos.clone(),
+        ));
+        certs.push((l.address, cert.clone()));
+        settings.set_cert_resolver(cert);
+        settings.enable_h2();
+        proxy.add_listener(
+            ListenerConfig::tcp(addr)
+                .tls(settings)
+                .l4_buffer(client_buffers()),
+        );
+    }
+    Ok((proxy, certs))
+}
+
+/// The admin listener's service, if one is configured: the same guard as the public
+/// listeners, with a cap of its own (idle connections must not pile up on the
+/// operators' port either).
+fn admin_service(
+    config: &Config,
+    metrics: &Arc<crate::metrics::Metrics>,
+    shutdown: &Shutdown,
+) -> Option<pingora::services::listening::Service<ConnGuard<Admin>>> {
+    let addr = config.server.admin?;
+    let limits = ConnLimits {
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        header_timeout: config.server.request_header_timeout,
+    };
+    let admin = Admin {
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let mut service = pingora::services::listening::Service::new(
+        "ssegate admin".to_owned(),
+        ConnGuard::new(admin, limits, None),
+    );
+    service.add_tcp(&addr.to_string());
+    Some(service)
 }
 
 /// Client connections' socket buffers. pingora's default read buffer is 64 KiB per

@@ -143,33 +143,7 @@ pub(super) async fn start(
     };
     let head: http::response::Parts = (**resp).clone();
     let req = session.req_header();
-    let identity = &rcx.settings.identity_headers;
-    let audience = Audience::of(&head.headers, &req.headers, identity, rcx.settings.shared);
-    // A visitor answered with a session cookie comes back with it: the hub answers to
-    // that key too (only that visitor holds the cookie).
-    let aliases = match key::cookie_set_by(&head.headers) {
-        Some(cookie)
-            if !rcx.settings.shared
-                && !req.headers.contains_key(header::COOKIE)
-                && identity.iter().any(|n| n == "cookie") =>
-        {
-            let mut h = req.headers.clone();
-            h.insert(header::COOKIE, cookie);
-            vec![key::stream_key(&rcx.resource, identity, &h)]
-        }
-        _ => vec![],
-    };
-    // Whether another request with this key could ever read what this one records.
-    let reusable = match audience.admits(&req.headers, rcx.has_identity) {
-        Ok(()) => true,
-        Err(d) => {
-            tracing::debug!(
-                reason = d.as_str(),
-                "stream recorded for its own client only"
-            );
-            false
-        }
-    };
+    let (audience, aliases, reusable) = audience_of(rcx, &head, req);
     let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
     // Just after an upgrade, the old process may still hold this stream's recent events
     // and its upstream: take them over (only those recorded for the same audience).
@@ -238,6 +212,43 @@ pub(super) async fn start(
     follow
         .run(session, hub, sub, route, admission, shutdown, stats)
         .await
+}
+
+/// Who may read what this response records (see [`Audience`]), the keys a visitor's
+/// reconnect will carry once it sends the cookie this response set, and whether any
+/// other request could ever read it.
+fn audience_of(
+    rcx: &ReplayCx,
+    head: &http::response::Parts,
+    req: &RequestHeader,
+) -> (Audience, Vec<StreamKey>, bool) {
+    let identity = &rcx.settings.identity_headers;
+    let audience = Audience::of(&head.headers, &req.headers, identity, rcx.settings.shared);
+    // A visitor answered with a session cookie comes back with it: the hub answers to
+    // that key too (only that visitor holds the cookie).
+    let aliases = match key::cookie_set_by(&head.headers) {
+        Some(cookie)
+            if !rcx.settings.shared
+                && !req.headers.contains_key(header::COOKIE)
+                && identity.iter().any(|n| n == "cookie") =>
+        {
+            let mut h = req.headers.clone();
+            h.insert(header::COOKIE, cookie);
+            vec![key::stream_key(&rcx.resource, identity, &h)]
+        }
+        _ => vec![],
+    };
+    let reusable = match audience.admits(&req.headers, rcx.has_identity) {
+        Ok(()) => true,
+        Err(d) => {
+            tracing::debug!(
+                reason = d.as_str(),
+                "stream recorded for its own client only"
+            );
+            false
+        }
+    };
+    (audience, aliases, reusable)
 }
 
 /// How a client follows a hub.

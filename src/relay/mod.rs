@@ -157,6 +157,24 @@ async fn run(
         admission.slot = None;
         return pass_through(session, feed, resp, end).await;
     }
+    relay_bytes(
+        session, admission, &route, owner, resp, feed, shutdown, stats,
+    )
+    .await
+}
+
+/// Relays an event stream that is not a hub, byte for byte, through the stream writer.
+#[allow(clippy::too_many_arguments)]
+async fn relay_bytes(
+    session: &mut Session,
+    admission: &mut Admission,
+    route: &crate::config::Route,
+    owner: Option<crate::limit::ClientKey>,
+    resp: Box<ResponseHeader>,
+    feed: Feed,
+    shutdown: &mut watch::Receiver<bool>,
+    stats: &mut RelayStats,
+) -> Result<()> {
     // Announced as a stream or not, it is admitted now that it turned out to be one.
     let slot = match take_slot(&mut admission.slot, &admission.limits, owner) {
         Ok(slot) => slot,
