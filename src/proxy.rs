@@ -26,12 +26,11 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, RefuseStreamsWith, Route};
 use crate::handover::Source;
 use crate::hub::Registry;
-use crate::key;
 use crate::limit::{self, Decision};
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::relay::{self, Admission, RelayStats, ReplayCx};
-use crate::replay::{resume_request, Budget};
+use crate::replay::Budget;
 use crate::reply::{self, refuse_malformed, respond_text};
 use crate::request::{
     accepts_event_stream, content_length_is_one_number, prepare_upstream_request,
@@ -119,43 +118,6 @@ impl Gateway {
     /// The hub registry, for metrics and tests.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
-    }
-
-    /// Replay context for a GET on a replay route: the stream key (see
-    /// [`crate::key`]: built from the request as the upstream receives it, so call this
-    /// after [`prepare_upstream_request`]) and the client's last event ID.
-    fn replay_cx(&self, session: &Session, client: &ClientInfo) -> Option<ReplayCx> {
-        let route = &client.route;
-        let settings = &route.replay;
-        let req = session.req_header();
-        if !settings.enabled || req.method != http::Method::GET {
-            return None;
-        }
-        let resume = resume_request(
-            req.headers.get("last-event-id").map(|v| v.as_bytes()),
-            req.uri.query().unwrap_or(""),
-            settings.last_event_id_param.as_deref(),
-        );
-        let resource = key::Resource {
-            route: route.name.clone(),
-            upstream: route.upstream.name.clone(),
-            method: req.method.as_str().to_owned(),
-            scheme: client.proto,
-            host: client.host.clone().unwrap_or_default(),
-            path: req.uri.path().as_bytes().to_vec(),
-            query: resume.query_key,
-        };
-        let identity = &settings.identity_headers;
-        Some(ReplayCx {
-            handover: self.handover.clone(),
-            registry: self.registry.clone(),
-            budget: self.budget.clone(),
-            key: key::stream_key(&resource, identity, &req.headers),
-            has_identity: key::has_identity(identity, &req.headers),
-            resource,
-            last_event_id: resume.last_event_id,
-            settings: settings.clone(),
-        })
     }
 
     /// The client's address as limits see it: the peer, or the forwarded client when the
@@ -357,7 +319,13 @@ impl ProxyHttp for Gateway {
         }
         let admission = Admission {
             metrics: self.metrics.clone(),
-            replay: self.replay_cx(session, &client),
+            replay: ReplayCx::for_request(
+                session.req_header(),
+                &client,
+                &self.registry,
+                &self.budget,
+                self.handover.as_ref(),
+            ),
             slot,
             limits: live.limits.clone(),
             refusal,

@@ -20,7 +20,8 @@ use crate::handover::Source as Handover;
 use crate::hub::{Hub, Miss, NewHub, Registry, Start, StreamKey, Subscription, Viewer};
 use crate::key::{self, Audience};
 use crate::limit::ClientKey;
-use crate::replay::{Budget, MemoryRing};
+use crate::replay::{resume_request, Budget, MemoryRing};
+use crate::request::ClientInfo;
 
 /// What a GET stream request needs to use hubs (replay, linger, sharing).
 pub struct ReplayCx {
@@ -44,6 +45,48 @@ pub struct ReplayCx {
 }
 
 impl ReplayCx {
+    /// Replay context for a GET on a replay route: the stream key (see [`crate::key`]:
+    /// built from the request as the upstream receives it, so only after
+    /// `request::prepare_upstream_request`) and the client's last event ID.
+    pub fn for_request(
+        req: &RequestHeader,
+        client: &ClientInfo,
+        registry: &Arc<Registry>,
+        budget: &Arc<Budget>,
+        handover: Option<&Arc<Handover>>,
+    ) -> Option<ReplayCx> {
+        let route = &client.route;
+        let settings = &route.replay;
+        if !settings.enabled || req.method != http::Method::GET {
+            return None;
+        }
+        let resume = resume_request(
+            req.headers.get("last-event-id").map(|v| v.as_bytes()),
+            req.uri.query().unwrap_or(""),
+            settings.last_event_id_param.as_deref(),
+        );
+        let resource = key::Resource {
+            route: route.name.clone(),
+            upstream: route.upstream.name.clone(),
+            method: req.method.as_str().to_owned(),
+            scheme: client.proto,
+            host: client.host.clone().unwrap_or_default(),
+            path: req.uri.path().as_bytes().to_vec(),
+            query: resume.query_key,
+        };
+        let identity = &settings.identity_headers;
+        Some(ReplayCx {
+            handover: handover.cloned(),
+            registry: registry.clone(),
+            budget: budget.clone(),
+            key: key::stream_key(&resource, identity, &req.headers),
+            has_identity: key::has_identity(identity, &req.headers),
+            resource,
+            last_event_id: resume.last_event_id,
+            settings: settings.clone(),
+        })
+    }
+
     /// The request as a hub's audience sees it.
     fn viewer<'a>(&self, req: &'a RequestHeader) -> Viewer<'a> {
         Viewer {
