@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 mod common;
 
 use criterion::{criterion_group, Criterion};
-use ssegate::limit::{ClientKey, Decision, LimitSettings, Limits, Rate, RouteLimits};
+use ssegate::limit::{ClientKey, Decision, LimitSettings, Limiter, Rate, RouteLimiter};
 
 #[global_allocator]
 static ALLOC: common::Counting = common::Counting;
@@ -36,8 +36,8 @@ fn key(i: u32) -> ClientKey {
 }
 
 fn bench(c: &mut Criterion) {
-    let limits = Limits::new(settings(1_000_000));
-    let route = RouteLimits::default();
+    let limits = Limiter::new(settings(1_000_000));
+    let route = RouteLimiter::default();
     let hot = key(1);
     c.bench_function("check_request, one client", |b| {
         b.iter(|| {
@@ -65,8 +65,8 @@ fn bench(c: &mut Criterion) {
 fn memory_per_client() {
     let n = 100_000u32;
     let before = common::live();
-    let limits = Limits::new(settings(1_000_000));
-    let route = RouteLimits::default();
+    let limits = Limiter::new(settings(1_000_000));
+    let route = RouteLimiter::default();
     for i in 0..n {
         let _ = limits.check_request(&key(i), &route);
     }

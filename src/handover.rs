@@ -45,7 +45,7 @@ use ring::hmac;
 
 use crate::hub::{stored, Hub, HubMsg, Registry, Seed, StreamKey};
 use crate::replay::StoredEvent;
-use crate::shutdown::Shutdown;
+use crate::shutdown::Graceful;
 use crate::sse;
 
 /// Longest a new process waits for the old store before going on without it.
@@ -210,7 +210,7 @@ impl Offer {
 
     /// Answers the new process until `until`. Each answer counts as a request in flight,
     /// so the process does not exit under it.
-    pub async fn serve(self, registry: Arc<Registry>, shutdown: Shutdown, until: Instant) {
+    pub async fn serve(self, registry: Arc<Registry>, shutdown: Graceful, until: Instant) {
         let secret = Arc::new(self.secret);
         let index = Arc::new(Mutex::new(Index {
             by_tag: HashMap::new(),
@@ -506,7 +506,7 @@ mod tests {
         let (registry, fp, _sub) = registry_with(&key);
         let offer = Offer::bind(&path).unwrap();
         let until = Instant::now() + Duration::from_secs(5);
-        tokio::spawn(offer.serve(registry, Shutdown::new(), until));
+        tokio::spawn(offer.serve(registry, Graceful::new(), until));
         let source = Source::new(path, Duration::from_secs(5), Some(std::process::id()));
         let import = source.fetch(&key, &fp, Some("1"), 1 << 16).await.unwrap();
         let ids: Vec<&str> = import.seed.blocks.iter().map(|b| &*b.id).collect();

@@ -21,11 +21,11 @@
 //! - `proxy`: the `ProxyHttp` phases, each calling a named step.
 //! - `request`: the client as the gateway sees it, the request as the upstream gets it.
 //! - `relay`: one response from upstream to client (admission, sources, hubs, the one
-//!   stream writer); `upstream`: the stream client.
+//!   stream writer); `stream_client`: event-stream GETs on connections of their own.
 //! - `live`, `reply`, `conn`, `tls`, `metrics`: config-derived state, the gateway's own
 //!   answers, the connection guard, certificates, Prometheus metrics.
 //!
-//! One event's path: upstream socket → `upstream::Exchange` (hyper's HTTP/1.1 client,
+//! One event's path: upstream socket → `stream_client::Exchange` (hyper's HTTP/1.1 client,
 //! read in the task that consumes it) → the hub's pump (`relay::hubs`) →
 //! `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the `replay` store,
 //! broadcast) → the subscriber's `relay::stream::Writer` (replay first, then live
@@ -59,7 +59,7 @@ mod request;
 pub mod server;
 mod shutdown;
 pub mod sse;
+mod stream_client;
 mod tls;
-mod upstream;
 
 pub use lifecycle::write_pid_file;

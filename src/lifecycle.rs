@@ -12,7 +12,7 @@ use pingora::services::background::BackgroundService;
 use crate::handover::Offer;
 use crate::hub::Registry;
 use crate::live::Live;
-use crate::shutdown::Shutdown;
+use crate::shutdown::Graceful;
 
 /// Drops limiter state of clients idle long enough to be fresh again, so limiter
 /// memory follows the active clients, not every address ever seen.
@@ -46,7 +46,7 @@ impl BackgroundService for LimitPruner {
     }
 }
 
-/// Bridges pingora's shutdown watch to [`Shutdown`], and exits the process once a
+/// Bridges pingora's shutdown watch to [`Graceful`], and exits the process once a
 /// graceful shutdown has started and no request is left in flight (pingora alone would
 /// sleep out the whole grace period).
 ///
@@ -55,7 +55,7 @@ impl BackgroundService for LimitPruner {
 /// end: long enough for their clients to reconnect to the new process.
 pub struct ShutdownBridge {
     /// The state streams watch.
-    pub shutdown: Shutdown,
+    pub shutdown: Graceful,
     /// pingora's execution phases, to tell an upgrade from a plain shutdown.
     pub phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     /// Where to offer the hubs on an upgrade.

@@ -5,7 +5,7 @@
 //! Decisions are made when a request or stream *starts*; nothing here ever cuts an open
 //! stream. Memory is bounded: limiter state lives in a [`BoundedStore`] that stops adding
 //! clients at a cap (new clients then share one overflow bucket) and is pruned of idle
-//! clients by [`Limits::prune`]; stream counters hold only clients with open streams.
+//! clients by [`Limiter::prune`]; stream counters hold only clients with open streams.
 //!
 //! Knows nothing of pingora or HTTP: `proxy` extracts the client address and maps
 //! [`Decision`]s to responses.
@@ -301,14 +301,14 @@ impl ClientRate {
     }
 }
 
-/// Limits for one route (beyond the global ones).
+/// Limiter for one route (beyond the global ones).
 #[derive(Default)]
-pub struct RouteLimits {
+pub struct RouteLimiter {
     /// Per-client request rate on this route.
     pub requests: Option<ClientRate>,
 }
 
-/// Settings for [`Limits`].
+/// Settings for [`Limiter`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitSettings {
     /// Per-client request rate across all routes.
@@ -324,7 +324,7 @@ pub struct LimitSettings {
 }
 
 /// Every limit of the gateway; shared by all requests.
-pub struct Limits {
+pub struct Limiter {
     settings: LimitSettings,
     requests: Option<ClientRate>,
     stream_connects: Option<ClientRate>,
@@ -365,11 +365,11 @@ impl Drop for StreamSlot {
     }
 }
 
-impl Limits {
-    /// Limits with `settings`.
-    pub fn new(settings: LimitSettings) -> Limits {
+impl Limiter {
+    /// Limiter with `settings`.
+    pub fn new(settings: LimitSettings) -> Limiter {
         let max = settings.max_tracked_clients;
-        Limits {
+        Limiter {
             requests: settings.request_rate.and_then(|r| ClientRate::new(r, max)),
             stream_connects: settings
                 .stream_connect_rate
@@ -385,7 +385,7 @@ impl Limits {
     }
 
     /// Counts a request against the global and the route's request rates.
-    pub fn check_request(&self, key: &ClientKey, route: &RouteLimits) -> Decision<()> {
+    pub fn check_request(&self, key: &ClientKey, route: &RouteLimiter) -> Decision<()> {
         for limiter in [self.requests.as_ref(), route.requests.as_ref()]
             .into_iter()
             .flatten()
@@ -446,7 +446,7 @@ impl Limits {
 
     /// Drops limiter state of clients that have been idle long enough to be fresh again;
     /// returns how many clients the limiters still track.
-    pub fn prune(&self, routes: &[Arc<RouteLimits>]) -> usize {
+    pub fn prune(&self, routes: &[Arc<RouteLimiter>]) -> usize {
         let mut tracked = 0;
         let all = [self.requests.as_ref(), self.stream_connects.as_ref()]
             .into_iter()
@@ -540,9 +540,9 @@ mod tests {
 
     #[test]
     fn request_rate_refuses_after_burst() {
-        let l = Limits::new(settings());
+        let l = Limiter::new(settings());
         let k = ClientKey(ip("192.0.2.1"));
-        let r = RouteLimits::default();
+        let r = RouteLimiter::default();
         for _ in 0..3 {
             assert!(matches!(l.check_request(&k, &r), Decision::Allow(())));
         }
@@ -570,7 +570,7 @@ mod tests {
     fn stream_caps_refuse_and_recover_when_slots_drop() {
         let mut s = settings();
         s.stream_connect_rate = None;
-        let l = Limits::new(s);
+        let l = Limiter::new(s);
         let a = ClientKey(ip("192.0.2.1"));
         let b = ClientKey(ip("192.0.2.2"));
         let s1 = l.open_stream(&a);
@@ -608,7 +608,7 @@ mod tests {
         let mut s = settings();
         s.max_streams_per_client = 0;
         s.max_streams = 0;
-        let l = Limits::new(s);
+        let l = Limiter::new(s);
         let a = ClientKey(ip("192.0.2.1"));
         assert!(matches!(l.open_stream(&a), Decision::Allow(_)));
         assert!(matches!(l.open_stream(&a), Decision::Allow(_)));
@@ -629,8 +629,8 @@ mod tests {
             per_second: 10.0,
             burst: NonZeroU32::new(3).unwrap(),
         });
-        let l = Limits::new(s);
-        let r = RouteLimits::default();
+        let l = Limiter::new(s);
+        let r = RouteLimiter::default();
         for i in 0..5000u32 {
             let k = ClientKey(IpAddr::V4((0x0A00_0000 + i).into()));
             let _ = l.check_request(&k, &r);

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::limit::{self, Limits};
+use crate::limit::{self, Limiter};
 
 /// Everything derived from the config file. A reload swaps it whole; a request keeps
 /// the one it started with.
@@ -18,9 +18,9 @@ pub struct Live {
     /// Round-robin position per upstream, by index in `config.upstreams`.
     next_server: Vec<AtomicUsize>,
     /// Rate limits and stream caps.
-    pub limits: Arc<Limits>,
+    pub limits: Arc<Limiter>,
     /// Per-route limiters, by route index.
-    pub route_limits: Vec<Arc<limit::RouteLimits>>,
+    pub route_limits: Vec<Arc<limit::RouteLimiter>>,
 }
 
 impl Live {
@@ -37,7 +37,7 @@ impl Live {
             .routes
             .iter()
             .map(|r| {
-                Arc::new(limit::RouteLimits {
+                Arc::new(limit::RouteLimiter {
                     requests: r
                         .limits
                         .request_rate
@@ -47,7 +47,7 @@ impl Live {
             .collect();
         let limits = match previous {
             Some(p) if p.config.limits.settings == config.limits.settings => p.limits.clone(),
-            _ => Arc::new(Limits::new(config.limits.settings.clone())),
+            _ => Arc::new(Limiter::new(config.limits.settings.clone())),
         };
         Live {
             generation: previous.map_or(1, |p| p.generation + 1),

@@ -15,7 +15,7 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts
 
 use crate::hub::{Miss, Registry};
 use crate::replay::Budget;
-use crate::shutdown::Shutdown;
+use crate::shutdown::Graceful;
 
 /// Every metric the gateway exports.
 pub struct Metrics {
@@ -260,7 +260,7 @@ pub struct Admin {
     /// What `/metrics` shows.
     pub metrics: Arc<Metrics>,
     /// `/readyz` turns 503 once a graceful shutdown has started.
-    pub shutdown: Shutdown,
+    pub shutdown: Graceful,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {

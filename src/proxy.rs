@@ -5,7 +5,7 @@
 //! session) picks the route and hands the request to the relay, which runs it again as a
 //! pingora subrequest (the *inner* pass) to reach the upstream through pingora's ordinary
 //! proxy path; a GET that asks for an event stream on a replay route takes the
-//! [`crate::upstream`] stream client instead (with the same forwarding headers). The
+//! [`crate::stream_client`] stream client instead (with the same forwarding headers). The
 //! relay then sees the upstream's response header first and decides: an event stream is
 //! pumped with heartbeats and a clean shutdown, anything else is passed through as it
 //! comes. WebSocket upgrades skip the relay and take the ordinary
@@ -36,14 +36,14 @@ use crate::request::{
     accepts_event_stream, content_length_is_one_number, prepare_upstream_request,
     request_authority, strip_hop_by_hop, ClientInfo, InnerRequest,
 };
-use crate::shutdown::{ActiveGuard, Shutdown};
+use crate::shutdown::{ActiveGuard, Graceful};
 
 /// State shared by every request of the proxy service.
 pub struct Gateway {
     /// The configuration and what is built from it; swapped by reloads.
     live: Arc<ArcSwap<Live>>,
     /// Graceful shutdown signal and in-flight count.
-    shutdown: Shutdown,
+    shutdown: Graceful,
     /// Live stream hubs.
     registry: Arc<Registry>,
     /// Byte budget of all replay stores.
@@ -83,7 +83,7 @@ pub struct RequestCtx {
 
 impl Gateway {
     /// A gateway serving `config`.
-    pub fn new(config: Arc<Config>, shutdown: Shutdown) -> prometheus::Result<Self> {
+    pub fn new(config: Arc<Config>, shutdown: Graceful) -> prometheus::Result<Self> {
         let registry = Arc::new(
             Registry::new(config.replay.lag_blocks, config.replay.max_hubs)
                 .with_client_cap(config.replay.max_hubs_per_client),

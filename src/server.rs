@@ -20,7 +20,7 @@ use crate::lifecycle::{LimitPruner, ShutdownBridge};
 use crate::metrics::Admin;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
-use crate::shutdown::Shutdown;
+use crate::shutdown::Graceful;
 use crate::tls::ReloadableCert;
 
 /// How long past its own grace period the new process of an upgrade keeps asking the
@@ -74,7 +74,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
     server.bootstrap();
 
-    let shutdown = Shutdown::new();
+    let shutdown = Graceful::new();
     let handover_path = handover::socket_path(Path::new(&server.configuration.upgrade_sock));
     let mut gateway = Gateway::new(config.clone(), shutdown.clone())
         .map_err(|e| Error::because(ErrorType::InternalError, "cannot register metrics", e))?;
@@ -204,7 +204,7 @@ fn proxy_service(
 fn admin_service(
     config: &Config,
     metrics: &Arc<crate::metrics::Metrics>,
-    shutdown: &Shutdown,
+    shutdown: &Graceful,
 ) -> Option<pingora::services::listening::Service<ConnGuard<Admin>>> {
     let addr = config.server.admin?;
     let limits = ConnLimits {

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 /// Shared shutdown state; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Shutdown {
+pub struct Graceful {
     inner: Arc<Inner>,
 }
 
@@ -35,16 +35,16 @@ impl Drop for ActiveGuard {
     }
 }
 
-impl Default for Shutdown {
+impl Default for Graceful {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Shutdown {
+impl Graceful {
     /// A shutdown that has not started.
     pub fn new() -> Self {
-        Shutdown {
+        Graceful {
             inner: Arc::new(Inner {
                 tx: watch::channel(false).0,
                 active: AtomicUsize::new(0),
@@ -87,7 +87,7 @@ mod tests {
 
     #[tokio::test]
     async fn guards_count_and_subscribers_wake() {
-        let s = Shutdown::new();
+        let s = Graceful::new();
         let g = s.track();
         let _g2 = s.track();
         assert_eq!(s.active(), 2);

@@ -9,7 +9,7 @@ use http::header;
 use pingora::prelude::*;
 
 use super::hubs::ReplayCx;
-use crate::limit::{self, Decision, Limits, RefuseReason, StreamSlot};
+use crate::limit::{self, Decision, Limiter, RefuseReason, StreamSlot};
 use crate::metrics::Metrics;
 
 /// Whether the relay may start a stream, and how to say no.
@@ -22,7 +22,7 @@ pub struct Admission {
     /// they want an event stream); otherwise one is taken when a stream shows up.
     pub slot: Option<StreamSlot>,
     /// The limits to take a slot from.
-    pub limits: Arc<Limits>,
+    pub limits: Arc<Limiter>,
     /// How to answer a refusal.
     pub refusal: Refusal,
 }
@@ -32,7 +32,7 @@ pub struct Admission {
 /// the `Admission`, so callers may hold its replay settings meanwhile.)
 pub(super) fn take_slot(
     slot: &mut Option<StreamSlot>,
-    limits: &Limits,
+    limits: &Limiter,
     key: Option<limit::ClientKey>,
 ) -> std::result::Result<Option<StreamSlot>, (RefuseReason, Duration)> {
     match (slot.take(), key) {

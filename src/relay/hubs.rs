@@ -12,7 +12,7 @@ use pingora::protocols::http::HttpTask;
 use tokio::sync::watch;
 
 use super::admit::{refuse, take_slot, Admission};
-use super::source::Feed;
+use super::source::Origin;
 use super::stream::{HubSource, Source, StreamMetrics, Writer};
 use super::RelayStats;
 use crate::config::{ReplaySettings, Route};
@@ -167,7 +167,7 @@ pub(super) async fn start(
     route: &Route,
     owner: Option<ClientKey>,
     resp: &ResponseHeader,
-    feed: Feed,
+    feed: Origin,
     pending: Vec<HttpTask>,
     missed: Option<Miss>,
     opening: Option<tokio::sync::OwnedMutexGuard<()>>,
@@ -386,7 +386,7 @@ impl Follow {
 struct Pump {
     hub: Arc<Hub>,
     registry: Arc<Registry>,
-    feed: Feed,
+    feed: Origin,
     /// Tasks that came with the response header.
     pending: Vec<HttpTask>,
     linger: Duration,

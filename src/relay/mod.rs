@@ -32,10 +32,10 @@ pub use stream::is_event_stream;
 use crate::limit::RefuseReason;
 use crate::reply;
 use crate::request::{accepts_event_stream, ClientInfo};
-use crate::upstream;
+use crate::stream_client;
 use admit::take_slot;
 use hubs::{Follow, Found};
-use source::{Feed, Subrequest, Up};
+use source::{Origin, Subrequest, Up};
 use stream::{is_compressed, ByteSource, Source, StreamMetrics, Writer};
 
 /// What the relay did, for the access log.
@@ -123,14 +123,14 @@ async fn run(
 
     let body_done = session.as_downstream_mut().is_body_done();
     // A GET that asks for an event stream goes out on the stream client; the rest take
-    // pingora's proxy path (see `upstream`).
+    // pingora's proxy path (see `stream_client`).
     let mut feed =
         if admission.replay.is_some() && body_done && accepts_event_stream(session.req_header()) {
             let exchange =
-                upstream::open(session.req_header(), &client, &admission.metrics).await?;
-            Feed::Direct(Box::new(exchange))
+                stream_client::open(session.req_header(), &client, &admission.metrics).await?;
+            Origin::Direct(Box::new(exchange))
         } else {
-            Feed::Sub(Subrequest::spawn(session, client, body_done)?)
+            Origin::Sub(Subrequest::spawn(session, client, body_done)?)
         };
     let (resp, end) = response_header(session, &mut feed, response_timeout).await?;
     let stream = resp.status == http::StatusCode::OK && !end && is_event_stream(&resp);
@@ -171,7 +171,7 @@ async fn relay_bytes(
     route: &crate::config::Route,
     owner: Option<crate::limit::ClientKey>,
     resp: Box<ResponseHeader>,
-    feed: Feed,
+    feed: Origin,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
 ) -> Result<()> {
@@ -200,7 +200,7 @@ async fn relay_bytes(
 /// informational ones (`100 Continue`) through.
 async fn response_header(
     session: &mut Session,
-    feed: &mut Feed,
+    feed: &mut Origin,
     timeout: std::time::Duration,
 ) -> Result<(Box<ResponseHeader>, bool)> {
     let deadline = Instant::now() + timeout;
@@ -239,7 +239,7 @@ async fn response_header(
 /// go back to the pool.
 async fn pass_through(
     session: &mut Session,
-    mut feed: Feed,
+    mut feed: Origin,
     resp: Box<ResponseHeader>,
     end: bool,
 ) -> Result<()> {

@@ -1,5 +1,5 @@
 //! Where a response comes from: a pingora subrequest (pingora's proxy path, for
-//! ordinary requests and any with a body) or the stream client ([`crate::upstream`],
+//! ordinary requests and any with a body) or the stream client ([`crate::stream_client`],
 //! for GETs that ask for an event stream).
 
 use http::{header, Version};
@@ -9,14 +9,14 @@ use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora::ErrorType;
 
 use crate::request::{ClientInfo, InnerRequest};
-use crate::upstream;
+use crate::stream_client;
 
 /// Where a response comes from.
-pub(super) enum Feed {
+pub(super) enum Origin {
     /// A pingora subrequest: ordinary requests, and any with a body.
     Sub(Subrequest),
     /// The stream client: GETs that ask for an event stream.
-    Direct(Box<upstream::Exchange>),
+    Direct(Box<stream_client::Exchange>),
 }
 
 /// What the upstream side produced.
@@ -29,13 +29,13 @@ pub(super) enum Up {
     Failed(Box<Error>),
 }
 
-impl Feed {
+impl Origin {
     /// The next piece of the response, while watching the client: a client that closes
     /// (or, for a subrequest, whose request body fails) ends the wait with `Err`.
     pub(super) async fn next(&mut self, session: &mut Session) -> Result<Up> {
         match self {
-            Feed::Sub(sub) => sub.next(session).await,
-            Feed::Direct(exchange) => tokio::select! {
+            Origin::Sub(sub) => sub.next(session).await,
+            Origin::Direct(exchange) => tokio::select! {
                 t = exchange.next() => Ok(match t {
                     Some(HttpTask::Failed(e)) => Up::Failed(e),
                     Some(t) => Up::Task(t),
@@ -52,14 +52,14 @@ impl Feed {
     /// The next piece of the response, for a hub's pump (no client to watch).
     pub(super) async fn next_task(&mut self) -> Option<HttpTask> {
         match self {
-            Feed::Sub(sub) => sub.rx.recv().await,
-            Feed::Direct(exchange) => exchange.next().await,
+            Origin::Sub(sub) => sub.rx.recv().await,
+            Origin::Direct(exchange) => exchange.next().await,
         }
     }
 
     /// Adds what else is ready now to `batch`, so a hub gets it with the header.
     pub(super) fn drain(&mut self, batch: &mut Vec<HttpTask>) {
-        if let Feed::Sub(sub) = self {
+        if let Origin::Sub(sub) = self {
             while let Ok(more) = sub.rx.try_recv() {
                 batch.push(more);
             }
@@ -69,7 +69,7 @@ impl Feed {
     /// An ordinary response is complete: let a subrequest finish, so its upstream
     /// connection goes back to the pool (a stream's is cut when the source is dropped).
     pub(super) fn finish(&mut self) {
-        if let Feed::Sub(sub) = self {
+        if let Origin::Sub(sub) = self {
             sub.abort.disarm();
         }
     }

@@ -18,7 +18,7 @@ use pingora::ErrorType;
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, Instant};
 
-use super::source::{Feed, Up};
+use super::source::{Origin, Up};
 use super::RelayStats;
 use crate::config::SseSettings;
 use crate::hub::{HubMsg, Subscription};
@@ -165,7 +165,7 @@ impl HubSource {
 /// An upstream response relayed byte for byte (POST streams, routes without replay,
 /// and streams past `max_hubs`).
 pub(super) struct ByteSource {
-    pub(super) feed: Feed,
+    pub(super) feed: Origin,
     /// Finds event boundaries in the upstream bytes.
     pub(super) parser: sse::Parser,
     /// The upstream's body is not parseable (compressed): relayed as is.
@@ -179,7 +179,7 @@ pub(super) struct ByteSource {
 }
 
 impl ByteSource {
-    pub(super) fn new(feed: Feed, max_event_bytes: usize, opaque: bool) -> ByteSource {
+    pub(super) fn new(feed: Origin, max_event_bytes: usize, opaque: bool) -> ByteSource {
         if opaque {
             tracing::warn!("upstream compressed an event stream; relaying it without heartbeats");
         }
