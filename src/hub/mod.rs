@@ -191,7 +191,13 @@ impl Hub {
 
     /// The upstream stream is over: tell the subscribers.
     pub fn end(&self) {
-        let mut inner = self.lock();
+        self.finish(self.lock());
+    }
+
+    /// Marks the hub ended (under its lock, which it releases), tells the subscribers,
+    /// and wakes the pump (it may be waiting out the linger window: it closes the
+    /// upstream now) and a merge.
+    fn finish(&self, mut inner: MutexGuard<'_, Inner>) {
         if !inner.ended {
             inner.ended = true;
             let _ = inner.tx.send(HubMsg::End);
@@ -252,18 +258,11 @@ impl Hub {
     /// Ends the hub if it still has no subscriber (checked under the lock attaches
     /// take); returns whether it ended.
     pub fn end_if_idle(&self) -> bool {
-        let mut inner = self.lock();
+        let inner = self.lock();
         if self.subscribers() > 0 {
             return false;
         }
-        if !inner.ended {
-            inner.ended = true;
-            let _ = inner.tx.send(HubMsg::End);
-        }
-        drop(inner);
-        // The pump may be waiting out the linger window: it closes the upstream now.
-        self.changed.notify_waiters();
-        self.merged.notify_one();
+        self.finish(inner);
         true
     }
 

@@ -30,7 +30,7 @@ pub struct Admission {
 /// The stream's slot: the one taken before the request went upstream, or a new one now
 /// that a stream showed up. `Err` when the limits refuse it. (Takes the two fields, not
 /// the `Admission`, so callers may hold its replay settings meanwhile.)
-pub(super) fn take_slot(
+fn take_slot(
     slot: &mut Option<StreamSlot>,
     limits: &Limiter,
     key: Option<limit::ClientKey>,
@@ -45,6 +45,31 @@ pub(super) fn take_slot(
             } => Err((reason, retry_after)),
         },
         (None, None) => Ok(None),
+    }
+}
+
+/// A stream about to start: its slot, or the refusal already answered.
+pub(super) enum Admit {
+    /// Go on, holding this slot (none when the client has no limiting key).
+    Go(Option<StreamSlot>),
+    /// Refused, and answered.
+    Refused,
+}
+
+/// Takes the stream's slot (see [`take_slot`]), or answers the refusal.
+pub(super) async fn admit_stream(
+    session: &mut Session,
+    admission: &mut Admission,
+    owner: Option<limit::ClientKey>,
+    stats: &mut super::RelayStats,
+) -> Result<Admit> {
+    match take_slot(&mut admission.slot, &admission.limits, owner) {
+        Ok(slot) => Ok(Admit::Go(slot)),
+        Err((reason, retry_after)) => {
+            stats.refused = Some(reason);
+            refuse(session, &admission.refusal, reason, retry_after).await?;
+            Ok(Admit::Refused)
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use pingora::prelude::*;
 use pingora::protocols::http::HttpTask;
 use tokio::sync::watch;
 
-use super::admit::{refuse, take_slot, Admission};
+use super::admit::{admit_stream, Admission, Admit};
 use super::source::Origin;
 use super::stream::{HubSource, Source, StreamMetrics, Writer};
 use super::RelayStats;
@@ -174,12 +174,8 @@ pub(super) async fn start(
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
 ) -> Result<()> {
-    let slot = match take_slot(&mut admission.slot, &admission.limits, owner) {
-        Ok(slot) => slot,
-        Err((reason, retry_after)) => {
-            stats.refused = Some(reason);
-            return refuse(session, &admission.refusal, reason, retry_after).await;
-        }
+    let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
+        return Ok(());
     };
     let Some(rcx) = admission.replay.as_ref() else {
         return Error::e_explain(ErrorType::InternalError, "hub without replay settings");

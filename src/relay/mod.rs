@@ -33,7 +33,7 @@ use crate::limit::RefuseReason;
 use crate::reply;
 use crate::request::{accepts_event_stream, ClientInfo};
 use crate::stream_client;
-use admit::take_slot;
+use admit::{admit_stream, Admit};
 use hubs::{Follow, Found};
 use source::{Origin, Subrequest, Up};
 use stream::{is_compressed, ByteSource, Source, StreamMetrics, Writer};
@@ -95,12 +95,8 @@ async fn run(
     if let Some(rcx) = &admission.replay {
         match hubs::find(rcx, session.req_header(), response_timeout).await {
             Found::Hub(hub, sub, how) => {
-                let slot = match take_slot(&mut admission.slot, &admission.limits, owner) {
-                    Ok(slot) => slot,
-                    Err((reason, retry_after)) => {
-                        stats.refused = Some(reason);
-                        return refuse(session, &admission.refusal, reason, retry_after).await;
-                    }
+                let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
+                    return Ok(());
                 };
                 // The live hub's upstream never saw this client's id: nothing to skip.
                 // Its head answered another request: its cookies are not this client's.
@@ -176,12 +172,8 @@ async fn relay_bytes(
     stats: &mut RelayStats,
 ) -> Result<()> {
     // Announced as a stream or not, it is admitted now that it turned out to be one.
-    let slot = match take_slot(&mut admission.slot, &admission.limits, owner) {
-        Ok(slot) => slot,
-        Err((reason, retry_after)) => {
-            stats.refused = Some(reason);
-            return refuse(session, &admission.refusal, reason, retry_after).await;
-        }
+    let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
+        return Ok(());
     };
     let metrics = StreamMetrics::new(&admission.metrics, &route.name, session);
     let opaque = is_compressed(&resp);
