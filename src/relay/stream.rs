@@ -41,6 +41,10 @@ pub(super) struct StreamMetrics {
 impl StreamMetrics {
     pub(super) fn new(m: &Metrics, route: &str, session: &Session) -> StreamMetrics {
         let protocol = if session.is_http2() { "h2" } else { "h1" };
+        StreamMetrics::of(m, route, protocol)
+    }
+
+    fn of(m: &Metrics, route: &str, protocol: &str) -> StreamMetrics {
         let open = m.streams_open.with_label_values(&[route, protocol]);
         open.inc();
         StreamMetrics {
@@ -55,6 +59,47 @@ impl StreamMetrics {
 impl Drop for StreamMetrics {
     fn drop(&mut self) {
         self.open.dec();
+    }
+}
+
+/// What the writer needs of the client's connection: pingora's session in the
+/// gateway, a recorder in the tests below (so the writer is tested without a network).
+pub(super) trait Client: Send {
+    /// Writes stream bytes.
+    fn write(&mut self, bytes: Bytes) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// Ends the response.
+    fn finish(&mut self) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// Resolves (with `Err`) once the client has gone.
+    fn closed(&mut self) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// The pingora session, for sources that read through it.
+    fn session(&mut self) -> Option<&mut Session>;
+}
+
+impl Client for Session {
+    /// Straight to the client session, past pingora's module filters: the only module
+    /// installed is response compression, which is off and must never touch an event
+    /// stream anyway, and this runs for every event of every client.
+    async fn write(&mut self, bytes: Bytes) -> Result<()> {
+        self.as_downstream_mut()
+            .write_response_body(bytes, false)
+            .await
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        self.write_response_body(None, true).await
+    }
+
+    async fn closed(&mut self) -> Result<()> {
+        // A stream client has nothing more to send: whatever this reads is its close.
+        self.downstream_session
+            .read_body_or_idle(true)
+            .await
+            .map_err(|e| e.into_down())?;
+        Error::e_explain(ErrorType::ConnectionClosed, "client closed")
+    }
+
+    fn session(&mut self) -> Option<&mut Session> {
+        Some(self)
     }
 }
 
@@ -85,10 +130,13 @@ impl Source {
     /// The next piece, while watching the client: a client that closes ends the wait
     /// with `Err`. `wrote`: the gateway has written body bytes already (which changes
     /// what a leading BOM means).
-    async fn next(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
+    async fn next<C: Client>(&mut self, client: &mut C, wrote: bool) -> Result<Piece> {
         match self {
-            Source::Hub(h) => h.next(session, wrote).await,
-            Source::Bytes(b) => b.next(session, wrote).await,
+            Source::Hub(h) => h.next(client, wrote).await,
+            Source::Bytes(b) => match client.session() {
+                Some(session) => b.next(session, wrote).await,
+                None => Error::e_explain(ErrorType::InternalError, "a byte source needs a session"),
+            },
         }
     }
 
@@ -114,14 +162,14 @@ pub(super) struct HubSource {
 }
 
 impl HubSource {
-    async fn next(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
+    async fn next<C: Client>(&mut self, client: &mut C, wrote: bool) -> Result<Piece> {
         loop {
             let m = tokio::select! {
                 // Blocks first: a busy stream is served without polling the client.
                 biased;
                 m = self.sub.rx.recv() => m,
-                r = session.downstream_session.read_body_or_idle(true) => {
-                    r.map_err(|e| e.into_down())?;
+                r = client.closed() => {
+                    r?;
                     return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
                 }
             };
@@ -300,7 +348,17 @@ impl<'a> Writer<'a> {
             .as_downstream_mut()
             .set_write_timeout(Some(sse.write_timeout));
         session.write_response_header(Box::new(resp), false).await?;
-        Ok(Writer {
+        Ok(Writer::new(sse, jitter, slot, metrics))
+    }
+
+    /// A writer whose response header is out.
+    fn new(
+        sse: &'a SseSettings,
+        jitter: f64,
+        slot: Option<StreamSlot>,
+        metrics: StreamMetrics,
+    ) -> Writer<'a> {
+        Writer {
             sse,
             retry_block: sse.retry.map(|r| {
                 Bytes::from(format!(
@@ -313,14 +371,14 @@ impl<'a> Writer<'a> {
             _slot: slot,
             last_write: Instant::now(),
             wrote: false,
-        })
+        }
     }
 
     /// The body's first bytes, in one write: the gateway's `retry:`, then `notice` (a
     /// replay-miss event), then the `replay`ed blocks.
     pub(super) async fn first(
         &mut self,
-        session: &mut Session,
+        client: &mut impl Client,
         notice: Option<&[u8]>,
         replay: &[Bytes],
         stats: &mut RelayStats,
@@ -346,20 +404,13 @@ impl<'a> Writer<'a> {
             .bytes
             .inc_by((first.len() - before_replay) as u64);
         if !first.is_empty() {
-            self.write(session, first.freeze()).await?;
+            self.write(client, first.freeze()).await?;
         }
         Ok(())
     }
 
-    /// Writes stream bytes straight to the client session, past pingora's module
-    /// filters: the only module installed is response compression, which is off and
-    /// must never touch an event stream anyway, and this runs for every event of every
-    /// client.
-    async fn write(&mut self, session: &mut Session, bytes: Bytes) -> Result<()> {
-        session
-            .as_downstream_mut()
-            .write_response_body(bytes, false)
-            .await?;
+    async fn write(&mut self, client: &mut impl Client, bytes: Bytes) -> Result<()> {
+        client.write(bytes).await?;
         self.wrote = true;
         self.last_write = Instant::now();
         Ok(())
@@ -367,16 +418,16 @@ impl<'a> Writer<'a> {
 
     /// Ends the stream at a boundary with a short reconnection delay, so clients come
     /// back at once (to this process's successor).
-    async fn end_with_hint(&mut self, session: &mut Session) -> Result<()> {
+    async fn end_with_hint(&mut self, client: &mut impl Client) -> Result<()> {
         let hint = sse::shutdown_hint(self.sse.shutdown_retry.as_millis() as u64);
-        self.write(session, hint).await?;
-        session.write_response_body(None, true).await
+        self.write(client, hint).await?;
+        client.finish().await
     }
 
     /// Serves `source` to the client until it ends, the client leaves, or shutdown.
-    pub(super) async fn run(
+    pub(super) async fn run<C: Client>(
         mut self,
-        session: &mut Session,
+        client: &mut C,
         mut source: Source,
         shutdown: &mut watch::Receiver<bool>,
         stats: &mut RelayStats,
@@ -400,10 +451,10 @@ impl<'a> Writer<'a> {
             tokio::select! {
                 biased;
 
-                p = source.next(session, self.wrote) => match p? {
+                p = source.next(client, self.wrote) => match p? {
                     Piece::Bytes { bytes, events, sets_retry } => {
                         self.metrics.bytes.inc_by(bytes.len() as u64);
-                        self.write(session, bytes).await?;
+                        self.write(client, bytes).await?;
                         stats.events += events;
                         self.metrics.events.inc_by(events);
                         retry_due |= sets_retry && self.retry_block.is_some();
@@ -411,16 +462,16 @@ impl<'a> Writer<'a> {
                             // The upstream just set its own delay: ours goes right after.
                             retry_due = false;
                             if let Some(b) = self.retry_block.clone() {
-                                self.write(session, b).await?;
+                                self.write(client, b).await?;
                             }
                         }
                         if close_by.is_some() && source.at_boundary() {
-                            return self.end_with_hint(session).await;
+                            return self.end_with_hint(client).await;
                         }
                     }
                     Piece::End(why) => {
                         stats.error = stats.error.take().or(why);
-                        return session.write_response_body(None, true).await;
+                        return client.finish().await;
                     }
                 },
 
@@ -428,7 +479,7 @@ impl<'a> Writer<'a> {
                     let mut next = self.last_write + interval;
                     if self.last_write.elapsed() >= interval {
                         if source.at_boundary() {
-                            self.write(session, self.heartbeat.clone()).await?;
+                            self.write(client, self.heartbeat.clone()).await?;
                             stats.heartbeats += 1;
                             self.metrics.heartbeats.inc();
                         }
@@ -440,7 +491,7 @@ impl<'a> Writer<'a> {
 
                 _ = &mut shutdown_wait, if close_by.is_none() => {
                     if source.at_boundary() {
-                        return self.end_with_hint(session).await;
+                        return self.end_with_hint(client).await;
                     }
                     close_by = Some(Instant::now() + MID_EVENT_SHUTDOWN_WAIT);
                 }
@@ -450,7 +501,7 @@ impl<'a> Writer<'a> {
                     // join the unfinished line, so end without one: the client drops the
                     // partial event and reconnects after its current delay.
                     tracing::debug!("shutdown: upstream left an event unfinished");
-                    return session.write_response_body(None, true).await;
+                    return client.finish().await;
                 }
             }
         }
@@ -483,4 +534,198 @@ pub(super) fn is_compressed(resp: &ResponseHeader) -> bool {
     resp.headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+}
+
+/// The stream writer in process, against a hub and a recording client: what the
+/// end-to-end suites check through Apache, here with tokio's paused clock.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{NewHub, Registry, Viewer};
+    use crate::replay::{Budget, MemoryRing, RingBounds};
+
+    /// A client that records what it is sent, and never leaves.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<(Instant, Bytes)>,
+        finished: bool,
+    }
+
+    impl Client for Recorder {
+        async fn write(&mut self, bytes: Bytes) -> Result<()> {
+            self.writes.push((Instant::now(), bytes));
+            Ok(())
+        }
+        async fn finish(&mut self) -> Result<()> {
+            self.finished = true;
+            Ok(())
+        }
+        async fn closed(&mut self) -> Result<()> {
+            std::future::pending().await
+        }
+        fn session(&mut self) -> Option<&mut Session> {
+            None
+        }
+    }
+
+    impl Recorder {
+        fn texts(&self) -> Vec<String> {
+            self.writes
+                .iter()
+                .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+                .collect()
+        }
+    }
+
+    /// A hub with one subscriber; its ring holds `lag` blocks.
+    fn hub(lag: usize) -> (Arc<crate::hub::Hub>, Subscription, Arc<Registry>) {
+        let registry = Arc::new(Registry::new(lag, 10));
+        let bounds = RingBounds {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(600),
+        };
+        let head = http::Response::new(()).into_parts().0;
+        let store = Box::new(MemoryRing::new(bounds, Budget::new(1 << 20)));
+        let new = NewHub::open(
+            crate::hub::StreamKey::new([&b"k"[..]]),
+            false,
+            head,
+            store,
+            1 << 16,
+        );
+        let headers = http::HeaderMap::new();
+        let viewer = Viewer {
+            headers: &headers,
+            has_identity: false,
+        };
+        let (hub, sub, _) = registry.create(new, viewer);
+        (hub, sub, registry)
+    }
+
+    fn settings(heartbeat_ms: u64, retry: Option<Duration>) -> SseSettings {
+        SseSettings {
+            heartbeat_interval: Duration::from_millis(heartbeat_ms),
+            retry,
+            ..SseSettings::default()
+        }
+    }
+
+    /// Serves `sub` to a recorder until the hub ends or `shutdown` fires.
+    async fn serve(
+        sse: &SseSettings,
+        sub: Subscription,
+        registry: &Arc<Registry>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> (Recorder, RelayStats) {
+        let metrics = Metrics::new(registry.clone(), Budget::new(1)).unwrap();
+        let mut writer = Writer::new(sse, 0.0, None, StreamMetrics::of(&metrics, "r", "h1"));
+        let (mut client, mut stats) = (Recorder::default(), RelayStats::default());
+        writer
+            .first(&mut client, None, &[], &mut stats)
+            .await
+            .unwrap();
+        let source = Source::Hub(HubSource { sub, skip_id: None });
+        writer
+            .run(&mut client, source, shutdown, &mut stats)
+            .await
+            .unwrap();
+        (client, stats)
+    }
+
+    fn block(i: u32) -> Vec<u8> {
+        format!("id: {i}\ndata: {i}\n\n").into_bytes()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_fill_silence_only() {
+        let (hub, sub, registry) = hub(64);
+        let feeder = tokio::spawn(async move {
+            // Events faster than the heartbeat interval, then silence.
+            for i in 1..=10 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                hub.feed(&block(i)).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            hub.end();
+        });
+        let (_tx, mut rx) = watch::channel(false);
+        let (client, stats) = serve(&settings(100, None), sub, &registry, &mut rx).await;
+        feeder.await.unwrap();
+        let texts = client.texts();
+        let first_beat = texts.iter().position(|t| t == ":heartbeat\n\n").unwrap();
+        assert_eq!(first_beat, 10, "no heartbeat while events flow: {texts:?}");
+        assert_eq!(stats.heartbeats, 3, "{texts:?}");
+        assert_eq!(stats.events, 10);
+        // Each heartbeat a full interval after the last write.
+        let times: Vec<Instant> = client.writes.iter().map(|w| w.0).collect();
+        for w in times.windows(2).skip(9) {
+            assert!(
+                w[1] - w[0] >= Duration::from_millis(100),
+                "{:?}",
+                w[1] - w[0]
+            );
+        }
+        assert!(client.finished);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gateways_retry_opens_the_stream_and_follows_the_upstreams() {
+        let (hub, sub, registry) = hub(64);
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            hub.feed(&block(1)).unwrap();
+            hub.feed(b"retry: 500\ndata: x\n\n").unwrap();
+            hub.feed(&block(2)).unwrap();
+            hub.end();
+        });
+        let (_tx, mut rx) = watch::channel(false);
+        let sse = settings(1000, Some(Duration::from_secs(2)));
+        let (client, _) = serve(&sse, sub, &registry, &mut rx).await;
+        feeder.await.unwrap();
+        assert_eq!(
+            client.texts(),
+            [
+                "retry: 2000\n\n",
+                "id: 1\ndata: 1\n\n",
+                "retry: 500\ndata: x\n\n",
+                "retry: 2000\n\n",
+                "id: 2\ndata: 2\n\n",
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_stream_with_a_reconnection_hint() {
+        let (hub, sub, registry) = hub(64);
+        let (tx, mut rx) = watch::channel(false);
+        let feeder = tokio::spawn(async move {
+            hub.feed(&block(1)).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(true).unwrap();
+            hub
+        });
+        let (client, _) = serve(&settings(1000, None), sub, &registry, &mut rx).await;
+        let _hub = feeder.await.unwrap();
+        let texts = client.texts();
+        assert_eq!(
+            texts.last().map(String::as_str),
+            Some(": ssegate shutting down\nretry: 1000\n\n")
+        );
+        assert!(client.finished);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_that_falls_behind_is_ended_not_skipped() {
+        let (hub, sub, registry) = hub(2);
+        // Ten blocks before the subscriber reads any: past its ring of two.
+        for i in 1..=10 {
+            hub.feed(&block(i)).unwrap();
+        }
+        let (_tx, mut rx) = watch::channel(false);
+        let (client, stats) = serve(&settings(1000, None), sub, &registry, &mut rx).await;
+        assert!(client.writes.is_empty(), "{:?}", client.texts());
+        assert!(client.finished);
+        assert_eq!(stats.error.as_deref(), Some("fell behind by 8 blocks"));
+    }
 }
