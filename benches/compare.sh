@@ -3,6 +3,8 @@
 # (proxy_buffering off) and HAProxy (option http-no-delay), and prints a table: memory
 # per open stream, CPU per million delivered events, latency, lost events.
 # See BENCHMARKS.md. Usage: [PROXIES="direct ssegate"] benches/compare.sh [--quick]
+#   SSEGATE_BASELINE=/path/to/an/older/ssegate adds a `baseline` column: that binary on
+#   the same config, in the same run (before/after comparisons of a change).
 #   --quick: smaller runs (a minute or two), to check the script itself.
 # Installs nginx and haproxy from Debian's packages when missing (skipped if that fails).
 # Loopback only; every run is bounded in clients and seconds.
@@ -116,6 +118,7 @@ start_proxy() { # name -> PPID, PORT
   case $1 in
     direct) PPID_=$OPID; PORT=$ORIGIN ;;
     ssegate) target/release/ssegate -c "$W/ssegate.toml" 2>"$W/ssegate.log" & PPID_=$!; PORT=$GW ;;
+    baseline) "$SSEGATE_BASELINE" -c "$W/ssegate.toml" 2>"$W/baseline.log" & PPID_=$!; PORT=$GW ;;
     nginx) nginx -p "$W/" -c "$W/nginx.conf" -e "$W/nginx-error.log" & PPID_=$!; PORT=$NGX ;;
     haproxy) haproxy -db -f "$W/haproxy.cfg" 2>"$W/haproxy.log" & PPID_=$!; PORT=$HAP ;;
   esac
@@ -124,9 +127,10 @@ start_proxy() { # name -> PPID, PORT
 }
 
 proxies=(direct ssegate)
+[ -z "${SSEGATE_BASELINE:-}" ] || proxies+=(baseline)
 command -v nginx >/dev/null && proxies+=(nginx)
 command -v haproxy >/dev/null && proxies+=(haproxy)
-# PROXIES="direct ssegate" runs only those (the table needs `direct` first).
+# PROXIES="direct ssegate" runs only those.
 [ -z "${PROXIES:-}" ] || read -ra proxies <<< "$PROXIES"
 RESULTS="$W/results"; : > "$RESULTS"
 
@@ -161,7 +165,7 @@ for p in "${proxies[@]}"; do
 
   # 3. Many clients of one feed: total CPU (proxy + origin) per delivered event. Only
   # ssegate shares one upstream stream (a shared route); the others proxy 1:1.
-  path=/stream; [ "$p" = ssegate ] && path=/shared/stream
+  path=/stream; case $p in ssegate|baseline) path=/shared/stream ;; esac
   start_origin $SHARED_RATE
   start_proxy "$p"
   load $PORT $path $SHARED $((SECS + WARM + 10)) $((WARM + 10)) > "$W/shared.json" &
@@ -198,7 +202,7 @@ python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print()
-print("| | direct | " + " | ".join(r["proxy"] for r in rows[1:]) + " |")
+print("| | " + " | ".join(r["proxy"] for r in rows) + " |")
 print("|---|" + "---|" * len(rows))
 def line(label, key, fmt):
     print(f"| {label} | " + " | ".join(fmt.format(r[key]) for r in rows) + " |")

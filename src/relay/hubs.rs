@@ -13,10 +13,10 @@ use tokio::sync::watch;
 
 use super::admit::{admit_stream, Admission, Admit};
 use super::source::Origin;
-use super::stream::{HubSource, Source, StreamMetrics, Writer};
+use super::stream::{HubSource, StreamMetrics, Writer};
 use super::RelayStats;
 use crate::config::{ReplaySettings, Route};
-use crate::handover::Source as Handover;
+use crate::handover::{Import, Source as Handover};
 use crate::hub::{Hub, Miss, NewHub, Registry, Start, StreamKey, Subscription, Viewer};
 use crate::key::{self, Audience};
 use crate::limit::ClientKey;
@@ -180,38 +180,8 @@ pub(super) async fn start(
     let Some(rcx) = admission.replay.as_ref() else {
         return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
     };
-    let head: http::response::Parts = (**resp).clone();
     let req = session.req_header();
-    let (audience, aliases, reusable) = audience_of(rcx, &head, req);
-    let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
-    // Just after an upgrade, the old process may still hold this stream's recent events
-    // and its upstream: take them over (only those recorded for the same audience).
-    let mut import = match (&rcx.handover, audience.fingerprint()) {
-        (Some(source), Some(fingerprint)) if reusable => {
-            let last = rcx.last_event_id.as_deref();
-            let max = route.sse.max_event_bytes;
-            source.fetch(&rcx.key, &fingerprint, last, max).await
-        }
-        _ => None,
-    };
-    let seed = import.as_mut().map(|i| std::mem::take(&mut i.seed));
-    // Nobody else could resume a stream of its own client only: no linger for it.
-    let linger = if reusable || !aliases.is_empty() {
-        rcx.settings.linger
-    } else {
-        Duration::ZERO
-    };
-    let new = NewHub {
-        key: rcx.key.clone(),
-        aliases,
-        shared: rcx.settings.shared,
-        audience,
-        head,
-        store,
-        max_event_bytes: route.sse.max_event_bytes,
-        seed,
-        owner,
-    };
+    let (new, import, linger) = new_hub(rcx, route, owner, resp, req).await;
     let (hub, sub, created) = rcx.registry.create(new, rcx.viewer(req));
     // The hub is registered: waiting clients of a shared key may join it now.
     drop(opening);
@@ -251,6 +221,49 @@ pub(super) async fn start(
     follow
         .run(session, hub, sub, route, admission, shutdown, stats)
         .await
+}
+
+/// The hub a response becomes: its keys, audience and store, what the old process
+/// handed over (just after an upgrade), and how long it lingers.
+async fn new_hub(
+    rcx: &ReplayCx,
+    route: &Route,
+    owner: Option<ClientKey>,
+    resp: &ResponseHeader,
+    req: &RequestHeader,
+) -> (NewHub, Option<Import>, Duration) {
+    let head: http::response::Parts = (**resp).clone();
+    let (audience, aliases, reusable) = audience_of(rcx, &head, req);
+    let store = Box::new(MemoryRing::new(rcx.settings.bounds, rcx.budget.clone()));
+    // Just after an upgrade, the old process may still hold this stream's recent events
+    // and its upstream: take them over (only those recorded for the same audience).
+    let mut import = match (&rcx.handover, audience.fingerprint()) {
+        (Some(source), Some(fingerprint)) if reusable => {
+            let last = rcx.last_event_id.as_deref();
+            let max = route.sse.max_event_bytes;
+            source.fetch(&rcx.key, &fingerprint, last, max).await
+        }
+        _ => None,
+    };
+    let seed = import.as_mut().map(|i| std::mem::take(&mut i.seed));
+    // Nobody else could resume a stream of its own client only: no linger for it.
+    let linger = if reusable || !aliases.is_empty() {
+        rcx.settings.linger
+    } else {
+        Duration::ZERO
+    };
+    let new = NewHub {
+        key: rcx.key.clone(),
+        aliases,
+        shared: rcx.settings.shared,
+        audience,
+        head,
+        store,
+        max_event_bytes: route.sse.max_event_bytes,
+        seed,
+        owner,
+    };
+    (new, import, linger)
 }
 
 /// Who may read what this response records (see [`Audience`]), the keys a visitor's
@@ -368,10 +381,10 @@ impl Follow {
         writer
             .first(session, notice.as_deref(), &replay, stats)
             .await?;
-        let source = Source::Hub(HubSource {
+        let source = HubSource {
             sub,
             skip_id: self.skip_id,
-        });
+        };
         writer.run(session, source, shutdown, stats).await
     }
 }

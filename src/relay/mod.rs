@@ -36,7 +36,7 @@ use crate::stream_client;
 use admit::{admit_stream, Admit};
 use hubs::{Follow, Found};
 use source::{Origin, Subrequest, Up};
-use stream::{is_compressed, ByteSource, Source, StreamMetrics, Writer};
+use stream::{is_compressed, ByteSource, StreamMetrics, Writer};
 
 /// What the relay did, for the access log.
 #[derive(Debug, Default, Clone)]
@@ -180,11 +180,7 @@ async fn relay_bytes(
     let jitter = admission.refusal.jitter;
     let mut writer = Writer::start(session, *resp, &route.sse, jitter, slot, metrics).await?;
     writer.first(session, None, &[], stats).await?;
-    let source = Source::Bytes(Box::new(ByteSource::new(
-        feed,
-        route.sse.max_event_bytes,
-        opaque,
-    )));
+    let source = ByteSource::new(feed, route.sse.max_event_bytes, opaque);
     writer.run(session, source, shutdown, stats).await
 }
 

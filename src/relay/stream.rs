@@ -118,39 +118,26 @@ pub(super) enum Piece {
     End(Option<String>),
 }
 
-/// Where a stream's bytes come from.
-pub(super) enum Source {
-    /// A hub's whole blocks: always between two events when waiting.
-    Hub(HubSource),
-    /// An upstream's bytes as they arrive, with a parser to know where events end.
-    Bytes(Box<ByteSource>),
-}
-
-impl Source {
+/// Where a stream's bytes come from: a hub's whole blocks ([`HubSource`]), or an
+/// upstream's bytes as they arrive ([`ByteSource`]). A trait rather than an enum, so
+/// each stream's task is sized for its own source: a hub follower, the common case,
+/// does not carry the byte relay's state.
+pub(super) trait Source: Send {
     /// The next piece, while watching the client: a client that closes ends the wait
     /// with `Err`. `wrote`: the gateway has written body bytes already (which changes
     /// what a leading BOM means).
-    async fn next<C: Client>(&mut self, client: &mut C, wrote: bool) -> Result<Piece> {
-        match self {
-            Source::Hub(h) => h.next(client, wrote).await,
-            Source::Bytes(b) => match client.session() {
-                Some(session) => b.next(session, wrote).await,
-                None => Error::e_explain(ErrorType::InternalError, "a byte source needs a session"),
-            },
-        }
-    }
+    fn next<C: Client>(
+        &mut self,
+        client: &mut C,
+        wrote: bool,
+    ) -> impl std::future::Future<Output = Result<Piece>> + Send;
 
     /// Between two events now: a heartbeat or the shutdown hint may go out.
-    fn at_boundary(&self) -> bool {
-        match self {
-            Source::Hub(_) => true,
-            Source::Bytes(b) => b.opaque || b.parser.at_boundary(),
-        }
-    }
+    fn at_boundary(&self) -> bool;
 
     /// Compressed upstream bytes: no heartbeats, nothing to wait for on shutdown.
     fn opaque(&self) -> bool {
-        matches!(self, Source::Bytes(b) if b.opaque)
+        false
     }
 }
 
@@ -161,7 +148,12 @@ pub(super) struct HubSource {
     pub(super) skip_id: Option<Arc<str>>,
 }
 
-impl HubSource {
+impl Source for HubSource {
+    fn at_boundary(&self) -> bool {
+        // A hub hands out whole blocks only.
+        true
+    }
+
     async fn next<C: Client>(&mut self, client: &mut C, wrote: bool) -> Result<Piece> {
         loop {
             let m = tokio::select! {
@@ -241,7 +233,7 @@ impl ByteSource {
         }
     }
 
-    async fn next(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
+    async fn read(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
         if self.ended {
             return Ok(Piece::End(None));
         }
@@ -307,6 +299,23 @@ impl ByteSource {
                 sets_retry,
             });
         }
+    }
+}
+
+impl Source for ByteSource {
+    async fn next<C: Client>(&mut self, client: &mut C, wrote: bool) -> Result<Piece> {
+        match client.session() {
+            Some(session) => self.read(session, wrote).await,
+            None => Error::e_explain(ErrorType::InternalError, "a byte source needs a session"),
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.opaque || self.parser.at_boundary()
+    }
+
+    fn opaque(&self) -> bool {
+        self.opaque
     }
 }
 
@@ -425,10 +434,10 @@ impl<'a> Writer<'a> {
     }
 
     /// Serves `source` to the client until it ends, the client leaves, or shutdown.
-    pub(super) async fn run<C: Client>(
+    pub(super) async fn run<C: Client, S: Source>(
         mut self,
         client: &mut C,
-        mut source: Source,
+        mut source: S,
         shutdown: &mut watch::Receiver<bool>,
         stats: &mut RelayStats,
     ) -> Result<()> {
@@ -625,7 +634,7 @@ mod tests {
             .first(&mut client, None, &[], &mut stats)
             .await
             .unwrap();
-        let source = Source::Hub(HubSource { sub, skip_id: None });
+        let source = HubSource { sub, skip_id: None };
         writer
             .run(&mut client, source, shutdown, &mut stats)
             .await
