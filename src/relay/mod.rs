@@ -12,9 +12,11 @@
 //! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
 //! - [`source`]: where a response comes from.
 //! - [`hubs`]: resume, join or create a hub; its pump; following it.
-//! - [`stream`]: the stream writer and its two sources.
+//! - [`stream`]: the stream writer, and a hub's blocks as its source.
+//! - [`byte_stream`]: an upstream's bytes as its other source.
 
 mod admit;
+mod byte_stream;
 mod hubs;
 mod source;
 mod stream;
@@ -34,9 +36,10 @@ use crate::reply;
 use crate::request::{accepts_event_stream, ClientInfo};
 use crate::stream_client;
 use admit::{admit_stream, Admit};
+use byte_stream::ByteSource;
 use hubs::{Follow, Found};
 use source::{Origin, Subrequest, Up};
-use stream::{is_compressed, ByteSource, StreamMetrics, Writer};
+use stream::{is_compressed, StreamMetrics, Writer};
 
 /// What the relay did, for the access log.
 #[derive(Debug, Default, Clone)]
