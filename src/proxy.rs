@@ -201,7 +201,7 @@ impl Gateway {
 fn inner_pass(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
     let InnerRequest {
         client: info,
-        request,
+        prepare,
     } = session
         .subrequest_ctx
         .as_ref()
@@ -211,19 +211,10 @@ fn inner_pass(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         .ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "subrequest without client info")
         })?;
-    if let Some(mut prepared) = request {
-        // The request as prepared for the upstream, with this pass's framing.
-        let req = session.req_header();
-        let keep_cl = req.headers.contains_key(header::CONTENT_LENGTH);
-        let keep_te = req.headers.contains_key(header::TRANSFER_ENCODING);
-        prepared.set_version(req.version);
-        if !keep_cl {
-            prepared.remove_header(&header::CONTENT_LENGTH);
-        }
-        if !keep_te {
-            prepared.remove_header(&header::TRANSFER_ENCODING);
-        }
-        *session.req_header_mut() = prepared;
+    if prepare {
+        // Re-read from the client's raw bytes: the original, not yet prepared (no
+        // header copy per request, and nothing applied twice).
+        prepare_upstream_request(session.req_header_mut(), &info)?;
     }
     ctx.inner = true;
     ctx.live = Some(info.live.clone());

@@ -18,9 +18,10 @@ use crate::live::Live;
 pub struct InnerRequest {
     /// Facts about the client and the route.
     pub client: ClientInfo,
-    /// The request as prepared for the upstream, for a subrequest that would otherwise
-    /// re-read the client's raw HTTP/1 bytes (see `relay::Subrequest::spawn`).
-    pub request: Option<RequestHeader>,
+    /// The subrequest re-read the client's raw HTTP/1 bytes (see
+    /// `relay::source::Subrequest::spawn`), so its request is the client's original:
+    /// prepare it for the upstream once more (an HTTP/2 one was serialised prepared).
+    pub prepare: bool,
 }
 
 /// Client facts passed from the outer pass to the inner one.

@@ -113,14 +113,14 @@ impl Subrequest {
         }
         // pingora re-reads an HTTP/1 client's request from its raw bytes, which lack what
         // `proxy::prepare_upstream_request` changed: the inner pass takes this copy.
-        let request = (!session.is_http2()).then(|| session.req_header().clone());
+        let prepare = !session.is_http2();
         let sub_ctx = SubrequestCtx::builder()
             .body_mode(if body_done {
                 BodyMode::NoBody
             } else {
                 BodyMode::ExpectBody
             })
-            .user_ctx(Box::new(InnerRequest { client, request }))
+            .user_ctx(Box::new(InnerRequest { client, prepare }))
             .build();
         let spawner = session
             .subrequest_spawner
