@@ -416,6 +416,7 @@ impl Source {
             seed: Seed {
                 blocks,
                 resume_after: last_id.map(str::to_owned),
+                handed_over: true,
             },
             framed,
             parser,

@@ -258,6 +258,13 @@ impl Audience {
         }
     }
 
+    /// The same audience, private as well when `private` (a head kept without its
+    /// `Set-Cookie`, which made it private, says so separately).
+    pub fn marked_private(mut self, private: bool) -> Self {
+        self.private |= private;
+        self
+    }
+
     /// Whether the response was private.
     pub fn private(&self) -> bool {
         self.private

@@ -13,6 +13,9 @@
 //! - `shutdown`: graceful-shutdown signal and in-flight count.
 //! - `handover`: recent events passed from the old process to the new one on a
 //!   graceful upgrade, over a checked unix socket.
+//! - `cluster`: several nodes as one through Redis: the shared history (offsets and
+//!   epochs assigned by the store), the lease naming each stream's one reader (its
+//!   writes fenced by it), and the follower of other nodes' streams.
 //!
 //! The upper floor adapts them to pingora; arrows point down only (nothing imports
 //! `proxy`):
@@ -41,6 +44,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod cluster;
 pub mod config;
 mod conn;
 mod handover;

@@ -23,6 +23,19 @@ pub struct LimitPruner {
     pub every: std::time::Duration,
 }
 
+/// Keeps the cluster's Redis connections (and its follower loop) for the life of the
+/// process; they run on this service's runtime.
+pub struct ClusterLink(pub Arc<crate::cluster::Cluster>);
+
+#[async_trait]
+impl BackgroundService for ClusterLink {
+    async fn start(&self, _watch: ShutdownWatch) {
+        // Not ended at shutdown: streams still draining (and an upgrade's held hubs)
+        // keep writing until the process exits.
+        self.0.clone().run().await;
+    }
+}
+
 #[async_trait]
 impl BackgroundService for LimitPruner {
     async fn start(&self, mut watch: ShutdownWatch) {

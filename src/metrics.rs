@@ -13,6 +13,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, TextEncoder};
 
+use crate::cluster::{Cluster, ClusterCounters};
 use crate::hub::{Miss, Registry};
 use crate::replay::Budget;
 use crate::shutdown::Graceful;
@@ -60,7 +61,78 @@ pub struct Metrics {
     budget: Arc<Budget>,
     /// Hub counters live in the registry; read at scrape time.
     hub_registry: Arc<Registry>,
+    /// With a `[cluster]`: its gauges, read from its counters at scrape time.
+    cluster: std::sync::OnceLock<ClusterMetrics>,
 }
+
+/// The cluster's metrics (registered only when there is a cluster).
+struct ClusterMetrics {
+    cluster: Arc<Cluster>,
+    /// Each series and what it reads.
+    gauges: Vec<(IntGauge, ReadCounter)>,
+}
+
+/// Reads one of the cluster's counters.
+type ReadCounter = fn(&ClusterCounters) -> i64;
+
+/// The cluster's series: name, help, and which counter each shows.
+const CLUSTER_SERIES: &[(&str, &str, ReadCounter)] = &[
+    (
+        "ssegate_cluster_redis_up",
+        "1 when Redis answered the last call",
+        |c| i64::from(c.up.load(Ordering::Relaxed)),
+    ),
+    (
+        "ssegate_cluster_leases_held",
+        "Streams this node reads for the cluster now",
+        |c| c.leases_held.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_leases_taken_total",
+        "Leases this node took",
+        |c| c.leases_taken.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_followed_streams",
+        "Streams this node follows from another node's reader",
+        |c| c.followed.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_cross_node_resumes_total",
+        "Resumes served from the shared history",
+        |c| c.cross_node_resumes.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_fenced_writes_total",
+        "Readers stopped because another node holds their lease now (fenced)",
+        |c| c.fenced.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_epoch_resets_total",
+        "Shared histories restarted with a new epoch",
+        |c| c.epoch_resets.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_takeovers_total",
+        "Streams this node took over from a gone reader or without Redis",
+        |c| c.takeovers.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_redis_errors_total",
+        "Redis calls that failed or timed out",
+        |c| c.errors.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_redis_calls_total",
+        "Redis calls timed",
+        |c| c.calls.load(Ordering::Relaxed) as i64,
+    ),
+    (
+        "ssegate_cluster_redis_latency_microseconds_total",
+        "Redis call time, summed",
+        |c| c.latency_us.load(Ordering::Relaxed) as i64,
+    ),
+];
 
 fn counter_vec(
     r: &prometheus::Registry,
@@ -219,7 +291,18 @@ impl Metrics {
             budget,
             hub_registry,
             registry: r,
+            cluster: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Adds the cluster's series.
+    pub fn with_cluster(&self, cluster: Arc<Cluster>) -> prometheus::Result<()> {
+        let mut gauges = vec![];
+        for (name, help, read) in CLUSTER_SERIES {
+            gauges.push((gauge(&self.registry, name, help)?, *read));
+        }
+        let _ = self.cluster.set(ClusterMetrics { cluster, gauges });
+        Ok(())
     }
 
     /// The Prometheus text exposition of every metric.
@@ -247,6 +330,11 @@ impl Metrics {
         self.replay_bytes.set(self.budget.used() as i64);
         self.hubs_lingering
             .set(self.hub_registry.lingering() as i64);
+        if let Some(cm) = self.cluster.get() {
+            for (g, read) in &cm.gauges {
+                g.set(read(&cm.cluster.counters));
+            }
+        }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!("cannot encode metrics: {e}");

@@ -23,6 +23,7 @@ use pingora::ErrorType;
 
 use arc_swap::ArcSwap;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, RefuseStreamsWith, Route};
 use crate::handover::Source;
 use crate::hub::Registry;
@@ -52,6 +53,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// After a graceful upgrade: where the old process offers its streams' events.
     handover: Option<Arc<Source>>,
+    /// With a `[cluster]`: the other nodes, through Redis.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// What one request carries between phases.
@@ -96,7 +99,15 @@ impl Gateway {
             live: Arc::new(ArcSwap::from_pointee(Live::new(config, None))),
             shutdown,
             handover: None,
+            cluster: None,
         })
+    }
+
+    /// Shares replay history, leases and live streams with other nodes.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> prometheus::Result<Self> {
+        self.metrics.with_cluster(cluster.clone())?;
+        self.cluster = Some(cluster);
+        Ok(self)
     }
 
     /// Takes streams over from the process this one replaces (graceful upgrade).
@@ -316,6 +327,7 @@ impl ProxyHttp for Gateway {
                 &self.registry,
                 &self.budget,
                 self.handover.as_ref(),
+                self.cluster.as_ref(),
             ),
             slot,
             limits: live.limits.clone(),

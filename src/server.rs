@@ -87,6 +87,17 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
             old_pid,
         ));
     }
+    if let Some(settings) = &config.cluster {
+        let cluster = crate::cluster::Cluster::new(settings.clone())
+            .map_err(|e| Error::because(ErrorType::InternalError, "cluster.redis", e))?;
+        gateway = gateway
+            .with_cluster(cluster.clone())
+            .map_err(|e| Error::because(ErrorType::InternalError, "cannot register metrics", e))?;
+        server.add_service(background_service(
+            "cluster",
+            crate::lifecycle::ClusterLink(cluster),
+        ));
+    }
     let metrics = gateway.metrics();
     let live = gateway.live();
     let registry = gateway.registry();

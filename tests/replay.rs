@@ -10,52 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// What one SSE request returned: the lowercased head and the events.
-struct Seen {
-    head: String,
-    events: Vec<SeenEvent>,
-}
-
-impl Seen {
-    fn ids(&self) -> Vec<u64> {
-        self.events
-            .iter()
-            .filter_map(|e| e.0.parse().ok())
-            .collect()
-    }
-
-    fn replay_header(&self) -> &str {
-        self.head
-            .lines()
-            .find_map(|l| l.strip_prefix("x-ssegate-replay: "))
-            .unwrap_or("")
-    }
-}
-
-/// Reads an event stream for `secs` seconds (then drops the connection, as a client
-/// that loses its network would).
-fn sse(url: &str, headers: &[&str], secs: f64) -> Seen {
-    let mut args: Vec<String> = vec![
-        "-s".into(),
-        "-i".into(),
-        "-N".into(),
-        "--max-time".into(),
-        secs.to_string(),
-    ];
-    for h in headers {
-        args.push("-H".into());
-        args.push(h.to_string());
-    }
-    args.push(url.into());
-    let out = Command::new("curl").args(&args).output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Seen {
-        head: head.to_ascii_lowercase(),
-        events: parse_stream(body.as_bytes()).0,
-    }
-}
-
 fn consecutive(ids: &[u64]) -> bool {
     ids.windows(2).all(|w| w[1] == w[0] + 1)
 }

@@ -56,7 +56,7 @@ fn soak_memory_stays_flat_under_churn_and_slow_clients() {
                 let secs = format!("{:.2}", 0.2 + ((i * 7 + w) % 13) as f64 / 10.0);
                 let header = format!("Last-Event-ID: {last}");
                 let mut args = vec!["-s", "-N", "--max-time", &secs];
-                if i % 2 == 0 && !last.is_empty() {
+                if i.is_multiple_of(2) && !last.is_empty() {
                     args.extend(["-H", &header]);
                 }
                 args.push(&url);

@@ -122,6 +122,7 @@ impl Checker<'_> {
             &global_replay,
             refuse_default,
         );
+        let cluster = raw.cluster.as_ref().and_then(|c| self.cluster(c));
         Config {
             path: self.path.to_owned(),
             server,
@@ -130,6 +131,7 @@ impl Checker<'_> {
             routes,
             limits,
             replay: replay_global,
+            cluster,
         }
     }
 

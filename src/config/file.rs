@@ -17,6 +17,22 @@ pub struct Root {
     pub routes: Vec<Route>,
     pub limits: Option<Limits>,
     pub replay: Option<Replay>,
+    pub cluster: Option<Cluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub redis: Spanned<String>,
+    pub password_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    pub node_id: Option<Spanned<String>>,
+    pub key_secret: Option<Spanned<String>>,
+    pub key_secret_env: Option<Spanned<String>>,
+    pub key_secret_file: Option<Spanned<String>>,
+    pub lease: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub prefix: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,6 +7,7 @@
 //! Knows nothing of pingora.
 
 mod check;
+mod cluster;
 mod file;
 mod sections;
 
@@ -80,6 +81,50 @@ pub struct Config {
     pub limits: Limits,
     /// Replay settings that are not per route.
     pub replay: ReplayGlobal,
+    /// Several nodes sharing replay history through Redis; `None`: this node alone.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: the shared history, leases and live feed between nodes, in Redis.
+#[derive(Clone)]
+pub struct Cluster {
+    /// `redis://` or `rediss://` URL (user and password may be in it).
+    pub redis: String,
+    /// The password, when it comes from an environment variable or a file.
+    pub password: Option<String>,
+    /// This node's name in leases and logs.
+    pub node_id: String,
+    /// Key names in Redis are an HMAC of the stream key under this secret (the same on
+    /// every node), so no cookie or token value ever appears in Redis.
+    pub key_secret: Vec<u8>,
+    /// How long a reader's lease lasts unrenewed: the bound on a failover.
+    pub lease: Duration,
+    /// Longest any Redis call may take before the node goes on without it.
+    pub timeout: Duration,
+    /// Prefix of every key name.
+    pub prefix: String,
+}
+
+// Never print the secret or the password (logs, `-t` output).
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("redis", &cluster::redact_url(&self.redis))
+            .field("node_id", &self.node_id)
+            .field("lease", &self.lease)
+            .field("timeout", &self.timeout)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Default lease: a dead reader is replaced within about this plus a third.
+    pub const LEASE: Duration = Duration::from_secs(6);
+    /// Default Redis call timeout.
+    pub const TIMEOUT: Duration = Duration::from_millis(250);
+    /// Default key prefix.
+    pub const PREFIX: &'static str = "ssegate";
 }
 
 /// Replay settings for the whole gateway.

@@ -177,6 +177,55 @@ impl Hub {
         self.merged.notify_one();
     }
 
+    /// A block another node's reader wrote to the shared history (this hub follows
+    /// it): recorded and sent like an upstream block.
+    pub fn take_remote(&self, block: StoredEvent) {
+        let mut inner = self.lock();
+        if !inner.ended {
+            inner.publish(block);
+        }
+    }
+
+    /// This hub, which followed another node's reader, now reads the upstream itself:
+    /// the blocks the upstream repeats of those already published are dropped (merged
+    /// by id, as after an upgrade), until its first new one.
+    pub fn begin_takeover(&self) {
+        let mut inner = self.lock();
+        let handed = inner
+            .store
+            .last(usize::MAX)
+            .into_iter()
+            .filter(|b| b.has_id_field)
+            .map(|b| b.id)
+            .collect();
+        inner.merge = Some(Merge {
+            handed,
+            pending: Default::default(),
+            caught_up: true,
+        });
+    }
+
+    /// Who may read it.
+    pub fn audience(&self) -> Audience {
+        self.audience.clone()
+    }
+
+    /// The last event id this hub published, if any.
+    pub fn last_id(&self) -> Option<Arc<str>> {
+        self.lock()
+            .store
+            .last(1)
+            .pop()
+            .map(|b| b.id)
+            .filter(|id| !id.is_empty())
+    }
+
+    /// Every block this hub publishes from now on, without counting as a subscriber
+    /// (the cluster's writer: it must not keep the hub from lingering out).
+    pub fn tap(&self) -> broadcast::Receiver<HubMsg> {
+        self.lock().tx.subscribe()
+    }
+
     /// Whether blocks handed over are still wanted.
     pub fn merging(&self) -> bool {
         self.lock().merging()
@@ -367,6 +416,7 @@ mod tests {
         let seed = Seed {
             blocks: seed.iter().map(|i| block(*i)).collect(),
             resume_after: Some(after.into()),
+            handed_over: true,
         };
         let (hub, sub, created) = registry.create(
             new_hub(

@@ -137,6 +137,9 @@ pub struct Seed {
     pub blocks: Vec<StoredEvent>,
     /// Resume the first subscriber after this id, if the blocks hold it.
     pub resume_after: Option<String>,
+    /// The blocks come from the old process of an upgrade (counted as handed over);
+    /// `false`: from the cluster's shared history.
+    pub handed_over: bool,
 }
 
 /// All live hubs, by key.
@@ -215,6 +218,15 @@ impl Registry {
     /// still turn a miss into a hit).
     pub fn count_miss(&self, m: Miss) {
         self.counters.misses[m.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a resume served from the cluster's shared history.
+    pub fn count_cross_node_resume(&self, blocks: usize) {
+        let c = &self.counters;
+        c.hits.fetch_add(1, Ordering::Relaxed);
+        c.events_replayed
+            .fetch_add(blocks as u64, Ordering::Relaxed);
+        c.upstreams_saved.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts blocks taken over from the process this one replaced.
@@ -315,7 +327,9 @@ impl Registry {
         let mut merge = None;
         let mut replay = None;
         if let Some(seed) = seed {
-            self.count_handed_over(seed.blocks.len());
+            if seed.handed_over {
+                self.count_handed_over(seed.blocks.len());
+            }
             let mut m = Merge::default();
             for b in seed.blocks {
                 if b.has_id_field {

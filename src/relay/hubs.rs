@@ -12,14 +12,17 @@ use pingora::protocols::http::HttpTask;
 use tokio::sync::watch;
 
 use super::admit::{admit_stream, Admission, Admit};
+use super::remote::{self, stored_audience, Clustered, Lead};
 use super::source::Origin;
 use super::stream::{HubSource, StreamMetrics, Writer};
 use super::RelayStats;
+use crate::cluster::{self, Cluster, Tag};
 use crate::config::{ReplaySettings, Route};
 use crate::handover::{Import, Source as Handover};
 use crate::hub::{Hub, Miss, NewHub, Registry, Start, StreamKey, Subscription, Viewer};
 use crate::key::{self, Audience};
 use crate::limit::ClientKey;
+use crate::metrics::Metrics;
 use crate::replay::{resume_request, Budget, MemoryRing};
 use crate::request::ClientInfo;
 
@@ -42,6 +45,8 @@ pub struct ReplayCx {
     pub last_event_id: Option<String>,
     /// The route's replay settings.
     pub settings: ReplaySettings,
+    /// The cluster, when this node is one of several.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl ReplayCx {
@@ -54,6 +59,7 @@ impl ReplayCx {
         registry: &Arc<Registry>,
         budget: &Arc<Budget>,
         handover: Option<&Arc<Handover>>,
+        cluster: Option<&Arc<Cluster>>,
     ) -> Option<ReplayCx> {
         let route = &client.route;
         let settings = &route.replay;
@@ -84,11 +90,12 @@ impl ReplayCx {
             resource,
             last_event_id: resume.last_event_id,
             settings: settings.clone(),
+            cluster: cluster.cloned(),
         })
     }
 
     /// The request as a hub's audience sees it.
-    fn viewer<'a>(&self, req: &'a RequestHeader) -> Viewer<'a> {
+    pub(super) fn viewer<'a>(&self, req: &'a RequestHeader) -> Viewer<'a> {
         Viewer {
             headers: &req.headers,
             has_identity: self.has_identity,
@@ -111,17 +118,29 @@ pub(super) enum Attach {
 pub(super) enum Found {
     /// A live hub to follow.
     Hub(Arc<Hub>, Subscription, Attach),
-    /// None: the request goes upstream. `missed`: its resume missed; `opening`: it
-    /// holds the right to open a shared key's upstream (the others wait for its hub).
-    Upstream {
-        missed: Option<Miss>,
-        opening: Option<tokio::sync::OwnedMutexGuard<()>>,
-    },
+    /// None: the request goes upstream.
+    Upstream(GoUpstream),
+}
+
+/// A request that goes upstream, and what its hub will need to know.
+#[derive(Default)]
+pub(super) struct GoUpstream {
+    /// Its resume missed.
+    pub(super) missed: Option<Miss>,
+    /// It holds the right to open a shared key's upstream (the others wait for its hub).
+    pub(super) opening: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// This node took the stream's lease: it reads it for the cluster.
+    pub(super) lead: Option<Lead>,
 }
 
 /// Resumes the request from a live hub that holds its `Last-Event-ID`, or joins the
-/// shared hub of its key.
-pub(super) async fn find(rcx: &ReplayCx, req: &RequestHeader, response_timeout: Duration) -> Found {
+/// shared hub of its key; else asks the cluster (another node may read the stream).
+pub(super) async fn find(
+    rcx: &ReplayCx,
+    req: &RequestHeader,
+    client: &ClientInfo,
+    metrics: &Arc<Metrics>,
+) -> Found {
     let mut missed = None;
     if let Some(id) = &rcx.last_event_id {
         match rcx.registry.resume(&rcx.key, id, rcx.viewer(req)) {
@@ -130,9 +149,18 @@ pub(super) async fn find(rcx: &ReplayCx, req: &RequestHeader, response_timeout: 
         }
     }
     if !rcx.settings.shared {
-        return Found::Upstream {
-            missed,
-            opening: None,
+        return match remote::find(rcx, req, client, metrics, missed).await {
+            Clustered::Follow(h, s, how) => Found::Hub(h, s, how),
+            Clustered::Lead(lead) => Found::Upstream(GoUpstream {
+                missed,
+                opening: None,
+                lead: Some(lead),
+            }),
+            Clustered::Local(m) => Found::Upstream(GoUpstream {
+                missed: m.or(missed),
+                opening: None,
+                lead: None,
+            }),
         };
     }
     // A shared upstream cannot replay for one client: a miss joins live too.
@@ -144,18 +172,26 @@ pub(super) async fn find(rcx: &ReplayCx, req: &RequestHeader, response_timeout: 
     if let Some((h, s)) = rcx.registry.join_shared(&rcx.key, start, rcx.viewer(req)) {
         return Found::Hub(h, s, how);
     }
-    // Nobody streams this key yet: one client opens it while the others wait here,
-    // then join. Bounded: if the opener's upstream is slow, go to the upstream alone.
+    // Nobody streams this key here yet: one client opens it (or finds it in the
+    // cluster) while the others wait here, then join. Bounded: if the opener's upstream
+    // is slow, go to the upstream alone.
+    let response_timeout = client.route.upstream.response_timeout;
     let guard = tokio::time::timeout(response_timeout, rcx.registry.open_lock(&rcx.key))
         .await
         .ok();
-    match rcx.registry.join_shared(&rcx.key, start, rcx.viewer(req)) {
-        Some((h, s)) => Found::Hub(h, s, how),
-        None => Found::Upstream {
-            missed,
-            opening: guard,
-        },
+    if let Some((h, s)) = rcx.registry.join_shared(&rcx.key, start, rcx.viewer(req)) {
+        return Found::Hub(h, s, how);
     }
+    let lead = match remote::find(rcx, req, client, metrics, missed).await {
+        Clustered::Follow(h, s, how) => return Found::Hub(h, s, how),
+        Clustered::Lead(lead) => Some(lead),
+        Clustered::Local(_) => None,
+    };
+    Found::Upstream(GoUpstream {
+        missed,
+        opening: guard,
+        lead,
+    })
 }
 
 /// Makes the upstream response (`resp` and the tasks that came with it, then `feed`) a
@@ -169,11 +205,15 @@ pub(super) async fn start(
     resp: &ResponseHeader,
     feed: Origin,
     pending: Vec<HttpTask>,
-    missed: Option<Miss>,
-    opening: Option<tokio::sync::OwnedMutexGuard<()>>,
+    up: GoUpstream,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
 ) -> Result<()> {
+    let GoUpstream {
+        missed,
+        opening,
+        mut lead,
+    } = up;
     let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
         return Ok(());
     };
@@ -181,23 +221,52 @@ pub(super) async fn start(
         return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
     };
     let req = session.req_header();
-    let (new, import, linger) = new_hub(rcx, route, owner, resp, req).await;
+    let (mut new, import, linger) = new_hub(rcx, route, owner, resp, req).await;
+    // The cluster's history of this stream (a client that moved here resumes from it),
+    // unless the old process of an upgrade handed one over.
+    let lead_seeded = new.seed.is_none() && lead.is_some();
+    if lead_seeded {
+        new.seed = lead
+            .as_mut()
+            .and_then(|l| l.seed(rcx.last_event_id.as_deref()));
+    }
+    // Only a stream someone else could read again is worth writing for the cluster.
+    let writer = match (lead, stored_audience(&new.audience)) {
+        (Some(l), Some(audience)) if linger > Duration::ZERO => Some(cluster::writer::Writer {
+            cluster: l.cluster,
+            lease: l.lease,
+            bounds: rcx.settings.bounds,
+            head: cluster::encode_head(&new.head),
+            audience,
+        }),
+        (Some(l), _) => {
+            l.cluster.release(&l.lease).await;
+            None
+        }
+        _ => None,
+    };
     let (hub, sub, created) = rcx.registry.create(new, rcx.viewer(req));
     // The hub is registered: waiting clients of a shared key may join it now.
     drop(opening);
     if created {
         if let Some(import) = import {
             tokio::spawn(import.follow(hub.clone(), rcx.registry.clone()));
+        } else if lead_seeded {
+            // No feed goes on beside the upstream: only drop what it repeats.
+            hub.end_handover();
         }
-        let pump = Pump {
-            hub: hub.clone(),
-            registry: rcx.registry.clone(),
-            feed,
-            pending,
-            linger,
-        };
-        tokio::spawn(pump.run());
+        let watch = writer
+            .as_ref()
+            .map(|w| (w.cluster.clone(), w.lease.tag.clone()));
+        if let Some(w) = writer {
+            tokio::spawn(w.run(hub.clone()));
+        }
+        let registry = rcx.registry.clone();
+        tokio::spawn(pump(hub.clone(), registry, feed, pending, linger, watch));
     } else {
+        if let Some(w) = writer {
+            w.cluster.release(&w.lease).await;
+        }
         // Another client's request made the shared hub first: ours is not needed.
         drop(feed);
     }
@@ -390,42 +459,40 @@ impl Follow {
 }
 
 /// Feeds a hub from its upstream until the upstream ends or the hub has had no
-/// subscriber for its linger window; then closes the upstream (by dropping the feed)
-/// and unregisters.
-struct Pump {
+/// subscriber for its linger window (nor, with `watch`, any other node's client); then
+/// closes the upstream (by dropping the feed) and unregisters.
+pub(super) async fn pump(
     hub: Arc<Hub>,
     registry: Arc<Registry>,
-    feed: Origin,
-    /// Tasks that came with the response header.
+    mut feed: Origin,
     pending: Vec<HttpTask>,
     linger: Duration,
-}
-
-impl Pump {
-    async fn run(mut self) {
-        let mut alive = std::mem::take(&mut self.pending)
-            .into_iter()
-            .all(|t| feed_task(&self.hub, t));
-        let hub = self.hub.clone();
-        let idle = hub.idle_for(self.linger);
-        tokio::pin!(idle);
-        while alive {
-            tokio::select! {
-                t = self.feed.next_task() => alive = t.is_some_and(|t| feed_task(&self.hub, t)),
-                _ = &mut idle => {
-                    if self.hub.end_if_idle() {
-                        tracing::debug!("stream without clients for its linger window: closing upstream");
-                        alive = false;
-                    } else {
-                        // Someone attached just now: wait for the next idle window.
-                        idle.set(hub.idle_for(self.linger));
-                    }
+    watch: Option<(Arc<Cluster>, Tag)>,
+) {
+    let mut alive = pending.into_iter().all(|t| feed_task(&hub, t));
+    let idle = hub.idle_for(linger);
+    tokio::pin!(idle);
+    while alive {
+        tokio::select! {
+            t = feed.next_task() => alive = t.is_some_and(|t| feed_task(&hub, t)),
+            _ = &mut idle => {
+                let watched = match &watch {
+                    Some((cluster, tag)) => cluster.watched(tag).await,
+                    None => false,
+                };
+                if !watched && hub.end_if_idle() {
+                    tracing::debug!("stream without clients for its linger window: closing upstream");
+                    alive = false;
+                } else {
+                    // Someone attached just now, or follows from another node: wait
+                    // for the next idle window.
+                    idle.set(hub.idle_for(linger));
                 }
             }
         }
-        self.hub.end();
-        self.registry.remove(&self.hub);
     }
+    hub.end();
+    registry.remove(&hub);
 }
 
 /// Feeds one upstream task to a hub; `false` when the upstream stream is over.

@@ -18,6 +18,7 @@
 mod admit;
 mod byte_stream;
 mod hubs;
+mod remote;
 mod source;
 mod stream;
 
@@ -37,7 +38,7 @@ use crate::request::{accepts_event_stream, ClientInfo};
 use crate::stream_client;
 use admit::{admit_stream, Admit};
 use byte_stream::ByteSource;
-use hubs::{Follow, Found};
+use hubs::{Follow, Found, GoUpstream};
 use source::{Origin, Subrequest, Up};
 use stream::{is_compressed, StreamMetrics, Writer};
 
@@ -94,9 +95,9 @@ async fn run(
     let response_timeout = route.upstream.response_timeout;
 
     // A live hub may serve the request without bothering the upstream.
-    let (mut missed, mut opening) = (None, None);
+    let mut up = GoUpstream::default();
     if let Some(rcx) = &admission.replay {
-        match hubs::find(rcx, session.req_header(), response_timeout).await {
+        match hubs::find(rcx, session.req_header(), &client, &admission.metrics).await {
             Found::Hub(hub, sub, how) => {
                 let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
                     return Ok(());
@@ -113,10 +114,7 @@ async fn run(
                     .run(session, hub, sub, &route, admission, shutdown, stats)
                     .await;
             }
-            Found::Upstream {
-                missed: m,
-                opening: o,
-            } => (missed, opening) = (m, o),
+            Found::Upstream(u) => up = u,
         }
     }
 
@@ -143,14 +141,16 @@ async fn run(
         let mut pending = Vec::new();
         feed.drain(&mut pending);
         return hubs::start(
-            session, admission, &route, owner, &resp, feed, pending, missed, opening, shutdown,
-            stats,
+            session, admission, &route, owner, &resp, feed, pending, up, shutdown, stats,
         )
         .await;
     }
     // Not a hub after all (an error page, a compressed stream...): the other clients of
-    // a shared key must not wait for this response to finish.
-    drop(opening);
+    // a shared key must not wait for this response to finish; nor do other nodes.
+    drop(up.opening);
+    if let Some(l) = up.lead {
+        l.cluster.release(&l.lease).await;
+    }
     if !stream {
         // Not a stream: give the slot taken for one back now.
         admission.slot = None;

@@ -594,3 +594,126 @@ pub fn admin_metric(port: u16, series: &str) -> f64 {
     let (_, m) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
     metric_in(&String::from_utf8_lossy(&m), series)
 }
+
+/// What one SSE request returned: the lowercased head and the events.
+pub struct Seen {
+    pub head: String,
+    pub events: Vec<SeenEvent>,
+}
+
+impl Seen {
+    pub fn ids(&self) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter_map(|e| e.0.parse().ok())
+            .collect()
+    }
+
+    pub fn replay_header(&self) -> &str {
+        self.head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-ssegate-replay: "))
+            .unwrap_or("")
+    }
+}
+
+/// Reads an event stream for `secs` seconds (then drops the connection, as a client
+/// that loses its network would).
+pub fn sse(url: &str, headers: &[&str], secs: f64) -> Seen {
+    let mut args: Vec<String> = vec![
+        "-s".into(),
+        "-i".into(),
+        "-N".into(),
+        "--max-time".into(),
+        secs.to_string(),
+    ];
+    for h in headers {
+        args.push("-H".into());
+        args.push(h.to_string());
+    }
+    args.push(url.into());
+    let out = Command::new("curl").args(&args).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Seen {
+        head: head.to_ascii_lowercase(),
+        events: parse_stream(body.as_bytes()).0,
+    }
+}
+
+/// A real `redis-server` (Debian's) on a free loopback port in a temp dir, with no
+/// persistence; stopped by PID when dropped.
+pub struct Redis {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub proc: Option<Proc>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut r = Redis {
+            port,
+            dir,
+            proc: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts the server (again, empty: as after a crash without persistence).
+    pub fn restart(&mut self) {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (the README's test command installs it)");
+        wait_port(self.port, &mut child, "redis-server");
+        self.proc = Some(Proc { child });
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.as_ref().map_or(0, |p| p.child.id() as i32)
+    }
+
+    /// `kill -9`, as a crash.
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    /// Runs a command through `redis-cli` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Sends a signal by name to a PID.
+pub fn signal(pid: i32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}

@@ -1,0 +1,124 @@
+//! The Lua scripts that make each step on a stream's Redis keys atomic.
+//!
+//! Keys of one stream (all under one hash tag, so a Redis Cluster keeps them together):
+//! `s` the history (a Redis stream; entry id `<offset>-0`, fields `e` epoch, `i` event
+//! id, `f` flags, `d` raw block, `t` ms time), `m` the meta hash (`e` epoch, `o` top
+//! offset, `b` bytes held, `h` response head, `a` audience fingerprint), `l` the reader's
+//! lease (`<node>/<token>`), `w` set while other nodes' clients follow the stream.
+//!
+//! The model is Centrifugo's: the offset is assigned by the store in the same step as
+//! the write, and the epoch changes whenever history may have been lost (the meta key
+//! was gone, or the writer could not vouch that nothing was missed since its last
+//! write), so a resume never silently crosses a hole.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Appends blocks, fenced by the lease.
+/// KEYS: s, m, l. ARGV: lease value, lease ms, previous offset ("" when the writer cannot
+/// vouch for continuity), new epoch, max events, max bytes, max age ms, key ttl ms, then
+/// (id, flags, raw) per block. Returns {0} when fenced, else {1, top offset, epoch, reset}.
+pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {0} end
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+local m = redis.call('HMGET', KEYS[2], 'e', 'o', 'b')
+local epoch, offset, bytes = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
+local reset = 0
+if (not epoch) or ARGV[3] == '' or tonumber(ARGV[3]) ~= offset then
+  epoch = ARGV[4]; bytes = 0; reset = 1
+  redis.call('DEL', KEYS[1])
+end
+local max_len, max_bytes, max_age = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+for i = 9, #ARGV, 3 do
+  local raw = ARGV[i + 2]
+  offset = offset + 1
+  if #raw > max_bytes or max_len == 0 then
+    -- Too big to keep: nothing before it may be resumed across it.
+    redis.call('DEL', KEYS[1]); bytes = 0
+  else
+    redis.call('XADD', KEYS[1], offset .. '-0', 'e', epoch, 'i', ARGV[i], 'f', ARGV[i + 1], 'd', raw, 't', ms)
+    bytes = bytes + #raw
+  end
+end
+while true do
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+  if not first then break end
+  local f = first[2]
+  if redis.call('XLEN', KEYS[1]) > max_len or bytes > max_bytes or tonumber(f[10]) < ms - max_age then
+    redis.call('XDEL', KEYS[1], first[1]); bytes = bytes - #f[8]
+  else
+    break
+  end
+end
+redis.call('HSET', KEYS[2], 'e', epoch, 'o', offset, 'b', bytes)
+redis.call('PEXPIRE', KEYS[1], ARGV[8]); redis.call('PEXPIRE', KEYS[2], ARGV[8])
+return {1, offset, epoch, reset}
+"#,
+    )
+});
+
+/// Reads a stream's state. KEYS: s, m, l. ARGV: "1" to include the history.
+/// Returns {lease, epoch, top offset, head, audience, entries}.
+pub static PEEK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local m = redis.call('HMGET', KEYS[2], 'e', 'o', 'h', 'a')
+local entries = {}
+if ARGV[1] == '1' then entries = redis.call('XRANGE', KEYS[1], '-', '+') end
+return {redis.call('GET', KEYS[3]) or '', m[1] or '', m[2] or '0', m[3] or '', m[4] or '', entries}
+"#,
+    )
+});
+
+/// Takes the lease if nobody holds it. KEYS: l, m. ARGV: value, ms.
+/// Returns {taken, epoch, top offset}: where the history stands for the new reader.
+pub static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local m = redis.call('HMGET', KEYS[2], 'e', 'o')
+  return {1, m[1] or '', m[2] or '0'}
+end
+return {0, '', '0'}
+"#,
+    )
+});
+
+/// Records what every node answers a follower with. KEYS: l, m. ARGV: lease value,
+/// head, audience, ttl ms. Returns 0 when fenced.
+pub static OPEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'h', ARGV[2], 'a', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"#,
+    )
+});
+
+/// Extends the lease if still held. KEYS: l. ARGV: value, ms. Returns 0 when lost.
+pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// Gives the lease up if still held. KEYS: l. ARGV: value.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});

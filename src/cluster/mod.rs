@@ -1,0 +1,534 @@
+//! The cluster: several gateway nodes that behave as one, through Redis.
+//!
+//! Per stream key, Redis holds the recent history (offsets and an epoch assigned by the
+//! store, see [`lua`]), the response head every node answers with, and a lease that
+//! names the one node reading the upstream. That reader appends each block (fenced by
+//! its lease); other nodes serving the same stream follow the history ([`follow`]), and
+//! a client that reconnects anywhere is resumed from it. Redis is never on the critical
+//! path of a stream: every call has a short timeout, and a node that cannot reach Redis
+//! serves from its local hubs as a single node would, and says so in logs and metrics.
+//!
+//! Key names are an HMAC of the stream key ([`Cluster::tag`]): no cookie or token value
+//! ever appears in Redis. Knows nothing of pingora.
+
+pub mod follow;
+mod lua;
+pub mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
+
+use crate::config;
+use crate::key::StreamKey;
+use crate::replay::{RingBounds, StoredEvent};
+
+/// Counters the metrics export.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// Redis answered the last call.
+    pub up: AtomicBool,
+    /// Leases taken (this node became a stream's reader).
+    pub leases_taken: AtomicU64,
+    /// Streams this node reads for the cluster now.
+    pub leases_held: AtomicU64,
+    /// Streams this node follows from another node's reader now.
+    pub followed: AtomicU64,
+    /// Resumes served from the shared history (the id was not in a local hub).
+    pub cross_node_resumes: AtomicU64,
+    /// Readers stopped because another node holds their lease now (found on an append
+    /// or a renewal, both checked in Redis in one step with the lease).
+    pub fenced: AtomicU64,
+    /// Histories restarted with a new epoch (a hole was possible).
+    pub epoch_resets: AtomicU64,
+    /// Followers that took the upstream over (the reader was gone or Redis away).
+    pub takeovers: AtomicU64,
+    /// Redis calls that failed or timed out.
+    pub errors: AtomicU64,
+    /// Redis call latency, microseconds summed, and calls.
+    pub latency_us: AtomicU64,
+    /// Calls timed.
+    pub calls: AtomicU64,
+}
+
+/// Why a Redis call gave nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum Down {
+    /// Not connected (yet, or any more).
+    #[error("redis is not connected")]
+    NotConnected,
+    /// It took longer than `cluster.timeout`.
+    #[error("redis call timed out")]
+    Timeout,
+    /// Redis or the connection said no.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The answer was not of the expected shape.
+    #[error("unexpected redis answer")]
+    Shape,
+}
+
+/// A stream's name in Redis: its keys share this hash tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tag(Arc<str>);
+
+impl Tag {
+    fn key(&self, prefix: &str, part: &str) -> String {
+        format!("{prefix}:{{{}}}:{part}", self.0)
+    }
+}
+
+/// A lease this node holds on a stream: it reads the upstream for the cluster.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The stream.
+    pub tag: Tag,
+    /// `<node>/<token>`: only this holder's writes are accepted.
+    value: String,
+    /// The epoch and top offset of the history when it was taken.
+    pub epoch: String,
+    /// See `epoch`.
+    pub offset: u64,
+}
+
+/// One block of a stream's shared history.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Position in the history.
+    pub offset: u64,
+    /// The history's epoch when it was written.
+    pub epoch: Arc<str>,
+    /// The block as hubs keep it.
+    pub block: StoredEvent,
+}
+
+/// What Redis holds of a stream.
+#[derive(Debug, Default)]
+pub struct Remote {
+    /// The lease holder's value, if any node reads the stream now.
+    pub reader: Option<String>,
+    /// The history's epoch (`None`: no history).
+    pub epoch: Option<Arc<str>>,
+    /// Its top offset.
+    pub offset: u64,
+    /// The response head, as [`encode_head`] wrote it.
+    pub head: Bytes,
+    /// The audience fingerprint the reader recorded.
+    pub audience: Bytes,
+    /// The history, oldest first (when asked for).
+    pub entries: Vec<Entry>,
+}
+
+/// The cluster handle: cheap to clone through its `Arc`.
+pub struct Cluster {
+    /// The settings.
+    pub settings: config::Cluster,
+    /// How to reach Redis (for the follower's blocking connection).
+    client: redis::Client,
+    /// The shared multiplexed connection, once it has been made (it reconnects itself).
+    conn: ArcSwapOption<ConnectionManager>,
+    /// Where the secret keys the HMAC of stream keys.
+    secret: ring::hmac::Key,
+    /// For metrics.
+    pub counters: ClusterCounters,
+    /// The node-wide follower of remote streams.
+    pub follows: follow::Follows,
+}
+
+impl Cluster {
+    /// A handle for `settings`; nothing is connected until [`Cluster::run`].
+    pub fn new(settings: config::Cluster) -> Result<Arc<Cluster>, redis::RedisError> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(settings.redis.as_str())?;
+        if let Some(p) = &settings.password {
+            let redis_settings = info.redis_settings().clone().set_password(p.clone());
+            info = info.set_redis_settings(redis_settings);
+        }
+        let client = redis::Client::open(info)?;
+        let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &settings.key_secret);
+        Ok(Arc::new(Cluster {
+            settings,
+            client,
+            conn: ArcSwapOption::empty(),
+            secret,
+            counters: ClusterCounters::default(),
+            follows: follow::Follows::default(),
+        }))
+    }
+
+    /// Connects (retrying while Redis is away) and then runs the follower loop, for
+    /// the life of the process.
+    pub async fn run(self: Arc<Self>) {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.settings.timeout * 4))
+            .set_response_timeout(Some(self.settings.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        loop {
+            match self
+                .client
+                .get_connection_manager_with_config(config.clone())
+                .await
+            {
+                Ok(c) => {
+                    self.conn.store(Some(Arc::new(c)));
+                    self.counters.up.store(true, Ordering::Relaxed);
+                    tracing::info!(node = %self.settings.node_id, "cluster: connected to redis");
+                    break;
+                }
+                Err(e) => {
+                    self.counters.up.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        "cluster: cannot reach redis ({e}); serving from this node alone"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        follow::run(self.clone()).await;
+    }
+
+    /// The stream's name in Redis: an HMAC of its key (no identity value in Redis).
+    pub fn tag(&self, key: &StreamKey) -> Tag {
+        let mac = ring::hmac::sign(&self.secret, key.as_bytes());
+        let hex: String = mac.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Tag(hex.into())
+    }
+
+    fn key(&self, tag: &Tag, part: &str) -> String {
+        tag.key(&self.settings.prefix, part)
+    }
+
+    /// Runs one call with the cluster timeout, counting its outcome.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, Down> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(Down::NotConnected);
+        };
+        let mut conn = ConnectionManager::clone(&conn);
+        let started = Instant::now();
+        let r = match tokio::time::timeout(self.settings.timeout, inv.invoke_async(&mut conn)).await
+        {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Down::Redis(e)),
+            Err(_) => Err(Down::Timeout),
+        };
+        let c = &self.counters;
+        c.calls.fetch_add(1, Ordering::Relaxed);
+        c.latency_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let ok = r.is_ok();
+        if !ok {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if c.up.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("cluster: redis answers again");
+            } else if let Err(e) = &r {
+                tracing::warn!("cluster: {e}; streams go on from local hubs");
+            }
+        }
+        r
+    }
+
+    /// What Redis holds of `tag` (with its history when `entries`).
+    pub async fn peek(&self, tag: &Tag, entries: bool) -> Result<Remote, Down> {
+        let mut inv = lua::PEEK.prepare_invoke();
+        inv.key(self.key(tag, "s"))
+            .key(self.key(tag, "m"))
+            .key(self.key(tag, "l"))
+            .arg(if entries { "1" } else { "0" });
+        let v: Value = self.call(inv).await?;
+        decode_remote(v).ok_or(Down::Shape)
+    }
+
+    /// Takes `tag`'s lease if no node holds it.
+    pub async fn acquire(&self, tag: &Tag) -> Result<Option<Lease>, Down> {
+        let value = format!("{}/{:016x}", self.settings.node_id, fastrand::u64(..));
+        let mut inv = lua::ACQUIRE.prepare_invoke();
+        inv.key(self.key(tag, "l"))
+            .key(self.key(tag, "m"))
+            .arg(&value)
+            .arg(self.settings.lease.as_millis() as u64);
+        let (taken, epoch, offset): (i64, String, u64) = self.call(inv).await?;
+        if taken != 1 {
+            return Ok(None);
+        }
+        self.counters.leases_taken.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Lease {
+            tag: tag.clone(),
+            value,
+            epoch,
+            offset,
+        }))
+    }
+
+    /// Records the head and audience other nodes answer followers with.
+    pub async fn open(
+        &self,
+        lease: &Lease,
+        head: &[u8],
+        audience: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, Down> {
+        let mut inv = lua::OPEN.prepare_invoke();
+        inv.key(self.key(&lease.tag, "l"))
+            .key(self.key(&lease.tag, "m"))
+            .arg(&lease.value)
+            .arg(head)
+            .arg(audience)
+            .arg(ttl.as_millis() as u64);
+        let ok: i64 = self.call(inv).await?;
+        Ok(ok == 1)
+    }
+
+    /// Appends `blocks` after offset `prev` (`None`: continuity unknown, start a new
+    /// epoch). `None` when fenced: another node holds the lease now.
+    pub async fn append(
+        &self,
+        lease: &Lease,
+        prev: Option<u64>,
+        bounds: RingBounds,
+        blocks: &[Arc<StoredEvent>],
+    ) -> Result<Option<(u64, String)>, Down> {
+        let mut inv = lua::APPEND.prepare_invoke();
+        inv.key(self.key(&lease.tag, "s"))
+            .key(self.key(&lease.tag, "m"))
+            .key(self.key(&lease.tag, "l"))
+            .arg(&lease.value)
+            .arg(self.settings.lease.as_millis() as u64)
+            .arg(prev.map(|p| p.to_string()).unwrap_or_default())
+            .arg(new_epoch())
+            .arg(bounds.max_events)
+            .arg(bounds.max_bytes)
+            .arg(bounds.max_age.as_millis() as u64)
+            .arg(self.ttl(bounds).as_millis() as u64);
+        for b in blocks {
+            inv.arg(&*b.id).arg(flags(b)).arg(&b.raw[..]);
+        }
+        let v: Vec<Value> = self.call(inv).await?;
+        let int = |v: Option<&Value>| match v {
+            Some(Value::Int(i)) => Some(*i),
+            _ => None,
+        };
+        if int(v.first()) != Some(1) {
+            return Ok(None);
+        }
+        let offset = int(v.get(1)).ok_or(Down::Shape)? as u64;
+        let epoch = match v.get(2) {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => return Err(Down::Shape),
+        };
+        if int(v.get(3)) == Some(1) {
+            self.counters.epoch_resets.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some((offset, epoch)))
+    }
+
+    /// Extends the lease; `false` when it was lost.
+    pub async fn renew(&self, lease: &Lease) -> Result<bool, Down> {
+        let mut inv = lua::RENEW.prepare_invoke();
+        inv.key(self.key(&lease.tag, "l"))
+            .arg(&lease.value)
+            .arg(self.settings.lease.as_millis() as u64);
+        let ok: i64 = self.call(inv).await?;
+        Ok(ok == 1)
+    }
+
+    /// Gives the lease up (the stream ended here), so a follower takes over at once.
+    pub async fn release(&self, lease: &Lease) {
+        let mut inv = lua::RELEASE.prepare_invoke();
+        inv.key(self.key(&lease.tag, "l")).arg(&lease.value);
+        let _: Result<i64, _> = self.call(inv).await;
+    }
+
+    /// Marks `tag` as followed by clients of this node (the reader keeps reading).
+    pub async fn watch(&self, tag: &Tag) -> Result<(), Down> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(tag, "w"))
+            .arg(&self.settings.node_id)
+            .arg("PX")
+            .arg((self.settings.lease * 2).as_millis() as u64);
+        self.command::<()>(cmd).await
+    }
+
+    /// Whether other nodes' clients follow `tag` (errors count as no).
+    pub async fn watched(&self, tag: &Tag) -> bool {
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(self.key(tag, "w"));
+        self.command::<i64>(cmd).await.is_ok_and(|n| n > 0)
+    }
+
+    async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, Down> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err(Down::NotConnected);
+        };
+        let mut conn = ConnectionManager::clone(&conn);
+        match tokio::time::timeout(self.settings.timeout, cmd.query_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                Err(Down::Redis(e))
+            }
+            Err(_) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                Err(Down::Timeout)
+            }
+        }
+    }
+
+    /// How long a stream's keys outlive its last write.
+    fn ttl(&self, bounds: RingBounds) -> Duration {
+        bounds.max_age + self.settings.lease * 2
+    }
+
+    /// The Redis name of `tag`'s history, for the follower.
+    fn stream_key(&self, tag: &Tag) -> String {
+        self.key(tag, "s")
+    }
+}
+
+/// A fresh epoch candidate (used only when a history starts anew).
+fn new_epoch() -> String {
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..10)
+        .map(|_| LETTERS[fastrand::usize(..LETTERS.len())] as char)
+        .collect()
+}
+
+fn flags(b: &StoredEvent) -> u8 {
+    u8::from(b.has_id_field) | (u8::from(b.sets_retry) << 1)
+}
+
+/// The response head as followers answer it: status, then `name: value` lines.
+/// `Set-Cookie` is never stored: it belongs to the request the head answered.
+pub fn encode_head(head: &http::response::Parts) -> Vec<u8> {
+    let mut out = head.status.as_u16().to_string().into_bytes();
+    out.push(b'\n');
+    for (name, value) in &head.headers {
+        if name == http::header::SET_COOKIE {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Reads back what [`encode_head`] wrote; `None` if it is not that.
+pub fn decode_head(bytes: &[u8]) -> Option<http::response::Parts> {
+    let mut lines = bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let status = std::str::from_utf8(lines.next()?)
+        .ok()?
+        .parse::<u16>()
+        .ok()?;
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = http::StatusCode::from_u16(status).ok()?;
+    for line in lines {
+        let i = line.windows(2).position(|w| w == b": ")?;
+        let name = http::HeaderName::from_bytes(&line[..i]).ok()?;
+        let value = http::HeaderValue::from_bytes(&line[i + 2..]).ok()?;
+        parts.headers.append(name, value);
+    }
+    Some(parts)
+}
+
+fn bulk(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        Value::Nil => Some(b""),
+        _ => None,
+    }
+}
+
+fn decode_remote(v: Value) -> Option<Remote> {
+    let Value::Array(parts) = v else { return None };
+    let [lease, epoch, offset, head, audience, entries] = <[Value; 6]>::try_from(parts).ok()?;
+    let text = |v: &Value| bulk(v).map(|b| String::from_utf8_lossy(b).into_owned());
+    let reader = text(&lease).filter(|s| !s.is_empty());
+    let epoch = text(&epoch).filter(|s| !s.is_empty()).map(Arc::from);
+    let offset = text(&offset)?.parse().ok()?;
+    let Value::Array(list) = entries else {
+        return None;
+    };
+    let entries = list.iter().map(decode_entry).collect::<Option<Vec<_>>>()?;
+    Some(Remote {
+        reader,
+        epoch,
+        offset,
+        head: Bytes::copy_from_slice(bulk(&head)?),
+        audience: Bytes::copy_from_slice(bulk(&audience)?),
+        entries,
+    })
+}
+
+/// One stream entry `[id, [field, value, ...]]`.
+pub(crate) fn decode_entry(v: &Value) -> Option<Entry> {
+    let Value::Array(pair) = v else { return None };
+    let (id, fields) = (pair.first()?, pair.get(1)?);
+    let offset = std::str::from_utf8(bulk(id)?)
+        .ok()?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()?;
+    let Value::Array(fields) = fields else {
+        return None;
+    };
+    let (mut epoch, mut id, mut flags, mut raw) = (None, None, 0u8, None);
+    for kv in fields.chunks(2) {
+        let [k, v] = kv else { return None };
+        match bulk(k)? {
+            b"e" => epoch = Some(String::from_utf8_lossy(bulk(v)?).into_owned()),
+            b"i" => id = Some(String::from_utf8_lossy(bulk(v)?).into_owned()),
+            b"f" => flags = std::str::from_utf8(bulk(v)?).ok()?.parse().ok()?,
+            b"d" => raw = Some(Bytes::copy_from_slice(bulk(v)?)),
+            _ => {}
+        }
+    }
+    Some(Entry {
+        offset,
+        epoch: epoch?.into(),
+        block: StoredEvent {
+            id: id?.into(),
+            has_id_field: flags & 1 != 0,
+            sets_retry: flags & 2 != 0,
+            raw: raw?,
+            at: Instant::now(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_survives_redis_without_its_cookies() {
+        let mut head = http::Response::new(()).into_parts().0;
+        head.headers
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        head.headers
+            .append("vary", "accept-language".parse().unwrap());
+        head.headers.append("vary", "x-tenant".parse().unwrap());
+        head.headers
+            .insert("set-cookie", "s=secret".parse().unwrap());
+        let back = decode_head(&encode_head(&head)).unwrap();
+        assert_eq!(back.status, 200);
+        assert_eq!(back.headers.get_all("vary").iter().count(), 2);
+        assert!(!back.headers.contains_key("set-cookie"));
+        assert!(decode_head(b"nonsense").is_none());
+    }
+}

@@ -1,0 +1,143 @@
+//! The reader's side: every block its hub publishes is appended to the shared history,
+//! in order, each append fenced by the lease in the same atomic step. The hub's own
+//! clients never wait for Redis: the writer is a tap on the hub's broadcast, and what
+//! it could not write in order (Redis away, the tap lagged) starts a new epoch.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+
+use super::{Cluster, Lease};
+use crate::hub::{Hub, HubMsg};
+use crate::replay::RingBounds;
+
+/// Most blocks sent in one append.
+const BATCH: usize = 64;
+
+/// Writes one hub's stream to the cluster while this node holds its lease.
+pub struct Writer {
+    /// Where to write.
+    pub cluster: Arc<Cluster>,
+    /// The lease taken before the upstream was opened.
+    pub lease: Lease,
+    /// The route's history bounds, enforced in Redis too.
+    pub bounds: RingBounds,
+    /// The response head followers answer with ([`super::encode_head`]).
+    pub head: Vec<u8>,
+    /// The audience fingerprint, private flag first (see `relay::remote`).
+    pub audience: Vec<u8>,
+}
+
+impl Writer {
+    /// Runs until the hub ends (then gives the lease up) or another node holds the
+    /// lease (then ends the hub: its clients resume from the shared history).
+    pub async fn run(mut self, hub: Arc<Hub>) {
+        let c = self.cluster.clone();
+        let mut rx = hub.tap();
+        c.counters.leases_held.fetch_add(1, Ordering::Relaxed);
+        // Continue the history where it stands, unless there is none yet.
+        let mut prev = (!self.lease.epoch.is_empty()).then_some(self.lease.offset);
+        let mut opened = false;
+        let every = self.cluster.settings.lease / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut fenced = false;
+        'run: loop {
+            if !opened {
+                opened = self.open().await;
+            }
+            tokio::select! {
+                biased;
+                msg = rx.recv() => {
+                    let mut batch = match msg {
+                        Ok(HubMsg::Block(b)) => vec![b],
+                        Ok(HubMsg::End) | Err(RecvError::Closed) => break,
+                        Err(RecvError::Lagged(_)) => {
+                            prev = None;
+                            continue;
+                        }
+                    };
+                    let mut ended = false;
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(HubMsg::Block(b)) => batch.push(b),
+                            Ok(HubMsg::End) | Err(TryRecvError::Closed) => {
+                                ended = true;
+                                break;
+                            }
+                            Err(TryRecvError::Lagged(_)) => prev = None,
+                            Err(TryRecvError::Empty) => break,
+                        }
+                    }
+                    loop {
+                        match c.append(&self.lease, prev, self.bounds, &batch).await {
+                            Ok(Some((offset, _))) => prev = Some(offset),
+                            Ok(None) if self.retake().await => {
+                                prev = None;
+                                opened = self.open().await;
+                                continue;
+                            }
+                            Ok(None) => {
+                                fenced = true;
+                                break 'run;
+                            }
+                            // Maybe written, maybe not: vouch for nothing from here.
+                            Err(_) => prev = None,
+                        }
+                        break;
+                    }
+                    if ended {
+                        break;
+                    }
+                }
+                _ = renew.tick() => {
+                    if let Ok(false) = c.renew(&self.lease).await {
+                        if !self.retake().await {
+                            fenced = true;
+                            break;
+                        }
+                        prev = None;
+                    }
+                }
+            }
+        }
+        c.counters.leases_held.fetch_sub(1, Ordering::Relaxed);
+        if fenced {
+            c.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("cluster: another node reads this stream now; ending it here");
+            hub.end();
+        } else {
+            c.release(&self.lease).await;
+        }
+    }
+
+    /// Records the head and audience; `false` if Redis did not take them (tried again
+    /// before the next append).
+    async fn open(&self) -> bool {
+        let ttl = self.bounds.max_age + self.cluster.settings.lease * 2;
+        matches!(
+            self.cluster
+                .open(
+                    &self.lease,
+                    &self.head,
+                    &self.audience,
+                    ttl.max(Duration::from_secs(1))
+                )
+                .await,
+            Ok(true)
+        )
+    }
+
+    /// The lease was lost: takes it again if no other node took it (it ran out while
+    /// Redis was away). `false` when another node holds it.
+    async fn retake(&mut self) -> bool {
+        match self.cluster.acquire(&self.lease.tag).await {
+            Ok(Some(lease)) => {
+                self.lease = lease;
+                true
+            }
+            _ => false,
+        }
+    }
+}

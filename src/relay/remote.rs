@@ -1,0 +1,367 @@
+//! A stream request meets the cluster (see [`crate::cluster`]) when no local hub serves
+//! it: another node may read the stream already (this node then follows the shared
+//! history: [`Follower`]), or this node takes the lease and becomes its reader (the
+//! shared history seeds the new hub, so a client that moved here resumes with no gap).
+//! A follower whose reader is gone, or that cannot reach Redis, takes the upstream
+//! over itself, dropping what the upstream repeats.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::prelude::*;
+use pingora::protocols::http::HttpTask;
+
+use super::hubs::{Attach, ReplayCx};
+use super::source::Origin;
+use super::stream::is_event_stream;
+use crate::cluster::{self, follow, Cluster, Entry, Lease, Tag};
+use crate::hub::{Hub, Miss, NewHub, Registry, Seed, Start, Subscription};
+use crate::key::Audience;
+use crate::metrics::Metrics;
+use crate::replay::{MemoryRing, ReplayStore};
+use crate::request::ClientInfo;
+use crate::stream_client;
+
+/// What the cluster says of a request no local hub serves.
+pub(super) enum Clustered {
+    /// Another node reads it: follow that node's history from here.
+    Follow(Arc<Hub>, Subscription, Attach),
+    /// Nobody reads it: this node took the lease and opens the upstream.
+    Lead(Lead),
+    /// Serve it from this node alone (no cluster for it, Redis away, or not admitted).
+    Local(Option<Miss>),
+}
+
+/// This node reads the stream for the cluster.
+pub(super) struct Lead {
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) lease: Lease,
+    /// The shared history, when the client asked to resume from it.
+    pub(super) history: Vec<Entry>,
+}
+
+impl Lead {
+    /// The history as a seed for the new hub, resuming the client after its id.
+    pub(super) fn seed(&mut self, last_event_id: Option<&str>) -> Option<Seed> {
+        if self.history.is_empty() {
+            return None;
+        }
+        Some(Seed {
+            blocks: std::mem::take(&mut self.history)
+                .into_iter()
+                .map(|e| e.block)
+                .collect(),
+            resume_after: last_event_id.map(str::to_owned),
+            handed_over: false,
+        })
+    }
+}
+
+/// The audience as stored beside the history: the private flag (the stored head has
+/// no `Set-Cookie`, which made it private), then the fingerprint.
+pub(super) fn stored_audience(audience: &Audience) -> Option<Vec<u8>> {
+    let mut out = vec![if audience.private() { b'1' } else { b'0' }];
+    out.extend(audience.fingerprint()?);
+    Some(out)
+}
+
+/// Asks the cluster about `rcx`'s stream (see [`Clustered`]).
+pub(super) async fn find(
+    rcx: &ReplayCx,
+    req: &RequestHeader,
+    client: &ClientInfo,
+    metrics: &Arc<Metrics>,
+    missed: Option<Miss>,
+) -> Clustered {
+    let Some(cluster) = rcx.cluster.clone() else {
+        return Clustered::Local(missed);
+    };
+    let tag = cluster.tag(&rcx.key);
+    let want_history = rcx.last_event_id.is_some() || rcx.settings.on_connect > 0;
+    for _ in 0..2 {
+        let remote = match cluster.peek(&tag, want_history).await {
+            Ok(r) => r,
+            Err(_) => return Clustered::Local(missed),
+        };
+        let mine = remote
+            .reader
+            .as_deref()
+            .is_some_and(|r| r.starts_with(&format!("{}/", cluster.settings.node_id)));
+        if remote.reader.is_some() && !mine {
+            return follow_remote(rcx, req, client, metrics, &cluster, tag, remote, missed).await;
+        }
+        if mine {
+            // This node is opening it right now (or just ended it): alone.
+            return Clustered::Local(missed);
+        }
+        match cluster.acquire(&tag).await {
+            Ok(Some(lease)) => {
+                let history = match (&rcx.last_event_id, &remote.epoch) {
+                    (Some(_), Some(epoch)) if **epoch == *lease.epoch => remote.entries,
+                    _ => vec![],
+                };
+                return Clustered::Lead(Lead {
+                    cluster,
+                    lease,
+                    history,
+                });
+            }
+            Ok(None) => continue, // Another node took it just now: follow it.
+            Err(_) => return Clustered::Local(missed),
+        }
+    }
+    Clustered::Local(missed)
+}
+
+/// Makes a hub on this node that follows another node's reader.
+#[allow(clippy::too_many_arguments)]
+async fn follow_remote(
+    rcx: &ReplayCx,
+    req: &RequestHeader,
+    client: &ClientInfo,
+    metrics: &Arc<Metrics>,
+    cluster: &Arc<Cluster>,
+    tag: Tag,
+    remote: cluster::Remote,
+    missed: Option<Miss>,
+) -> Clustered {
+    let (Some(head), Some(epoch)) = (cluster::decode_head(&remote.head), remote.epoch.clone())
+    else {
+        return Clustered::Local(missed);
+    };
+    let private = remote.audience.first() == Some(&b'1');
+    let identity = &rcx.settings.identity_headers;
+    let audience = Audience::of(&head.headers, &req.headers, identity, rcx.settings.shared)
+        .marked_private(private);
+    let same = audience
+        .fingerprint()
+        .is_some_and(|f| remote.audience.get(1..) == Some(&f[..]));
+    let viewer = rcx.viewer(req);
+    if let Err(d) = audience.admits(viewer.headers, viewer.has_identity) {
+        return Clustered::Local(Some(Miss::Denied(d)));
+    }
+    if !same {
+        return Clustered::Local(Some(Miss::Denied(crate::key::Denied::Vary)));
+    }
+    // The history this node starts from: all of it (bounded), so later resumes here
+    // find their ids too.
+    let mut store = MemoryRing::new(rcx.settings.bounds, rcx.budget.clone());
+    let after = remote.entries.last().map_or(remote.offset, |e| e.offset);
+    for e in remote.entries.into_iter().filter(|e| e.epoch == epoch) {
+        store.push(e.block);
+    }
+    let new = NewHub {
+        key: rcx.key.clone(),
+        aliases: vec![],
+        shared: rcx.settings.shared,
+        audience,
+        head,
+        store: Box::new(store),
+        max_event_bytes: client.route.sse.max_event_bytes,
+        seed: None,
+        owner: client.key,
+    };
+    let (hub, first, created) = rcx.registry.create(new, viewer);
+    if !created {
+        // A shared hub appeared here meanwhile: it is as good.
+        return Clustered::Follow(hub, first, missed.map_or(Attach::Fresh, Attach::Miss));
+    }
+    let resumed = rcx
+        .last_event_id
+        .as_deref()
+        .and_then(|id| hub.subscribe(Start::After(id)));
+    let (sub, how) = match (resumed, &rcx.last_event_id) {
+        (Some(sub), _) => {
+            rcx.registry.count_cross_node_resume(sub.replay.len());
+            cluster
+                .counters
+                .cross_node_resumes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (sub, Attach::Hit)
+        }
+        (None, Some(_)) => (first, Attach::Miss(missed.unwrap_or(Miss::Unknown))),
+        (None, None) => {
+            // A new client of a shared stream may start with the latest blocks.
+            let n = rcx.settings.on_connect;
+            let last = (rcx.settings.shared && n > 0)
+                .then(|| hub.subscribe(Start::Last(n)))
+                .flatten();
+            (
+                last.unwrap_or(first),
+                missed.map_or(Attach::Fresh, Attach::Miss),
+            )
+        }
+    };
+    let following = follow::follow(cluster, tag.clone(), after).await;
+    let follower = Follower {
+        hub: hub.clone(),
+        registry: rcx.registry.clone(),
+        cluster: cluster.clone(),
+        tag,
+        epoch,
+        next: after,
+        following: Some(following),
+        linger: rcx.settings.linger,
+        reopen: Reopen {
+            req: req.clone(),
+            client: client.clone(),
+            metrics: metrics.clone(),
+            bounds: rcx.settings.bounds,
+        },
+    };
+    tokio::spawn(follower.run());
+    Clustered::Follow(hub, sub, how)
+}
+
+/// What a follower needs to open the upstream itself.
+struct Reopen {
+    /// The request of the client that started following (prepared for the upstream;
+    /// every client of the key sends the same identity).
+    req: RequestHeader,
+    client: ClientInfo,
+    metrics: Arc<Metrics>,
+    bounds: crate::replay::RingBounds,
+}
+
+/// Feeds a hub from another node's history, until the hub has had no client for its
+/// linger window, or the reader is gone (then it takes over).
+struct Follower {
+    hub: Arc<Hub>,
+    registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
+    tag: Tag,
+    /// The history's epoch this hub follows; another one means history was lost.
+    epoch: Arc<str>,
+    /// The last offset published.
+    next: u64,
+    /// Taken away once following stops.
+    following: Option<follow::Following>,
+    linger: Duration,
+    reopen: Reopen,
+}
+
+/// Why following stopped.
+enum Stop {
+    /// The hub ended (idle, or history lost: its clients resume and are told).
+    Ended,
+    /// The reader is gone (or Redis is): read the upstream here, with this lease if
+    /// one was taken.
+    TakeOver(Option<Lease>),
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let stop = self.follow().await;
+        let (hub, registry) = (self.hub.clone(), self.registry.clone());
+        if let Stop::TakeOver(lease) = stop {
+            self.cluster
+                .counters
+                .takeovers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.take_over(lease).await {
+                return;
+            }
+        }
+        hub.end();
+        registry.remove(&hub);
+    }
+
+    async fn follow(&mut self) -> Stop {
+        let hub = self.hub.clone();
+        let idle = hub.idle_for(self.linger);
+        tokio::pin!(idle);
+        let every = self.cluster.settings.lease / 3;
+        let mut check = tokio::time::interval(every);
+        let Some(mut following) = self.following.take() else {
+            return Stop::Ended;
+        };
+        loop {
+            tokio::select! {
+                batch = following.rx.recv() => {
+                    let Some(batch) = batch else {
+                        // Cut for being behind, or the feed is gone.
+                        return Stop::Ended;
+                    };
+                    for e in batch {
+                        if e.offset <= self.next {
+                            continue;
+                        }
+                        if e.offset != self.next + 1 || e.epoch != self.epoch {
+                            tracing::info!("cluster: shared history has a hole; ending the stream here");
+                            return Stop::Ended;
+                        }
+                        self.next = e.offset;
+                        self.hub.take_remote(e.block);
+                    }
+                }
+                _ = check.tick() => {
+                    if self.hub.subscribers() > 0 {
+                        let _ = self.cluster.watch(&self.tag).await;
+                    }
+                    match self.cluster.peek(&self.tag, false).await {
+                        Ok(r) if r.epoch.as_deref() != Some(&*self.epoch) => {
+                            tracing::info!("cluster: shared history restarted; ending the stream here");
+                            return Stop::Ended;
+                        }
+                        Ok(r) if r.reader.is_none() => match self.cluster.acquire(&self.tag).await {
+                            Ok(Some(lease)) => return Stop::TakeOver(Some(lease)),
+                            Ok(None) => {}
+                            Err(_) => return Stop::TakeOver(None),
+                        },
+                        Ok(_) => {}
+                        Err(_) => return Stop::TakeOver(None),
+                    }
+                }
+                _ = &mut idle => {
+                    if self.hub.end_if_idle() {
+                        return Stop::Ended;
+                    }
+                    idle.set(hub.idle_for(self.linger));
+                }
+            }
+        }
+    }
+
+    /// Opens the upstream with the last id this hub published and feeds the hub from
+    /// it (writing to the cluster when `lease`); `false` if the upstream would not.
+    async fn take_over(self, lease: Option<Lease>) -> bool {
+        let mut req = self.reopen.req.clone();
+        if let Some(id) = self.hub.last_id() {
+            let _ = req.insert_header("last-event-id", &*id);
+        }
+        let Ok(exchange) =
+            stream_client::open(&req, &self.reopen.client, &self.reopen.metrics).await
+        else {
+            return false;
+        };
+        let mut feed = Origin::Direct(Box::new(exchange));
+        let ok = match feed.next_task().await {
+            Some(HttpTask::Header(resp, _)) => resp.status == 200 && is_event_stream(&resp),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+        tracing::info!(
+            lease = lease.is_some(),
+            "cluster: took a stream over from its reader"
+        );
+        self.hub.begin_takeover();
+        let watch = lease
+            .is_some()
+            .then(|| (self.cluster.clone(), self.tag.clone()));
+        if let Some(lease) = lease {
+            let audience = stored_audience(&self.hub.audience()).unwrap_or_default();
+            let writer = cluster::writer::Writer {
+                cluster: self.cluster.clone(),
+                lease,
+                bounds: self.reopen.bounds,
+                head: cluster::encode_head(&self.hub.head),
+                audience,
+            };
+            tokio::spawn(writer.run(self.hub.clone()));
+        }
+        super::hubs::pump(self.hub, self.registry, feed, vec![], self.linger, watch).await;
+        true
+    }
+}

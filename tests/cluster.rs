@@ -1,0 +1,237 @@
+//! Several nodes as one: two real gateways sharing a real `redis-server`, in front of
+//! Apache + mod_php scripts that ignore `Last-Event-ID`, with curl as the client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// The `[cluster]` section of node `name`: a short lease so failovers are quick here.
+fn cluster_toml(redis: &Redis, name: &str) -> String {
+    format!(
+        "[cluster]\nredis = \"{}\"\nkey_secret = \"a test secret of enough bytes\"\nnode_id = \"{name}\"\nlease = \"2s\"\ntimeout = \"200ms\"\n",
+        redis.url()
+    )
+}
+
+/// Two nodes in front of `php`, both on `redis`, with `replay` as their `[replay]`.
+fn two_nodes(php: &Php, redis: &Redis, replay: &str) -> (Gateway, Gateway) {
+    let node = |name| {
+        GatewayOptions::to(php)
+            .replay(replay)
+            .admin()
+            .extra(&cluster_toml(redis, name))
+            .start()
+    };
+    let (a, b) = (node("a"), node("b"));
+    // Both connected before the first stream (otherwise a node serves alone, by design).
+    for g in [&a, &b] {
+        let port = g.admin_port.expect("admin");
+        assert!(
+            wait_for(|| admin_metric(port, "ssegate_cluster_redis_up") == 1.0),
+            "node never reached redis: {}",
+            g.log()
+        );
+    }
+    (a, b)
+}
+
+fn requests_logged(php: &Php, name: &str) -> usize {
+    std::fs::read_to_string(php.file(name))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// Behind a load balancer every node sees the site's one host name (here each node has
+/// a port of its own, which would otherwise be part of the stream key).
+const HOST: &str = "Host: feed.test";
+
+fn strictly_increasing(ids: &[u64]) -> bool {
+    ids.windows(2).all(|w| w[1] > w[0])
+}
+
+/// A client that read 1..k on node A and comes back to node B with `Last-Event-ID: k`
+/// gets k+1... with no gap and no duplicate, while A keeps reading (lingering) for the
+/// cluster: the backend sees one request. Private (per-cookie) and shared routes.
+#[test]
+fn a_client_resumes_on_another_node_with_no_gap_and_no_duplicate() {
+    let php = Php::start();
+    let redis = Redis::start();
+    for (kind, replay) in [
+        ("private", "linger = \"30s\"\n"),
+        ("shared", "shared = true\nlinger = \"30s\"\n"),
+    ] {
+        let (a, b) = two_nodes(&php, &redis, replay);
+        let log = php.file(&format!("{kind}.log"));
+        let path = format!("/broadcast.php?period=0.1&log={}", log.display());
+        let cookie = "Cookie: user=alice-secret-value";
+        let first = sse(&a.url(&path), &[HOST, cookie], 1.5);
+        let ids = first.ids();
+        assert!(ids.len() >= 5, "{kind}: too few events on A: {ids:?}");
+        let k = *ids.last().unwrap();
+        // Away for a moment, as a train tunnel would do; then the balancer sends it to B.
+        std::thread::sleep(Duration::from_millis(700));
+        let lei = format!("Last-Event-ID: {k}");
+        let second = sse(&b.url(&path), &[HOST, cookie, &lei], 1.5);
+        let resumed = second.ids();
+        assert!(
+            second.replay_header().starts_with("hit"),
+            "{kind}: B did not resume from the shared history: {:?}\nB's log: {}",
+            second.head,
+            b.log()
+        );
+        assert_eq!(
+            resumed.first(),
+            Some(&(k + 1)),
+            "{kind}: gap or duplicate: {resumed:?}"
+        );
+        assert!(
+            resumed.windows(2).all(|w| w[1] == w[0] + 1),
+            "{kind}: not consecutive: {resumed:?}"
+        );
+        if kind == "shared" {
+            // Ten more clients spread over both nodes: still the one upstream request.
+            let clients: Vec<_> = (0..10u32)
+                .map(|i| {
+                    let g = if i.is_multiple_of(2) { &a } else { &b };
+                    curl_stream(&g.url(&path), 2, &["-H", HOST])
+                })
+                .collect();
+            for c in clients {
+                let (events, _) = parse_stream(&read_all_with_limit(c, Duration::from_secs(5)));
+                assert!(!events.is_empty(), "a shared client got nothing");
+            }
+        }
+        assert_eq!(
+            requests_logged(&php, &format!("{kind}.log")),
+            1,
+            "{kind}: the backend was asked more than once"
+        );
+        let b_port = b.admin_port.unwrap();
+        assert!(admin_metric(b_port, "ssegate_cluster_cross_node_resumes_total") >= 1.0);
+    }
+    // No identity value is ever part of a name in Redis.
+    let keys = redis.cli(&["--scan", "--pattern", "*"]);
+    assert!(keys.contains("ssegate:{"), "nothing in redis? {keys}");
+    assert!(
+        !keys.contains("alice"),
+        "a cookie value in a Redis key: {keys}"
+    );
+}
+
+/// The node reading a stream dies (`kill -9`): the node whose client follows it takes
+/// the upstream over within the lease, and its client keeps receiving, ids strictly
+/// increasing, none twice.
+#[test]
+fn a_dead_reader_is_replaced_and_its_followers_keep_receiving() {
+    let php = Php::start();
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let path = "/broadcast.php?period=0.1";
+    let cookie = "Cookie: user=bob";
+    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
+    let k = *first.ids().last().expect("events on A");
+    let lei = format!("Last-Event-ID: {k}");
+    let follower = curl_stream(&b.url(path), 9, &["-H", HOST, "-H", cookie, "-H", &lei]);
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut a = a;
+    let _ = a.proc.child.kill();
+    let (events, _) = parse_stream(&read_all_with_limit(follower, Duration::from_secs(12)));
+    let ids: Vec<u64> = events.iter().filter_map(|e| e.0.parse().ok()).collect();
+    assert_eq!(ids.first(), Some(&(k + 1)), "resume on B: {ids:?}");
+    assert!(
+        strictly_increasing(&ids),
+        "duplicate or reordered ids: {ids:?}"
+    );
+    // Events after the takeover: broadcast ids are wall-clock ticks (0.1 s each).
+    let last = *ids.last().unwrap();
+    assert!(
+        last > k + 60,
+        "B's client stopped receiving after the reader died (last {last}, resumed at {k}): {}",
+        b.log()
+    );
+    let b_port = b.admin_port.unwrap();
+    assert!(admin_metric(b_port, "ssegate_cluster_takeovers_total") >= 1.0);
+}
+
+/// A reader paused past its lease (`SIGSTOP`) is fenced when it comes back: its late
+/// blocks are refused by Redis, and the shared history holds no event twice.
+#[test]
+fn a_paused_reader_is_fenced_and_writes_nothing() {
+    let php = Php::start();
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let path = "/broadcast.php?period=0.1";
+    let cookie = "Cookie: user=carol";
+    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
+    let k = *first.ids().last().expect("events on A");
+    let lei = format!("Last-Event-ID: {k}");
+    let follower = curl_stream(&b.url(path), 10, &["-H", HOST, "-H", cookie, "-H", &lei]);
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(a.pid(), "STOP");
+    std::thread::sleep(Duration::from_millis(4500));
+    signal(a.pid(), "CONT");
+    let (events, _) = parse_stream(&read_all_with_limit(follower, Duration::from_secs(12)));
+    let ids: Vec<u64> = events.iter().filter_map(|e| e.0.parse().ok()).collect();
+    assert!(
+        strictly_increasing(&ids),
+        "B's client got a duplicate: {ids:?}"
+    );
+    let a_port = a.admin_port.unwrap();
+    assert!(
+        wait_for(|| admin_metric(a_port, "ssegate_cluster_fenced_writes_total") >= 1.0),
+        "the paused reader was not fenced: {}",
+        a.log()
+    );
+    // The history: every event id once.
+    let key = redis
+        .cli(&["--scan", "--pattern", "ssegate:*:s"])
+        .lines()
+        .next()
+        .expect("a history in redis")
+        .to_owned();
+    let dump = redis.cli(&["XRANGE", &key, "-", "+"]);
+    let lines: Vec<&str> = dump.lines().collect();
+    let stored: Vec<u64> = lines
+        .windows(2)
+        .filter(|w| w[0] == "i")
+        .filter_map(|w| w[1].parse().ok())
+        .collect();
+    assert!(stored.len() > 10, "history too short: {stored:?}");
+    assert!(
+        strictly_increasing(&stored),
+        "history has a duplicate: {stored:?}"
+    );
+}
+
+/// Redis dies mid-stream: no stream stalls (the reader's client is served from its hub,
+/// the follower's node reads the upstream itself), and nodes say so in their metrics.
+#[test]
+fn streams_go_on_when_redis_dies() {
+    let php = Php::start();
+    let mut redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let path = "/broadcast.php?period=0.1";
+    let cookie = "Cookie: user=dave";
+    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
+    let k = *first.ids().last().expect("events on A");
+    let lei = format!("Last-Event-ID: {k}");
+    let on_b = curl_stream(&b.url(path), 8, &["-H", HOST, "-H", cookie, "-H", &lei]);
+    let on_a = curl_stream(&a.url(path), 8, &["-H", HOST, "-H", cookie]);
+    std::thread::sleep(Duration::from_millis(1500));
+    redis.kill();
+    for (who, c) in [("A", on_a), ("B", on_b)] {
+        let (events, _) = parse_stream(&read_all_with_limit(c, Duration::from_secs(12)));
+        let ids: Vec<u64> = events.iter().filter_map(|e| e.0.parse().ok()).collect();
+        assert!(strictly_increasing(&ids), "{who}: duplicate: {ids:?}");
+        // 8 s of a 10/s feed, Redis gone after 1.5 s: far more than 1.5 s worth.
+        assert!(
+            ids.len() > 40,
+            "{who}: the stream stalled without redis: {} events",
+            ids.len()
+        );
+    }
+    let port = b.admin_port.unwrap();
+    assert_eq!(admin_metric(port, "ssegate_cluster_redis_up"), 0.0);
+}
