@@ -198,7 +198,7 @@ mod tests {
         assert!(c.node_id.ends_with(&std::process::id().to_string()));
         let e = load("redis = \"http://x\"\nkey_secret = \"short\"\n").unwrap_err();
         assert!(
-            e.contains("t.toml:7:9: cluster.redis: must be a redis://"),
+            e.contains("t.toml:9:9: cluster.redis: must be a redis://"),
             "{e}"
         );
         assert!(

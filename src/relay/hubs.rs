@@ -231,8 +231,9 @@ pub(super) async fn start(
             .and_then(|l| l.seed(rcx.last_event_id.as_deref()));
     }
     // Only a stream someone else could read again is worth writing for the cluster.
+    let reusable = new.audience.admits(&req.headers, rcx.has_identity).is_ok();
     let writer = match (lead, stored_audience(&new.audience)) {
-        (Some(l), Some(audience)) if linger > Duration::ZERO => Some(cluster::writer::Writer {
+        (Some(l), Some(audience)) if reusable => Some(cluster::writer::Writer {
             cluster: l.cluster,
             lease: l.lease,
             bounds: rcx.settings.bounds,
