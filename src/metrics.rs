@@ -47,6 +47,14 @@ pub struct Metrics {
     pub tls_hellos: IntCounter,
     /// TLS handshakes completed, by protocol version.
     pub tls_handshakes: IntCounterVec,
+    /// Replay and hub series, read from the hub registry at scrape time.
+    replay: ReplayMetrics,
+    /// With a `[cluster]`: its gauges, read from its counters at scrape time.
+    cluster: std::sync::OnceLock<ClusterMetrics>,
+}
+
+/// Replay and hub series; the values live in the hub registry and the byte budget.
+struct ReplayMetrics {
     replay_hits: IntCounter,
     /// By reason (`crate::hub::Miss`): children made once, set at scrape time.
     replay_misses: Vec<IntCounter>,
@@ -57,12 +65,10 @@ pub struct Metrics {
     hubs: IntGauge,
     hubs_lingering: IntGauge,
     replay_bytes: IntGauge,
-    /// The replay stores' byte budget; read at scrape time.
+    /// The replay stores' byte budget.
     budget: Arc<Budget>,
-    /// Hub counters live in the registry; read at scrape time.
+    /// Where the hub counters live.
     hub_registry: Arc<Registry>,
-    /// With a `[cluster]`: its gauges, read from its counters at scrape time.
-    cluster: std::sync::OnceLock<ClusterMetrics>,
 }
 
 /// The cluster's metrics (registered only when there is a cluster).
@@ -157,6 +163,95 @@ fn gauge(r: &prometheus::Registry, name: &str, help: &str) -> prometheus::Result
     Ok(g)
 }
 
+impl ReplayMetrics {
+    fn new(
+        r: &prometheus::Registry,
+        hub_registry: Arc<Registry>,
+        budget: Arc<Budget>,
+    ) -> prometheus::Result<ReplayMetrics> {
+        let r = r.clone();
+        Ok(ReplayMetrics {
+            replay_hits: counter(
+                &r,
+                "ssegate_replay_hits_total",
+                "Resumes whose Last-Event-ID was found",
+            )?,
+            replay_misses: {
+                let v = counter_vec(
+                    &r,
+                    "ssegate_replay_misses_total",
+                    "Resumes not replayed: the Last-Event-ID was not found (unknown_id), or the stream that had it may not be shared with this request (vary, vary_star, private)",
+                    &["reason"],
+                )?;
+                Miss::ALL
+                    .iter()
+                    .map(|m| v.with_label_values(&[m.as_str()]))
+                    .collect()
+            },
+            events_replayed: counter(
+                &r,
+                "ssegate_events_replayed_total",
+                "Events sent from replay stores",
+            )?,
+            upstreams_saved: counter(
+                &r,
+                "ssegate_upstream_requests_saved_total",
+                "Clients served from an existing hub instead of a new upstream request",
+            )?,
+            hubs_evicted: counter(
+                &r,
+                "ssegate_hubs_evicted_total",
+                "Lingering hubs closed early because the client that opened them opened too many (replay.max_hubs_per_client)",
+            )?,
+            handed_over: counter(
+                &r,
+                "ssegate_events_handed_over_total",
+                "Events taken over from the process this one replaced (graceful upgrade)",
+            )?,
+            hubs: gauge(&r, "ssegate_hubs", "Stream hubs alive")?,
+            hubs_lingering: gauge(
+                &r,
+                "ssegate_hubs_lingering",
+                "Stream hubs without clients, waiting out their linger window",
+            )?,
+            replay_bytes: gauge(
+                &r,
+                "ssegate_replay_bytes",
+                "Bytes held by all replay stores (bounded by replay.total_max_bytes)",
+            )?,
+            budget,
+            hub_registry,
+        })
+    }
+
+    /// Sets every series from the registry's counters.
+    fn update(&self) {
+        let c = &self.hub_registry.counters;
+        let set = |m: &IntCounter, v: u64| {
+            m.reset();
+            m.inc_by(v);
+        };
+        set(&self.replay_hits, c.hits.load(Ordering::Relaxed));
+        for (m, n) in self.replay_misses.iter().zip(&c.misses) {
+            set(m, n.load(Ordering::Relaxed));
+        }
+        set(
+            &self.events_replayed,
+            c.events_replayed.load(Ordering::Relaxed),
+        );
+        set(
+            &self.upstreams_saved,
+            c.upstreams_saved.load(Ordering::Relaxed),
+        );
+        set(&self.handed_over, c.handed_over.load(Ordering::Relaxed));
+        set(&self.hubs_evicted, c.evicted.load(Ordering::Relaxed));
+        self.hubs.set(c.hubs.load(Ordering::Relaxed) as i64);
+        self.replay_bytes.set(self.budget.used() as i64);
+        self.hubs_lingering
+            .set(self.hub_registry.lingering() as i64);
+    }
+}
+
 impl Metrics {
     /// Registers every metric.
     pub fn new(
@@ -219,33 +314,6 @@ impl Metrics {
                 "Failed upstream connects and responses",
                 &["upstream"],
             )?,
-            replay_hits: counter(
-                &r,
-                "ssegate_replay_hits_total",
-                "Resumes whose Last-Event-ID was found",
-            )?,
-            replay_misses: {
-                let v = counter_vec(
-                    &r,
-                    "ssegate_replay_misses_total",
-                    "Resumes not replayed: the Last-Event-ID was not found (unknown_id), or the stream that had it may not be shared with this request (vary, vary_star, private)",
-                    &["reason"],
-                )?;
-                Miss::ALL
-                    .iter()
-                    .map(|m| v.with_label_values(&[m.as_str()]))
-                    .collect()
-            },
-            events_replayed: counter(
-                &r,
-                "ssegate_events_replayed_total",
-                "Events sent from replay stores",
-            )?,
-            upstreams_saved: counter(
-                &r,
-                "ssegate_upstream_requests_saved_total",
-                "Clients served from an existing hub instead of a new upstream request",
-            )?,
             connections_open: gauge(
                 &r,
                 "ssegate_connections_open",
@@ -267,29 +335,7 @@ impl Metrics {
                 "TLS handshakes completed, by protocol version (started minus completed: failed or abandoned)",
                 &["version"],
             )?,
-            hubs_evicted: counter(
-                &r,
-                "ssegate_hubs_evicted_total",
-                "Lingering hubs closed early because the client that opened them opened too many (replay.max_hubs_per_client)",
-            )?,
-            handed_over: counter(
-                &r,
-                "ssegate_events_handed_over_total",
-                "Events taken over from the process this one replaced (graceful upgrade)",
-            )?,
-            hubs: gauge(&r, "ssegate_hubs", "Stream hubs alive")?,
-            hubs_lingering: gauge(
-                &r,
-                "ssegate_hubs_lingering",
-                "Stream hubs without clients, waiting out their linger window",
-            )?,
-            replay_bytes: gauge(
-                &r,
-                "ssegate_replay_bytes",
-                "Bytes held by all replay stores (bounded by replay.total_max_bytes)",
-            )?,
-            budget,
-            hub_registry,
+            replay: ReplayMetrics::new(&r, hub_registry, budget)?,
             registry: r,
             cluster: std::sync::OnceLock::new(),
         }))
@@ -307,29 +353,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
-        let c = &self.hub_registry.counters;
-        let set = |m: &IntCounter, v: u64| {
-            m.reset();
-            m.inc_by(v);
-        };
-        set(&self.replay_hits, c.hits.load(Ordering::Relaxed));
-        for (m, n) in self.replay_misses.iter().zip(&c.misses) {
-            set(m, n.load(Ordering::Relaxed));
-        }
-        set(
-            &self.events_replayed,
-            c.events_replayed.load(Ordering::Relaxed),
-        );
-        set(
-            &self.upstreams_saved,
-            c.upstreams_saved.load(Ordering::Relaxed),
-        );
-        set(&self.handed_over, c.handed_over.load(Ordering::Relaxed));
-        set(&self.hubs_evicted, c.evicted.load(Ordering::Relaxed));
-        self.hubs.set(c.hubs.load(Ordering::Relaxed) as i64);
-        self.replay_bytes.set(self.budget.used() as i64);
-        self.hubs_lingering
-            .set(self.hub_registry.lingering() as i64);
+        self.replay.update();
         if let Some(cm) = self.cluster.get() {
             for (g, read) in &cm.gauges {
                 g.set(read(&cm.cluster.counters));

@@ -8,8 +8,7 @@
 //! [`crate::stream_client`] stream client instead (with the same forwarding headers). The
 //! relay then sees the upstream's response header first and decides: an event stream is
 //! pumped with heartbeats and a clean shutdown, anything else is passed through as it
-//! comes. WebSocket upgrades skip the relay and take the ordinary
-//! path directly.
+//! comes. WebSocket upgrades skip the relay and take the ordinary path directly.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,8 +19,6 @@ use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::FailToProxy;
 use pingora::ErrorType;
-
-use arc_swap::ArcSwap;
 
 use crate::cluster::Cluster;
 use crate::config::{Config, RefuseStreamsWith, Route};
@@ -38,6 +35,7 @@ use crate::request::{
     request_authority, strip_hop_by_hop, ClientInfo, InnerRequest,
 };
 use crate::shutdown::{ActiveGuard, Graceful};
+use arc_swap::ArcSwap;
 
 /// State shared by every request of the proxy service.
 pub struct Gateway {
@@ -53,8 +51,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// After a graceful upgrade: where the old process offers its streams' events.
     handover: Option<Arc<Source>>,
-    /// With a `[cluster]`: the other nodes, through Redis.
-    cluster: Option<Arc<Cluster>>,
+    cluster: Option<Arc<Cluster>>, // with a `[cluster]`: the other nodes, through Redis
 }
 
 /// What one request carries between phases.

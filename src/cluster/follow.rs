@@ -12,7 +12,7 @@ use std::time::Duration;
 use redis::Value;
 use tokio::sync::{mpsc, Notify};
 
-use super::{decode_entry, Cluster, Entry, Tag};
+use super::{bulk, decode_entry, Cluster, Entry, Tag};
 
 /// How long one `XREAD` blocks; a new follower wakes it at once (`CLIENT UNBLOCK`).
 const BLOCK: Duration = Duration::from_millis(2000);
@@ -172,7 +172,7 @@ fn deliver(cluster: &Cluster, wanted: &[(Tag, String, String)], v: Value) {
             .filter_map(|s| match s {
                 Value::Array(mut kv) if kv.len() == 2 => {
                     let entries = kv.pop()?;
-                    let key = super::bulk(&kv[0])?.to_vec();
+                    let key = bulk(&kv[0])?.to_vec();
                     Some((key, entries))
                 }
                 _ => None,
@@ -180,7 +180,7 @@ fn deliver(cluster: &Cluster, wanted: &[(Tag, String, String)], v: Value) {
             .collect(),
         Value::Map(m) => m
             .into_iter()
-            .filter_map(|(k, e)| Some((super::bulk(&k)?.to_vec(), e)))
+            .filter_map(|(k, e)| Some((bulk(&k)?.to_vec(), e)))
             .collect(),
         _ => return, // Nil: the block timed out (or was woken).
     };

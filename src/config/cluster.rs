@@ -44,38 +44,7 @@ impl Checker<'_> {
             raw.password_file.as_ref(),
             "cluster.password",
         );
-        let key_secret = self.secret(
-            raw.key_secret.as_ref(),
-            raw.key_secret_env.as_ref(),
-            raw.key_secret_file.as_ref(),
-            "cluster.key_secret",
-        );
-        let key_secret = match key_secret {
-            Some(s) if s.len() >= MIN_SECRET_BYTES => s.into_bytes(),
-            Some(_) => {
-                let span = raw
-                    .key_secret
-                    .as_ref()
-                    .or(raw.key_secret_env.as_ref())
-                    .or(raw.key_secret_file.as_ref())
-                    .map(|v| v.span());
-                self.error(
-                    span,
-                    "cluster.key_secret",
-                    &format!("must be at least {MIN_SECRET_BYTES} bytes"),
-                );
-                vec![]
-            }
-            None => {
-                self.span_error(
-                    &raw.redis,
-                    "cluster.key_secret",
-                    "required (or key_secret_env / key_secret_file): the same secret on \
-                     every node names the streams in Redis",
-                );
-                vec![]
-            }
-        };
+        let key_secret = self.key_secret(raw);
         let node_id = match &raw.node_id {
             Some(v) if v.get_ref().is_empty() || v.get_ref().contains(char::is_whitespace) => {
                 self.span_error(v, "cluster.node_id", "must be a non-empty word");
@@ -84,27 +53,7 @@ impl Checker<'_> {
             Some(v) => v.get_ref().clone(),
             None => default_node_id(),
         };
-        let lease = raw
-            .lease
-            .as_ref()
-            .map_or(Cluster::LEASE, |v| self.duration(v, "cluster.lease"));
-        let timeout = raw
-            .timeout
-            .as_ref()
-            .map_or(Cluster::TIMEOUT, |v| self.duration(v, "cluster.timeout"));
-        if lease < std::time::Duration::from_secs(1) {
-            if let Some(v) = &raw.lease {
-                self.span_error(v, "cluster.lease", "must be at least 1s");
-            }
-        }
-        if timeout.is_zero() || timeout * 3 > lease {
-            let v = raw.timeout.as_ref().unwrap_or(&raw.redis);
-            self.span_error(
-                v,
-                "cluster.timeout",
-                "must be more than 0s and at most a third of cluster.lease",
-            );
-        }
+        let (lease, timeout) = self.timing(raw);
         let prefix = match &raw.prefix {
             Some(v) if v.get_ref().is_empty() || v.get_ref().contains(['{', '}', ' ']) => {
                 self.span_error(
@@ -126,6 +75,71 @@ impl Checker<'_> {
             timeout,
             prefix,
         })
+    }
+
+    /// `key_secret` (inline, `_env` or `_file`): required, at least 16 bytes.
+    fn key_secret(&mut self, raw: &file::Cluster) -> Vec<u8> {
+        let key_secret = self.secret(
+            raw.key_secret.as_ref(),
+            raw.key_secret_env.as_ref(),
+            raw.key_secret_file.as_ref(),
+            "cluster.key_secret",
+        );
+        match key_secret {
+            Some(s) if s.len() >= MIN_SECRET_BYTES => s.into_bytes(),
+            Some(_) => {
+                let span = raw
+                    .key_secret
+                    .as_ref()
+                    .or(raw.key_secret_env.as_ref())
+                    .or(raw.key_secret_file.as_ref())
+                    .map(|v| v.span());
+                self.error(
+                    span,
+                    "cluster.key_secret",
+                    &format!("must be at least {MIN_SECRET_BYTES} bytes"),
+                );
+                vec![]
+            }
+            // Given but unreadable: that error is reported already.
+            None if raw.key_secret_env.is_some() || raw.key_secret_file.is_some() => vec![],
+            None => {
+                self.span_error(
+                    &raw.redis,
+                    "cluster.key_secret",
+                    "required (or key_secret_env / key_secret_file): the same secret on \
+                     every node names the streams in Redis",
+                );
+                vec![]
+            }
+        }
+    }
+
+    /// `lease` and `timeout`: a call must fit in a third of a lease (renewals happen
+    /// every third).
+    fn timing(&mut self, raw: &file::Cluster) -> (std::time::Duration, std::time::Duration) {
+        let lease = raw
+            .lease
+            .as_ref()
+            .map_or(Cluster::LEASE, |v| self.duration(v, "cluster.lease"));
+        let timeout = raw
+            .timeout
+            .as_ref()
+            .map_or(Cluster::TIMEOUT, |v| self.duration(v, "cluster.timeout"));
+        if lease < std::time::Duration::from_secs(1) {
+            if let Some(v) = &raw.lease {
+                self.span_error(v, "cluster.lease", "must be at least 1s");
+            }
+        }
+        if timeout.is_zero() || timeout * 3 > lease {
+            let v = raw.timeout.as_ref().unwrap_or(&raw.redis);
+            self.span_error(
+                v,
+                "cluster.timeout",
+                "must be more than 0s and at most a third of cluster.lease",
+            );
+        }
+        (lease, timeout)
     }
 
     /// A secret given inline, by environment variable, or by file (one of them).

@@ -137,8 +137,7 @@ pub struct Seed {
     pub blocks: Vec<StoredEvent>,
     /// Resume the first subscriber after this id, if the blocks hold it.
     pub resume_after: Option<String>,
-    /// The blocks come from the old process of an upgrade (counted as handed over);
-    /// `false`: from the cluster's shared history.
+    /// From the old process of an upgrade (counted as handed over), not the cluster.
     pub handed_over: bool,
 }
 
@@ -220,8 +219,8 @@ impl Registry {
         self.counters.misses[m.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a resume served from the cluster's shared history.
-    pub fn count_cross_node_resume(&self, blocks: usize) {
+    /// Counts a resume served from a hub (here, or seeded from the cluster's history).
+    pub fn count_resume(&self, blocks: usize) {
         let c = &self.counters;
         c.hits.fetch_add(1, Ordering::Relaxed);
         c.events_replayed
@@ -252,11 +251,7 @@ impl Registry {
             }
             if let Some(s) = h.subscribe(Start::After(last_id)) {
                 // A miss is counted by the caller, once it knows no handover covered it.
-                let c = &self.counters;
-                c.hits.fetch_add(1, Ordering::Relaxed);
-                c.events_replayed
-                    .fetch_add(s.replay.len() as u64, Ordering::Relaxed);
-                c.upstreams_saved.fetch_add(1, Ordering::Relaxed);
+                self.count_resume(s.replay.len());
                 return Ok((h.clone(), s));
             }
         }

@@ -12,11 +12,12 @@ use pingora::protocols::http::HttpTask;
 use tokio::sync::watch;
 
 use super::admit::{admit_stream, Admission, Admit};
+use super::pump::pump;
 use super::remote::{self, stored_audience, Clustered, Lead};
 use super::source::Origin;
 use super::stream::{HubSource, StreamMetrics, Writer};
 use super::RelayStats;
-use crate::cluster::{self, Cluster, Tag};
+use crate::cluster::{self, Cluster};
 use crate::config::{ReplaySettings, Route};
 use crate::handover::{Import, Source as Handover};
 use crate::hub::{Hub, Miss, NewHub, Registry, Start, StreamKey, Subscription, Viewer};
@@ -231,21 +232,11 @@ pub(super) async fn start(
             .and_then(|l| l.seed(rcx.last_event_id.as_deref()));
     }
     // Only a stream someone else could read again is worth writing for the cluster.
+    // Only a stream another request could read again is worth writing for the cluster.
     let reusable = new.audience.admits(&req.headers, rcx.has_identity).is_ok();
-    let writer = match (lead, stored_audience(&new.audience)) {
-        (Some(l), Some(audience)) if reusable => Some(cluster::writer::Writer {
-            cluster: l.cluster,
-            lease: l.lease,
-            bounds: rcx.settings.bounds,
-            head: cluster::encode_head(&new.head),
-            audience,
-        }),
-        (Some(l), _) => {
-            l.cluster.release(&l.lease).await;
-            None
-        }
-        _ => None,
-    };
+    let audience = stored_audience(&new.audience).filter(|_| reusable);
+    let head = lead.as_ref().map(|_| cluster::encode_head(&new.head));
+    let writer = cluster_writer(lead, audience, head, rcx.settings.bounds).await;
     let (hub, sub, created) = rcx.registry.create(new, rcx.viewer(req));
     // The hub is registered: waiting clients of a shared key may join it now.
     drop(opening);
@@ -291,6 +282,30 @@ pub(super) async fn start(
     follow
         .run(session, hub, sub, route, admission, shutdown, stats)
         .await
+}
+
+/// The cluster's writer for a new hub this node leads, given the stored form of its
+/// audience (`None`: nobody else may read it, so the lease is given back) and head.
+async fn cluster_writer(
+    lead: Option<Lead>,
+    audience: Option<Vec<u8>>,
+    head: Option<Vec<u8>>,
+    bounds: crate::replay::RingBounds,
+) -> Option<cluster::writer::Writer> {
+    let lead = lead?;
+    match (audience, head) {
+        (Some(audience), Some(head)) => Some(cluster::writer::Writer {
+            cluster: lead.cluster,
+            lease: lead.lease,
+            bounds,
+            head,
+            audience,
+        }),
+        _ => {
+            lead.cluster.release(&lead.lease).await;
+            None
+        }
+    }
 }
 
 /// The hub a response becomes: its keys, audience and store, what the old process
@@ -456,58 +471,5 @@ impl Follow {
             skip_id: self.skip_id,
         };
         writer.run(session, source, shutdown, stats).await
-    }
-}
-
-/// Feeds a hub from its upstream until the upstream ends or the hub has had no
-/// subscriber for its linger window (nor, with `watch`, any other node's client); then
-/// closes the upstream (by dropping the feed) and unregisters.
-pub(super) async fn pump(
-    hub: Arc<Hub>,
-    registry: Arc<Registry>,
-    mut feed: Origin,
-    pending: Vec<HttpTask>,
-    linger: Duration,
-    watch: Option<(Arc<Cluster>, Tag)>,
-) {
-    let mut alive = pending.into_iter().all(|t| feed_task(&hub, t));
-    let idle = hub.idle_for(linger);
-    tokio::pin!(idle);
-    while alive {
-        tokio::select! {
-            t = feed.next_task() => alive = t.is_some_and(|t| feed_task(&hub, t)),
-            _ = &mut idle => {
-                let watched = match &watch {
-                    Some((cluster, tag)) => cluster.watched(tag).await,
-                    None => false,
-                };
-                if !watched && hub.end_if_idle() {
-                    tracing::debug!("stream without clients for its linger window: closing upstream");
-                    alive = false;
-                } else {
-                    // Someone attached just now, or follows from another node: wait
-                    // for the next idle window.
-                    idle.set(hub.idle_for(linger));
-                }
-            }
-        }
-    }
-    hub.end();
-    registry.remove(&hub);
-}
-
-/// Feeds one upstream task to a hub; `false` when the upstream stream is over.
-fn feed_task(hub: &Hub, t: HttpTask) -> bool {
-    match t {
-        HttpTask::Body(Some(b), end) => match hub.feed(&b) {
-            Ok(_) => !end,
-            Err(e) => {
-                tracing::warn!("closing stream: upstream sent an {e}");
-                false
-            }
-        },
-        HttpTask::Body(None, end) | HttpTask::UpgradedBody(_, end) => !end,
-        HttpTask::Header(..) => true,
-        HttpTask::Trailer(_) | HttpTask::Done | HttpTask::Failed(_) => false,
     }
 }

@@ -11,13 +11,16 @@
 //!
 //! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
 //! - [`source`]: where a response comes from.
-//! - [`hubs`]: resume, join or create a hub; its pump; following it.
+//! - [`hubs`]: resume, join or create a hub; following it.
+//! - [`pump`]: a hub fed from its upstream.
+//! - [`remote`]: the cluster's part: following another node's reader, or leading.
 //! - [`stream`]: the stream writer, and a hub's blocks as its source.
 //! - [`byte_stream`]: an upstream's bytes as its other source.
 
 mod admit;
 mod byte_stream;
 mod hubs;
+mod pump;
 mod remote;
 mod source;
 mod stream;

@@ -129,20 +129,11 @@ async fn follow_remote(
     else {
         return Clustered::Local(missed);
     };
-    let private = remote.audience.first() == Some(&b'1');
-    let identity = &rcx.settings.identity_headers;
-    let audience = Audience::of(&head.headers, &req.headers, identity, rcx.settings.shared)
-        .marked_private(private);
-    let same = audience
-        .fingerprint()
-        .is_some_and(|f| remote.audience.get(1..) == Some(&f[..]));
     let viewer = rcx.viewer(req);
-    if let Err(d) = audience.admits(viewer.headers, viewer.has_identity) {
-        return Clustered::Local(Some(Miss::Denied(d)));
-    }
-    if !same {
-        return Clustered::Local(Some(Miss::Denied(crate::key::Denied::Vary)));
-    }
+    let audience = match admitted(rcx, req, &head, &remote.audience) {
+        Ok(a) => a,
+        Err(m) => return Clustered::Local(Some(m)),
+    };
     // The history this node starts from: all of it (bounded), so later resumes here
     // find their ids too.
     let mut store = MemoryRing::new(rcx.settings.bounds, rcx.budget.clone());
@@ -172,7 +163,7 @@ async fn follow_remote(
         .and_then(|id| hub.subscribe(Start::After(id)));
     let (sub, how) = match (resumed, &rcx.last_event_id) {
         (Some(sub), _) => {
-            rcx.registry.count_cross_node_resume(sub.replay.len());
+            rcx.registry.count_resume(sub.replay.len());
             cluster
                 .counters
                 .cross_node_resumes
@@ -211,6 +202,31 @@ async fn follow_remote(
     };
     tokio::spawn(follower.run());
     Clustered::Follow(hub, sub, how)
+}
+
+/// The audience of a stream another node reads, if `req` may read it: the same `Vary`
+/// values and privacy as the reader recorded (as a handover checks), and admitted.
+fn admitted(
+    rcx: &ReplayCx,
+    req: &RequestHeader,
+    head: &http::response::Parts,
+    stored: &[u8],
+) -> Result<Audience, Miss> {
+    let private = stored.first() == Some(&b'1');
+    let identity = &rcx.settings.identity_headers;
+    let audience = Audience::of(&head.headers, &req.headers, identity, rcx.settings.shared)
+        .marked_private(private);
+    let viewer = rcx.viewer(req);
+    audience
+        .admits(viewer.headers, viewer.has_identity)
+        .map_err(Miss::Denied)?;
+    let same = audience
+        .fingerprint()
+        .is_some_and(|f| stored.get(1..) == Some(&f[..]));
+    if !same {
+        return Err(Miss::Denied(crate::key::Denied::Vary));
+    }
+    Ok(audience)
 }
 
 /// What a follower needs to open the upstream itself.
@@ -361,7 +377,7 @@ impl Follower {
             };
             tokio::spawn(writer.run(self.hub.clone()));
         }
-        super::hubs::pump(self.hub, self.registry, feed, vec![], self.linger, watch).await;
+        super::pump::pump(self.hub, self.registry, feed, vec![], self.linger, watch).await;
         true
     }
 }
