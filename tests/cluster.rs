@@ -58,22 +58,25 @@ fn strictly_increasing(ids: &[u64]) -> bool {
 fn a_client_resumes_on_another_node_with_no_gap_and_no_duplicate() {
     let php = Php::start();
     let redis = Redis::start();
-    for (kind, replay) in [
-        ("private", "linger = \"30s\"\n"),
-        ("shared", "shared = true\nlinger = \"30s\"\n"),
+    // (route, protocol on A, protocol on B): both directions of h1 and h2c.
+    let h1: &[&str] = &[];
+    let h2: &[&str] = &["--http2-prior-knowledge"];
+    for (kind, replay, on_a, on_b) in [
+        ("private", "linger = \"30s\"\n", h1, h2),
+        ("shared", "shared = true\nlinger = \"30s\"\n", h2, h1),
     ] {
         let (a, b) = two_nodes(&php, &redis, replay);
         let log = php.file(&format!("{kind}.log"));
         let path = format!("/broadcast.php?period=0.1&log={}", log.display());
         let cookie = "Cookie: user=alice-secret-value";
-        let first = sse(&a.url(&path), &[HOST, cookie], 1.5);
+        let first = sse_with(&a.url(&path), &[HOST, cookie], on_a, 1.5);
         let ids = first.ids();
         assert!(ids.len() >= 5, "{kind}: too few events on A: {ids:?}");
         let k = *ids.last().unwrap();
         // Away for a moment, as a train tunnel would do; then the balancer sends it to B.
         std::thread::sleep(Duration::from_millis(700));
         let lei = format!("Last-Event-ID: {k}");
-        let second = sse(&b.url(&path), &[HOST, cookie, &lei], 1.5);
+        let second = sse_with(&b.url(&path), &[HOST, cookie, &lei], on_b, 1.5);
         let resumed = second.ids();
         assert!(
             second.replay_header().starts_with("hit"),
@@ -91,8 +94,8 @@ fn a_client_resumes_on_another_node_with_no_gap_and_no_duplicate() {
             "{kind}: not consecutive: {resumed:?}"
         );
         if kind == "shared" {
-            // Ten more clients spread over both nodes: still the one upstream request.
-            let clients: Vec<_> = (0..10u32)
+            // Fifty more clients spread over both nodes: still the one upstream request.
+            let clients: Vec<_> = (0..50u32)
                 .map(|i| {
                     let g = if i.is_multiple_of(2) { &a } else { &b };
                     curl_stream(&g.url(&path), 2, &["-H", HOST])
@@ -234,4 +237,100 @@ fn streams_go_on_when_redis_dies() {
     }
     let port = b.admin_port.unwrap();
     assert_eq!(admin_metric(port, "ssegate_cluster_redis_up"), 0.0);
+}
+
+/// Arrival gaps: the longest silence a client saw, in seconds.
+fn longest_silence(lines: &[TimedLine]) -> f64 {
+    let at: Vec<_> = lines
+        .iter()
+        .filter(|l| l.line.starts_with("id:"))
+        .map(|l| l.at)
+        .collect();
+    at.windows(2)
+        .filter_map(|w| w[1].duration_since(w[0]).ok())
+        .map(|d| d.as_secs_f64())
+        .fold(0.0, f64::max)
+}
+
+fn ids_of(lines: &[TimedLine]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.line.strip_prefix("id: ")?.parse().ok())
+        .collect()
+}
+
+/// Redis stops answering (`SIGSTOP`): neither the reader's client nor the follower's
+/// stalls for long (the follower's node reads the upstream itself), and after `SIGCONT`
+/// they go on, every id once.
+#[test]
+fn streams_go_on_while_redis_does_not_answer() {
+    let php = Php::start();
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let path = "/broadcast.php?period=0.1";
+    let cookie = "Cookie: user=erin";
+    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
+    let k = *first.ids().last().expect("events on A");
+    let lei = format!("Last-Event-ID: {k}");
+    let (url_a, url_b) = (a.url(path), b.url(path));
+    let on_a = std::thread::spawn(move || {
+        curl_lines(&["--max-time", "8", "-H", HOST, "-H", cookie, &url_a])
+    });
+    let on_b = std::thread::spawn(move || {
+        curl_lines(&[
+            "--max-time",
+            "8",
+            "-H",
+            HOST,
+            "-H",
+            cookie,
+            "-H",
+            &lei,
+            &url_b,
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(redis.pid(), "STOP");
+    std::thread::sleep(Duration::from_millis(3000));
+    signal(redis.pid(), "CONT");
+    for (who, t) in [("A", on_a), ("B", on_b)] {
+        let lines = t.join().expect("client");
+        let ids = ids_of(&lines);
+        assert!(strictly_increasing(&ids), "{who}: duplicate: {ids:?}");
+        assert!(ids.len() > 40, "{who}: only {} events in 8 s", ids.len());
+        let gap = longest_silence(&lines);
+        // The follower notices within a third of the 2 s lease, plus one call timeout.
+        assert!(gap < 2.5, "{who}: silent for {gap:.2} s while redis hung");
+    }
+}
+
+/// Redis comes back empty after a crash: the history starts a new epoch, and a resume
+/// from an id of the old one is a signalled miss (never a silent gap).
+#[test]
+fn a_resume_across_a_lost_history_is_a_signalled_miss() {
+    let php = Php::start();
+    let mut redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let path = "/broadcast.php?period=0.1";
+    let cookie = "Cookie: user=frank";
+    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
+    let k = *first.ids().last().expect("events on A");
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    redis.restart();
+    // A's lingering reader writes again: into a new history.
+    let a_port = a.admin_port.unwrap();
+    assert!(
+        wait_for(|| admin_metric(a_port, "ssegate_cluster_epoch_resets_total") >= 1.0),
+        "no new epoch after redis lost its data: {}",
+        a.log()
+    );
+    let lei = format!("Last-Event-ID: {k}");
+    let back = sse(&b.url(path), &[HOST, cookie, &lei], 1.0);
+    assert!(
+        back.replay_header().starts_with("miss"),
+        "a resume across the hole was not signalled: {:?}",
+        back.head
+    );
+    assert!(!back.ids().is_empty(), "no live events after the miss");
 }

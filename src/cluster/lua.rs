@@ -4,7 +4,7 @@
 //! `s` the history (a Redis stream; entry id `<offset>-0`, fields `e` epoch, `i` event
 //! id, `f` flags, `d` raw block, `t` ms time), `m` the meta hash (`e` epoch, `o` top
 //! offset, `b` bytes held, `h` response head, `a` audience fingerprint), `l` the reader's
-//! lease (`<node>/<token>`), `w` set while other nodes' clients follow the stream.
+//! lease (`<node>/<pid>/<token>`), `w` set while other nodes' clients follow the stream.
 //!
 //! The model is Centrifugo's: the offset is assigned by the store in the same step as
 //! the write, and the epoch changes whenever history may have been lost (the meta key

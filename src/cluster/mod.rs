@@ -92,7 +92,7 @@ impl Tag {
 pub struct Lease {
     /// The stream.
     pub tag: Tag,
-    /// `<node>/<token>`: only this holder's writes are accepted.
+    /// `<node>/<pid>/<token>`: only this holder's writes are accepted.
     value: String,
     /// The epoch and top offset of the history when it was taken.
     pub epoch: String,
@@ -206,6 +206,12 @@ impl Cluster {
         Tag(hex.into())
     }
 
+    /// How this process's leases begin: `<node>/<pid>/` (the two processes of an
+    /// upgrade share a node id but are two readers).
+    pub fn holder(&self) -> String {
+        format!("{}/{}/", self.settings.node_id, std::process::id())
+    }
+
     fn key(&self, tag: &Tag, part: &str) -> String {
         tag.key(&self.settings.prefix, part)
     }
@@ -257,7 +263,7 @@ impl Cluster {
 
     /// Takes `tag`'s lease if no node holds it.
     pub async fn acquire(&self, tag: &Tag) -> Result<Option<Lease>, Down> {
-        let value = format!("{}/{:016x}", self.settings.node_id, fastrand::u64(..));
+        let value = format!("{}{:016x}", self.holder(), fastrand::u64(..));
         let mut inv = lua::ACQUIRE.prepare_invoke();
         inv.key(self.key(tag, "l"))
             .key(self.key(tag, "m"))

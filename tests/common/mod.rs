@@ -620,6 +620,11 @@ impl Seen {
 /// Reads an event stream for `secs` seconds (then drops the connection, as a client
 /// that loses its network would).
 pub fn sse(url: &str, headers: &[&str], secs: f64) -> Seen {
+    sse_with(url, headers, &[], secs)
+}
+
+/// [`sse`] with more curl flags (`--http2-prior-knowledge`...).
+pub fn sse_with(url: &str, headers: &[&str], flags: &[&str], secs: f64) -> Seen {
     let mut args: Vec<String> = vec![
         "-s".into(),
         "-i".into(),
@@ -631,6 +636,7 @@ pub fn sse(url: &str, headers: &[&str], secs: f64) -> Seen {
         args.push("-H".into());
         args.push(h.to_string());
     }
+    args.extend(flags.iter().map(|f| f.to_string()));
     args.push(url.into());
     let out = Command::new("curl").args(&args).output().expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
