@@ -131,3 +131,85 @@ fn container_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `docker compose --profile cluster up`: Redis, two gateway nodes on the cluster config,
+/// HAProxy balancing across them; none of it starts without the profile.
+#[test]
+fn cluster_profile_runs_two_nodes_on_redis_behind_haproxy() {
+    let c = compose();
+    let s = &c["services"];
+    let profile = |name: &str| {
+        s[name]["profiles"]
+            .as_sequence()
+            .is_some_and(|p| p.iter().any(|v| v.as_str() == Some("cluster")))
+    };
+    for name in ["redis", "node-a", "node-b", "balancer"] {
+        assert!(profile(name), "{name} is not in the cluster profile");
+    }
+    for name in ["backend", "dev-cert", "gateway"] {
+        assert!(!profile(name), "{name} must run without a profile");
+    }
+    assert!(s["redis"]["image"]
+        .as_str()
+        .is_some_and(|i| i.starts_with("redis:")));
+    assert!(s["balancer"]["image"]
+        .as_str()
+        .is_some_and(|i| i.starts_with("haproxy:")));
+    for node in ["node-a", "node-b"] {
+        let cmd: Vec<&str> = s[node]["command"]
+            .as_sequence()
+            .expect("command")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(cmd, ["-c", "/etc/ssegate/cluster.toml"], "{node}");
+        assert!(s[node]["environment"]["SSEGATE_CLUSTER_KEY"]
+            .as_str()
+            .is_some());
+    }
+    let haproxy =
+        std::fs::read_to_string(repo().join("conf/haproxy-cluster.cfg")).expect("haproxy cfg");
+    for server in ["node-a:8080", "node-b:8080"] {
+        assert!(
+            haproxy.contains(server),
+            "HAProxy does not balance to {server}"
+        );
+    }
+    assert!(
+        haproxy.contains("timeout tunnel"),
+        "streams need a long tunnel timeout"
+    );
+    if let Ok(out) = Command::new("haproxy")
+        .args(["-c", "-f"])
+        .arg(repo().join("conf/haproxy-cluster.cfg"))
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "haproxy -c: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The node config passes `-t` (compose's names replaced by local addresses).
+    let dir = tempfile::tempdir().expect("tmp");
+    let conf = std::fs::read_to_string(repo().join("conf/cluster.toml")).expect("cluster.toml");
+    assert!(conf.contains("\"backend:80\"") && conf.contains("redis://redis:6379/0"));
+    let path = dir.path().join("cluster.toml");
+    let local = conf.replace("\"backend:80\"", "\"127.0.0.1:80\"").replace(
+        "/tmp/ssegate/upgrade.sock",
+        &dir.path().join("up/u.sock").display().to_string(),
+    );
+    std::fs::write(&path, local).expect("write");
+    let out = Command::new(bin())
+        .args(["-t", "-c"])
+        .arg(&path)
+        .env("SSEGATE_CLUSTER_KEY", "a secret of enough bytes")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
