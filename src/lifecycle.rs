@@ -79,6 +79,8 @@ pub struct ShutdownBridge {
     pub registry: Arc<Registry>,
     /// For the window: the streams' reconnection delay and the grace period.
     pub live: Arc<ArcSwap<Live>>,
+    /// With a `[cluster]`: the streams this node reads are handed to followers at exit.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// How long after its streams end an upgraded-away process keeps its hubs, beyond the
@@ -170,9 +172,13 @@ impl BackgroundService for ShutdownBridge {
         std::thread::spawn({
             let shutdown = self.shutdown.clone();
             let pid_file = self.pid_file.clone();
+            let (cluster, registry) = (self.cluster.clone(), self.registry.clone());
             move || loop {
                 let kept = keep_until.is_some_and(|t| std::time::Instant::now() < t);
                 if shutdown.active() == 0 && !kept {
+                    if let Some(c) = &cluster {
+                        hand_over_to_followers(c, &registry);
+                    }
                     tracing::info!("graceful shutdown: no request left, exiting");
                     if let Some(p) = &pid_file {
                         remove_pid_file_if_ours(p);
@@ -183,6 +189,31 @@ impl BackgroundService for ShutdownBridge {
             }
         });
     }
+}
+
+/// How long an exiting reader keeps reading after announcing a handoff: its followers'
+/// upstreams meet its feed within a few events.
+const HANDOFF_OVERLAP: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Announces a handoff, then ends the hubs this node reads for the cluster, so each
+/// writer marks its stream's end
+/// in the shared history and gives the lease up: followers on other nodes take the
+/// upstream over at once instead of after the lease runs out. Bounded: Redis may be away.
+fn hand_over_to_followers(cluster: &crate::cluster::Cluster, registry: &Registry) {
+    use std::sync::atomic::Ordering;
+    let held = || cluster.counters.leases_held.load(Ordering::Relaxed);
+    if held() == 0 {
+        return;
+    }
+    // Followers open the upstream beside this reader and merge; then it ends.
+    cluster.begin_handoff();
+    std::thread::sleep(HANDOFF_OVERLAP.min(cluster.settings.lease / 2));
+    registry.end_all();
+    let deadline = std::time::Instant::now() + cluster.settings.timeout * 4;
+    while held() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    tracing::info!(left = held(), "cluster: streams handed to followers");
 }
 
 /// Writes this process's id to `path`. During an upgrade the new process overwrites the

@@ -16,7 +16,7 @@ use pingora::services::background::background_service;
 use crate::config::Config;
 use crate::conn::{ConnGuard, ConnLimits};
 use crate::handover;
-use crate::lifecycle::{LimitPruner, ShutdownBridge};
+use crate::lifecycle::{ClusterLink, LimitPruner, ShutdownBridge};
 use crate::metrics::Admin;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
@@ -87,17 +87,18 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
             old_pid,
         ));
     }
-    if let Some(settings) = &config.cluster {
-        let cluster = crate::cluster::Cluster::new(settings.clone())
-            .map_err(|e| Error::because(ErrorType::InternalError, "cluster.redis", e))?;
-        gateway = gateway
-            .with_cluster(cluster.clone())
-            .map_err(|e| Error::because(ErrorType::InternalError, "cannot register metrics", e))?;
-        server.add_service(background_service(
-            "cluster",
-            crate::lifecycle::ClusterLink(cluster),
-        ));
-    }
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let c = crate::cluster::Cluster::new(settings.clone())
+                .map_err(|e| Error::because(ErrorType::InternalError, "cluster.redis", e))?;
+            gateway = gateway.with_cluster(c.clone()).map_err(|e| {
+                Error::because(ErrorType::InternalError, "cannot register metrics", e)
+            })?;
+            server.add_service(background_service("cluster", ClusterLink(c.clone())));
+            Some(c)
+        }
+        None => None,
+    };
     let metrics = gateway.metrics();
     let live = gateway.live();
     let registry = gateway.registry();
@@ -116,6 +117,7 @@ pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {
             pid_file: config.server.pid_file.clone(),
             registry,
             live: live.clone(),
+            cluster,
         },
     ));
     server.add_service(background_service(

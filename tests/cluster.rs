@@ -334,3 +334,66 @@ fn a_resume_across_a_lost_history_is_a_signalled_miss() {
     );
     assert!(!back.ids().is_empty(), "no live events after the miss");
 }
+
+/// A reader that shuts down cleanly (`SIGTERM`, a rolling restart) hands its streams to
+/// their followers at once: the follower reads the upstream beside it for a moment,
+/// merged by id, so its client sees every event, and no silence near the lease.
+#[test]
+fn a_reader_that_shuts_down_hands_its_streams_over_with_nothing_lost() {
+    let php = Php::start();
+    let redis = Redis::start();
+    let node = |name| {
+        let toml = cluster_toml(&redis, name).replace("lease = \"2s\"", "lease = \"6s\"");
+        GatewayOptions::to(&php)
+            .replay("linger = \"30s\"\n")
+            .admin()
+            .extra(&toml)
+            .start()
+    };
+    let (a, b) = (node("a"), node("b"));
+    for g in [&a, &b] {
+        let port = g.admin_port.expect("admin");
+        assert!(wait_for(
+            || admin_metric(port, "ssegate_cluster_redis_up") == 1.0
+        ));
+    }
+    let path = "/broadcast.php?period=0.1";
+    let cookie = "Cookie: user=gina";
+    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
+    let k = *first.ids().last().expect("events on A");
+    let lei = format!("Last-Event-ID: {k}");
+    let url_b = b.url(path);
+    let on_b = std::thread::spawn(move || {
+        curl_lines(&[
+            "--max-time",
+            "9",
+            "-H",
+            HOST,
+            "-H",
+            cookie,
+            "-H",
+            &lei,
+            &url_b,
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    a.signal("TERM");
+    let lines = on_b.join().expect("client");
+    let ids = ids_of(&lines);
+    assert_eq!(ids.first(), Some(&(k + 1)), "resume on B: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "events lost or repeated in the handoff: {ids:?}\nB: {}",
+        b.log()
+    );
+    assert!(
+        ids.len() > 70,
+        "B's client stopped after the handoff: {} events",
+        ids.len()
+    );
+    let gap = longest_silence(&lines);
+    assert!(
+        gap < 2.0,
+        "silent for {gap:.2} s: the lease (6 s) ran out instead"
+    );
+}

@@ -68,7 +68,12 @@ pub(super) fn decode_remote(v: Value) -> Option<Remote> {
     let Value::Array(list) = entries else {
         return None;
     };
-    let entries = list.iter().map(decode_entry).collect::<Option<Vec<_>>>()?;
+    // End markers only matter to live followers; a history is its blocks.
+    let entries = list
+        .iter()
+        .map(decode_entry)
+        .filter(|e| !e.as_ref().is_some_and(|e| e.end || e.handoff))
+        .collect::<Option<Vec<_>>>()?;
     Some(Remote {
         reader,
         epoch,
@@ -105,6 +110,8 @@ pub(super) fn decode_entry(v: &Value) -> Option<Entry> {
     }
     Some(Entry {
         offset,
+        end: flags & super::END != 0,
+        handoff: flags & super::HANDOFF != 0,
         epoch: epoch?.into(),
         block: StoredEvent {
             id: id?.into(),

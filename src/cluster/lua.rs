@@ -75,16 +75,21 @@ return {redis.call('GET', KEYS[3]) or '', m[1] or '', m[2] or '0', m[3] or '', m
     )
 });
 
-/// Takes the lease if nobody holds it. KEYS: l, m. ARGV: value, ms.
-/// Returns {taken, epoch, top offset}: where the history stands for the new reader.
+/// Takes the lease if nobody holds it. KEYS: l, m, s. ARGV: value, ms.
+/// Returns {taken, epoch, top offset, last event id}: where the history stands for the
+/// new reader (the id of its newest block, markers skipped).
 pub static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local m = redis.call('HMGET', KEYS[2], 'e', 'o')
-  return {1, m[1] or '', m[2] or '0'}
+  local last = ''
+  for _, e in ipairs(redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 8)) do
+    if tonumber(e[2][6]) < 4 then last = e[2][4]; break end
+  end
+  return {1, m[1] or '', m[2] or '0', last}
 end
-return {0, '', '0'}
+return {0, '', '0', ''}
 "#,
     )
 });
@@ -108,6 +113,27 @@ pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
         r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// The reader is done with a stream (its upstream ended, or it shuts down): an end
+/// marker (flags 4, no block; a planned handoff is announced before by flags 8) tells followers at once to take the upstream over, and
+/// the lease goes. KEYS: s, m, l. ARGV: lease value. Returns 0 when fenced.
+pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+local m = redis.call('HMGET', KEYS[2], 'e', 'o')
+if m[1] then
+  local offset = tonumber(m[2] or '0') + 1
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XADD', KEYS[1], offset .. '-0', 'e', m[1], 'i', '', 'f', 4, 'd', '', 't', ms)
+  redis.call('HSET', KEYS[2], 'o', offset)
+end
+redis.call('DEL', KEYS[3])
 return 1
 "#,
     )

@@ -98,6 +98,8 @@ pub struct Lease {
     pub epoch: String,
     /// See `epoch`.
     pub offset: u64,
+    /// The event id of the history's newest block ("" for none).
+    pub last_id: String,
 }
 
 /// One block of a stream's shared history.
@@ -109,6 +111,10 @@ pub struct Entry {
     pub epoch: Arc<str>,
     /// The block as hubs keep it.
     pub block: StoredEvent,
+    /// Not a block: the reader is done with the stream (take it over now).
+    pub end: bool,
+    /// Not a block: the reader will be done soon (open the upstream beside it now).
+    pub handoff: bool,
 }
 
 /// What Redis holds of a stream.
@@ -142,6 +148,8 @@ pub struct Cluster {
     pub counters: ClusterCounters,
     /// The node-wide follower of remote streams.
     pub follows: follow::Follows,
+    /// Set when this process is about to exit: writers announce a handoff.
+    handoff: tokio::sync::watch::Sender<bool>,
 }
 
 impl Cluster {
@@ -161,6 +169,7 @@ impl Cluster {
             secret,
             counters: ClusterCounters::default(),
             follows: follow::Follows::default(),
+            handoff: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -267,9 +276,10 @@ impl Cluster {
         let mut inv = lua::ACQUIRE.prepare_invoke();
         inv.key(self.key(tag, "l"))
             .key(self.key(tag, "m"))
+            .key(self.key(tag, "s"))
             .arg(&value)
             .arg(self.settings.lease.as_millis() as u64);
-        let (taken, epoch, offset): (i64, String, u64) = self.call(inv).await?;
+        let (taken, epoch, offset, last_id): (i64, String, u64, String) = self.call(inv).await?;
         if taken != 1 {
             return Ok(None);
         }
@@ -279,6 +289,7 @@ impl Cluster {
             value,
             epoch,
             offset,
+            last_id,
         }))
     }
 
@@ -310,6 +321,32 @@ impl Cluster {
         bounds: RingBounds,
         blocks: &[Arc<StoredEvent>],
     ) -> Result<Option<(u64, String)>, Down> {
+        let entries: Vec<(&str, u8, &[u8])> = blocks
+            .iter()
+            .map(|b| (&*b.id, flags(b), &b.raw[..]))
+            .collect();
+        self.append_entries(lease, prev, bounds, &entries).await
+    }
+
+    /// Announces a planned handoff in the history: followers open the upstream beside
+    /// this reader now, while it still reads (see `relay::remote`).
+    pub async fn announce_handoff(
+        &self,
+        lease: &Lease,
+        prev: Option<u64>,
+        bounds: RingBounds,
+    ) -> Result<Option<(u64, String)>, Down> {
+        self.append_entries(lease, prev, bounds, &[("", HANDOFF, b"")])
+            .await
+    }
+
+    async fn append_entries(
+        &self,
+        lease: &Lease,
+        prev: Option<u64>,
+        bounds: RingBounds,
+        entries: &[(&str, u8, &[u8])],
+    ) -> Result<Option<(u64, String)>, Down> {
         let mut inv = lua::APPEND.prepare_invoke();
         inv.key(self.key(&lease.tag, "s"))
             .key(self.key(&lease.tag, "m"))
@@ -322,8 +359,8 @@ impl Cluster {
             .arg(bounds.max_bytes)
             .arg(bounds.max_age.as_millis() as u64)
             .arg(self.ttl(bounds).as_millis() as u64);
-        for b in blocks {
-            inv.arg(&*b.id).arg(flags(b)).arg(&b.raw[..]);
+        for (id, flags, raw) in entries {
+            inv.arg(*id).arg(*flags).arg(*raw);
         }
         let v: Vec<Value> = self.call(inv).await?;
         let int = |v: Option<&Value>| match v {
@@ -354,7 +391,28 @@ impl Cluster {
         Ok(ok == 1)
     }
 
-    /// Gives the lease up (the stream ended here), so a follower takes over at once.
+    /// This process will exit soon: every writer announces a handoff to its followers.
+    pub fn begin_handoff(&self) {
+        self.handoff.send_replace(true);
+    }
+
+    /// Resolves once a handoff has begun.
+    pub fn handoff(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.handoff.subscribe()
+    }
+
+    /// The stream ends here (upstream over, or this node shuts down): followers are told
+    /// in the history itself and take the upstream over at once.
+    pub async fn finish(&self, lease: &Lease) {
+        let mut inv = lua::FINISH.prepare_invoke();
+        inv.key(self.key(&lease.tag, "s"))
+            .key(self.key(&lease.tag, "m"))
+            .key(self.key(&lease.tag, "l"))
+            .arg(&lease.value);
+        let _: Result<i64, _> = self.call(inv).await;
+    }
+
+    /// Gives a lease up that nothing was written under.
     pub async fn release(&self, lease: &Lease) {
         let mut inv = lua::RELEASE.prepare_invoke();
         inv.key(self.key(&lease.tag, "l")).arg(&lease.value);
@@ -406,6 +464,10 @@ impl Cluster {
         self.key(tag, "s")
     }
 }
+
+/// Entry flags of the markers (blocks use bits 0 and 1, see `codec::flags`).
+const END: u8 = 4;
+const HANDOFF: u8 = 8;
 
 /// A fresh epoch candidate (used only when a history starts anew).
 fn new_epoch() -> String {

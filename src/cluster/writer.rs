@@ -35,10 +35,22 @@ impl Writer {
     /// lease (then ends the hub: its clients resume from the shared history).
     pub async fn run(mut self, hub: Arc<Hub>) {
         let c = self.cluster.clone();
-        let mut rx = hub.tap();
+        // What this hub holds past the history's newest block (a follower that read
+        // the upstream beside the old reader for a while) is written first.
+        let last = Some(self.lease.last_id.as_str()).filter(|id| !id.is_empty());
+        let (held, mut rx) = hub.tap_after(last);
         c.counters.leases_held.fetch_add(1, Ordering::Relaxed);
-        // Continue the history where it stands, unless there is none yet.
-        let mut prev = (!self.lease.epoch.is_empty()).then_some(self.lease.offset);
+        // Continue the history where it stands, unless there is none yet or this hub
+        // cannot vouch for what follows its newest block.
+        let mut prev = match (&held, last) {
+            _ if self.lease.epoch.is_empty() => None,
+            (None, Some(_)) => None,
+            _ => Some(self.lease.offset),
+        };
+        let mut catch_up: Vec<Arc<crate::replay::StoredEvent>> =
+            held.unwrap_or_default().into_iter().map(Arc::new).collect();
+        let mut handoff = c.handoff();
+        let mut announced = false;
         let mut opened = false;
         let every = self.cluster.settings.lease / 3;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -49,7 +61,7 @@ impl Writer {
             }
             tokio::select! {
                 biased;
-                msg = rx.recv() => {
+                msg = rx.recv(), if catch_up.is_empty() => {
                     let mut batch = match msg {
                         Ok(HubMsg::Block(b)) => vec![b],
                         Ok(HubMsg::End) | Err(RecvError::Closed) => break,
@@ -91,6 +103,28 @@ impl Writer {
                         break;
                     }
                 }
+                _ = std::future::ready(()), if !catch_up.is_empty() => {
+                    let n = catch_up.len().min(BATCH);
+                    let batch: Vec<_> = catch_up.drain(..n).collect();
+                    match c.append(&self.lease, prev, self.bounds, &batch).await {
+                        Ok(Some((offset, _))) => prev = Some(offset),
+                        Ok(None) => {
+                            fenced = true;
+                            break;
+                        }
+                        Err(_) => prev = None,
+                    }
+                }
+                began = async { handoff.wait_for(|h| *h).await.is_ok() }, if !announced => {
+                    announced = true;
+                    if began {
+                        if let Ok(Some((offset, _))) =
+                            c.announce_handoff(&self.lease, prev, self.bounds).await
+                        {
+                            prev = Some(offset);
+                        }
+                    }
+                }
                 _ = renew.tick() => {
                     if let Ok(false) = c.renew(&self.lease).await {
                         if !self.retake().await {
@@ -108,7 +142,7 @@ impl Writer {
             tracing::info!("cluster: another node reads this stream now; ending it here");
             hub.end();
         } else {
-            c.release(&self.lease).await;
+            c.finish(&self.lease).await;
         }
     }
 

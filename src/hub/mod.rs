@@ -188,8 +188,10 @@ impl Hub {
 
     /// This hub, which followed another node's reader, now reads the upstream itself:
     /// the blocks the upstream repeats of those already published are dropped (merged
-    /// by id, as after an upgrade), until its first new one.
-    pub fn begin_takeover(&self) {
+    /// by id, as after an upgrade). `overlap`: the other reader still feeds it (a
+    /// planned handoff), so the upstream's blocks wait until they meet its feed, which
+    /// goes on through [`Hub::take_handed_over`]; else only the repeats are dropped.
+    pub fn begin_takeover(&self, overlap: bool) {
         let mut inner = self.lock();
         let handed = inner
             .store
@@ -201,8 +203,14 @@ impl Hub {
         inner.merge = Some(Merge {
             handed,
             pending: Default::default(),
-            caught_up: true,
+            caught_up: !overlap,
         });
+    }
+
+    /// The upstream opened beside another reader failed: that reader's feed alone goes
+    /// on (what the upstream sent and was held back is dropped: the feed has it).
+    pub fn abort_takeover(&self) {
+        self.lock().merge = None;
     }
 
     /// Who may read it.
@@ -221,9 +229,22 @@ impl Hub {
     }
 
     /// Every block this hub publishes from now on, without counting as a subscriber
-    /// (the cluster's writer: it must not keep the hub from lingering out).
-    pub fn tap(&self) -> broadcast::Receiver<HubMsg> {
-        self.lock().tx.subscribe()
+    /// (the cluster's writer: it must not keep the hub from lingering out), and, taken
+    /// under the same lock so nothing slips between, the blocks it holds after the one
+    /// that carried `after` (`None` when it holds no such block).
+    pub fn tap_after(
+        &self,
+        after: Option<&str>,
+    ) -> (Option<Vec<StoredEvent>>, broadcast::Receiver<HubMsg>) {
+        let mut inner = self.lock();
+        let held = match after {
+            Some(id) => match inner.store.after(id) {
+                Lookup::After(v) => Some(v),
+                Lookup::Unknown => None,
+            },
+            None => None,
+        };
+        (held, inner.tx.subscribe())
     }
 
     /// Whether blocks handed over are still wanted.

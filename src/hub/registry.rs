@@ -433,6 +433,11 @@ impl Registry {
         lock.lock_owned().await
     }
 
+    /// Ends every hub (the process is about to exit: their cluster writers hand over).
+    pub fn end_all(&self) {
+        self.each(|_| true).iter().for_each(|h| h.end());
+    }
+
     /// Removes a hub that ended or lingered out.
     pub fn remove(&self, hub: &Arc<Hub>) {
         let mut map = self.lock();

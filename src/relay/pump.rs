@@ -48,7 +48,7 @@ pub(super) async fn pump(
 }
 
 /// Feeds one upstream task to a hub; `false` when the upstream stream is over.
-fn feed_task(hub: &Hub, t: HttpTask) -> bool {
+pub(super) fn feed_task(hub: &Hub, t: HttpTask) -> bool {
     match t {
         HttpTask::Body(Some(b), end) => match hub.feed(&b) {
             Ok(_) => !end,

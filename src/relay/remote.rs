@@ -192,6 +192,7 @@ async fn follow_remote(
         epoch,
         next: after,
         following: Some(following),
+        own: None,
         linger: rcx.settings.linger,
         reopen: Reopen {
             req: req.clone(),
@@ -240,7 +241,10 @@ struct Reopen {
 }
 
 /// Feeds a hub from another node's history, until the hub has had no client for its
-/// linger window, or the reader is gone (then it takes over).
+/// linger window, or the reader is gone (then it takes over). When the reader announces
+/// a planned handoff (it is about to exit), the upstream is opened beside it and merged
+/// with its feed by id, so the switch loses nothing even from a backend that ignores
+/// `Last-Event-ID`.
 struct Follower {
     hub: Arc<Hub>,
     registry: Arc<Registry>,
@@ -252,6 +256,8 @@ struct Follower {
     next: u64,
     /// Taken away once following stops.
     following: Option<follow::Following>,
+    /// The upstream, opened beside the reader during a planned handoff.
+    own: Option<Origin>,
     linger: Duration,
     reopen: Reopen,
 }
@@ -263,6 +269,33 @@ enum Stop {
     /// The reader is gone (or Redis is): read the upstream here, with this lease if
     /// one was taken.
     TakeOver(Option<Lease>),
+}
+
+/// Opens the upstream with the last id `hub` published; `overlap`: the reader still
+/// feeds the hub, merge the two (see [`Hub::begin_takeover`]).
+async fn open_upstream(hub: &Hub, reopen: &Reopen, overlap: bool) -> Option<Origin> {
+    let mut req = reopen.req.clone();
+    if let Some(id) = hub.last_id() {
+        let _ = req.insert_header("last-event-id", &*id);
+    }
+    let exchange = stream_client::open(&req, &reopen.client, &reopen.metrics)
+        .await
+        .ok()?;
+    let mut feed = Origin::Direct(Box::new(exchange));
+    match feed.next_task().await {
+        Some(HttpTask::Header(resp, _)) if resp.status == 200 && is_event_stream(&resp) => {}
+        _ => return None,
+    }
+    hub.begin_takeover(overlap);
+    Some(feed)
+}
+
+/// The next piece of `own`'s response; never, without one.
+async fn next_own(own: &mut Option<Origin>) -> Option<HttpTask> {
+    match own {
+        Some(o) => o.next_task().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Follower {
@@ -294,38 +327,22 @@ impl Follower {
         loop {
             tokio::select! {
                 batch = following.rx.recv() => {
-                    let Some(batch) = batch else {
-                        // Cut for being behind, or the feed is gone.
-                        return Stop::Ended;
-                    };
-                    for e in batch {
-                        if e.offset <= self.next {
-                            continue;
-                        }
-                        if e.offset != self.next + 1 || e.epoch != self.epoch {
-                            tracing::info!("cluster: shared history has a hole; ending the stream here");
-                            return Stop::Ended;
-                        }
-                        self.next = e.offset;
-                        self.hub.take_remote(e.block);
+                    // `None`: cut for being behind, or the feed is gone.
+                    let Some(batch) = batch else { return Stop::Ended };
+                    if let Some(stop) = self.take_batch(batch).await {
+                        return stop;
+                    }
+                }
+                t = next_own(&mut self.own) => {
+                    if !t.is_some_and(|t| super::pump::feed_task(&self.hub, t)) {
+                        // The upstream opened for a handoff failed: follow on.
+                        self.own = None;
+                        self.hub.abort_takeover();
                     }
                 }
                 _ = check.tick() => {
-                    if self.hub.subscribers() > 0 {
-                        let _ = self.cluster.watch(&self.tag).await;
-                    }
-                    match self.cluster.peek(&self.tag, false).await {
-                        Ok(r) if r.epoch.as_deref() != Some(&*self.epoch) => {
-                            tracing::info!("cluster: shared history restarted; ending the stream here");
-                            return Stop::Ended;
-                        }
-                        Ok(r) if r.reader.is_none() => match self.cluster.acquire(&self.tag).await {
-                            Ok(Some(lease)) => return Stop::TakeOver(Some(lease)),
-                            Ok(None) => {}
-                            Err(_) => return Stop::TakeOver(None),
-                        },
-                        Ok(_) => {}
-                        Err(_) => return Stop::TakeOver(None),
+                    if let Some(stop) = self.check().await {
+                        return stop;
                     }
                 }
                 _ = &mut idle => {
@@ -338,31 +355,82 @@ impl Follower {
         }
     }
 
-    /// Opens the upstream with the last id this hub published and feeds the hub from
-    /// it (writing to the cluster when `lease`); `false` if the upstream would not.
-    async fn take_over(self, lease: Option<Lease>) -> bool {
-        let mut req = self.reopen.req.clone();
-        if let Some(id) = self.hub.last_id() {
-            let _ = req.insert_header("last-event-id", &*id);
+    /// Publishes a batch of the reader's entries; `Some` when following must stop.
+    async fn take_batch(&mut self, batch: Vec<Entry>) -> Option<Stop> {
+        let (mut ended, mut handoff) = (false, false);
+        for e in batch {
+            if e.offset <= self.next {
+                continue;
+            }
+            if e.offset != self.next + 1 || e.epoch != self.epoch {
+                tracing::info!("cluster: shared history has a hole; ending the stream here");
+                return Some(Stop::Ended);
+            }
+            self.next = e.offset;
+            if e.end {
+                ended = true;
+            } else if e.handoff {
+                handoff = true;
+            } else if self.own.is_some() {
+                // Merging with the upstream opened for the handoff.
+                self.hub.take_handed_over(e.block);
+            } else {
+                self.hub.take_remote(e.block);
+            }
         }
-        let Ok(exchange) =
-            stream_client::open(&req, &self.reopen.client, &self.reopen.metrics).await
-        else {
-            return false;
-        };
-        let mut feed = Origin::Direct(Box::new(exchange));
-        let ok = match feed.next_task().await {
-            Some(HttpTask::Header(resp, _)) => resp.status == 200 && is_event_stream(&resp),
-            _ => false,
-        };
-        if !ok {
-            return false;
+        if handoff && self.own.is_none() {
+            self.own = open_upstream(&self.hub, &self.reopen, true).await;
         }
+        // The reader is done: the first follower to take the lease reads on.
+        if ended {
+            return match self.cluster.acquire(&self.tag).await {
+                Ok(Some(lease)) => Some(Stop::TakeOver(Some(lease))),
+                Ok(None) => None,
+                Err(_) => Some(Stop::TakeOver(None)),
+            };
+        }
+        None
+    }
+
+    /// Every third of a lease: keeps the reader reading for this node's clients, and
+    /// looks for a gone reader or a lost history.
+    async fn check(&mut self) -> Option<Stop> {
+        if self.hub.subscribers() > 0 {
+            let _ = self.cluster.watch(&self.tag).await;
+        }
+        match self.cluster.peek(&self.tag, false).await {
+            Ok(r) if r.epoch.as_deref() != Some(&*self.epoch) => {
+                tracing::info!("cluster: shared history restarted; ending the stream here");
+                Some(Stop::Ended)
+            }
+            Ok(r) if r.reader.is_none() => match self.cluster.acquire(&self.tag).await {
+                Ok(Some(lease)) => Some(Stop::TakeOver(Some(lease))),
+                Ok(None) => None,
+                Err(_) => Some(Stop::TakeOver(None)),
+            },
+            Ok(_) => None,
+            Err(_) => Some(Stop::TakeOver(None)),
+        }
+    }
+
+    /// Feeds the hub from the upstream (opened now, or for a handoff already), writing
+    /// to the cluster when `lease`; `false` if the upstream would not answer.
+    async fn take_over(mut self, lease: Option<Lease>) -> bool {
+        let feed = match self.own.take() {
+            Some(feed) => {
+                // The reader's feed is over: the upstream alone goes on.
+                self.hub.end_handover();
+                feed
+            }
+            None => match open_upstream(&self.hub, &self.reopen, false).await {
+                Some(feed) => feed,
+                None => return false,
+            },
+        };
         tracing::info!(
             lease = lease.is_some(),
             "cluster: took a stream over from its reader"
         );
-        self.hub.begin_takeover();
         let watch = lease
             .is_some()
             .then(|| (self.cluster.clone(), self.tag.clone()));
