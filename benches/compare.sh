@@ -6,6 +6,9 @@
 #   SSEGATE_BASELINE=/path/to/an/older/ssegate adds a `baseline` column: that binary on
 #   the same config, in the same run (before/after comparisons of a change).
 #   --quick: smaller runs (a minute or two), to check the script itself.
+#   A `cluster` column (when redis-server is installed, or PROXIES names it): two ssegate
+#   nodes sharing one Redis, clients spread over both with the same Host, one stream
+#   key per client in the 1:1 case; CPU and memory are both nodes' and Redis's.
 # Installs nginx and haproxy from Debian's packages when missing (skipped if that fails).
 # Loopback only; every run is bounded in clients and seconds.
 set -euo pipefail
@@ -26,7 +29,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
 TCK=$(getconf CLK_TCK)
-ORIGIN=19100 GW=19101 NGX=19102 HAP=19103
+ORIGIN=19100 GW=19101 NGX=19102 HAP=19103 REDIS=19104 GW2=19105
 
 # CPU seconds (user+system) of a process and its children alive now; `cpu PID sys`
 # counts the system (kernel) part only.
@@ -40,7 +43,7 @@ wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 
 start_origin() { # rate
   target/release/examples/sse_origin --port $ORIGIN --rate "$1" --size 200 2>/dev/null & OPID=$!; PIDS+=($OPID); wait_port $ORIGIN; }
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+stop() { pkill -P "$1" 2>/dev/null || true; kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 cat > "$W/ssegate.toml" <<EOF
 [server]
@@ -68,6 +71,14 @@ replay = { shared = true }
 [[routes]]
 upstream = "origin"
 EOF
+# The cluster column: the same config on two nodes, plus Redis.
+for n in a b; do
+  port=$GW; [ $n = b ] && port=$GW2
+  sed -e "s/127.0.0.1:$GW\"/127.0.0.1:$port\"/" -e "s#$W/upgrade.sock#$W/upgrade-$n.sock#" \
+    "$W/ssegate.toml" > "$W/node-$n.toml"
+  printf '[cluster]\nredis = "redis://127.0.0.1:%s/"\nkey_secret = "benchmark secret of enough bytes"\nnode_id = "%s"\n' \
+    "$REDIS" "$n" >> "$W/node-$n.toml"
+done
 cat > "$W/nginx.conf" <<EOF
 daemon off;
 worker_processes 2;
@@ -121,6 +132,11 @@ start_proxy() { # name -> PPID, PORT
     baseline) "$SSEGATE_BASELINE" -c "$W/ssegate.toml" 2>"$W/baseline.log" & PPID_=$!; PORT=$GW ;;
     nginx) nginx -p "$W/" -c "$W/nginx.conf" -e "$W/nginx-error.log" & PPID_=$!; PORT=$NGX ;;
     haproxy) haproxy -db -f "$W/haproxy.cfg" 2>"$W/haproxy.log" & PPID_=$!; PORT=$HAP ;;
+    cluster) # one parent, so CPU and RSS count both nodes and Redis
+      bash -c "redis-server --port $REDIS --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+        target/release/ssegate -c '$W/node-a.toml' 2>'$W/node-a.log' &
+        target/release/ssegate -c '$W/node-b.toml' 2>'$W/node-b.log' & wait" & PPID_=$!; PORT=$GW
+      wait_port $REDIS; wait_port $GW2; sleep 1 ;;
   esac
   [ "$1" = direct ] || PIDS+=($PPID_)
   wait_port $PORT; sleep 0.5
@@ -130,20 +146,23 @@ proxies=(direct ssegate)
 [ -z "${SSEGATE_BASELINE:-}" ] || proxies+=(baseline)
 command -v nginx >/dev/null && proxies+=(nginx)
 command -v haproxy >/dev/null && proxies+=(haproxy)
+command -v redis-server >/dev/null && proxies+=(cluster)
 # PROXIES="direct ssegate" runs only those.
 [ -z "${PROXIES:-}" ] || read -ra proxies <<< "$PROXIES"
 RESULTS="$W/results"; : > "$RESULTS"
 
-load() { # port path clients secs warm -> json
-  target/release/examples/sse_load --url "http://127.0.0.1:$1$2" --clients "$3" --duration "$4" --warmup "$5" --ramp 3000 --sources 32
+load() { # port path clients secs warm [more sse_load flags] -> json
+  target/release/examples/sse_load --url "http://127.0.0.1:$1$2" --clients "$3" --duration "$4" --warmup "$5" --ramp 3000 --sources 32 "${@:6}"
 }
 
 for p in "${proxies[@]}"; do
+  spread=(); one=()
+  [ "$p" = cluster ] && spread=(--nodes $GW2) && one=(--distinct)
   # 1. Idle streams: memory per open stream.
   start_origin 1
   start_proxy "$p"
   base=$(rss $PPID_)
-  load $PORT /idle $IDLE $((SECS / 2 + 10)) 0 > "$W/idle.json" &
+  load $PORT /idle $IDLE $((SECS / 2 + 10)) 0 "${spread[@]}" > "$W/idle.json" &
   LPID=$!
   sleep $((SECS / 2 + 5))
   held=$(rss $PPID_)
@@ -156,7 +175,7 @@ for p in "${proxies[@]}"; do
   # 2. 1:1 streams: CPU per delivered event, latency, loss.
   start_origin $ONE_RATE
   start_proxy "$p"
-  load $PORT /stream $ONE $((SECS + WARM)) $WARM > "$W/one.json" &
+  load $PORT /stream $ONE $((SECS + WARM)) $WARM "${spread[@]}" "${one[@]}" > "$W/one.json" &
   LPID=$!
   sleep $WARM; c0=$(cpu $PPID_); k0=$(cpu $PPID_ sys); sleep $SECS; c1=$(cpu $PPID_); k1=$(cpu $PPID_ sys)
   wait $LPID || true
@@ -165,10 +184,10 @@ for p in "${proxies[@]}"; do
 
   # 3. Many clients of one feed: total CPU (proxy + origin) per delivered event. Only
   # ssegate shares one upstream stream (a shared route); the others proxy 1:1.
-  path=/stream; case $p in ssegate|baseline) path=/shared/stream ;; esac
+  path=/stream; case $p in ssegate|baseline|cluster) path=/shared/stream ;; esac
   start_origin $SHARED_RATE
   start_proxy "$p"
-  load $PORT $path $SHARED $((SECS + WARM + 10)) $((WARM + 10)) > "$W/shared.json" &
+  load $PORT $path $SHARED $((SECS + WARM + 10)) $((WARM + 10)) "${spread[@]}" > "$W/shared.json" &
   LPID=$!
   sleep $((WARM + 10)); s0=$(cpu $PPID_); o0=$(cpu $OPID); sleep $SECS; s1=$(cpu $PPID_); o1=$(cpu $OPID)
   wait $LPID || true

@@ -50,6 +50,13 @@ struct Args {
     /// New connections per second while opening.
     #[arg(long, default_value_t = 2000)]
     ramp: u64,
+    /// More ports on the same host (gateway nodes of one cluster): connections go to the
+    /// URL's port and these in turn, all with the URL's `Host`, as behind a balancer.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<u16>,
+    /// Give each stream a query of its own (`c=<n>`): one stream key per client.
+    #[arg(long)]
+    distinct: bool,
 }
 
 #[derive(Default)]
@@ -188,8 +195,13 @@ async fn connect(
     }
 }
 
-fn request(uri: &hyper::Uri, authority: &str) -> Request<Empty<Bytes>> {
+fn request(uri: &hyper::Uri, authority: &str, client: Option<usize>) -> Request<Empty<Bytes>> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = match client {
+        Some(c) if path.contains('?') => format!("{path}&c={c}"),
+        Some(c) => format!("{path}?c={c}"),
+        None => path.to_owned(),
+    };
     let mut b = Request::get(path);
     if uri.scheme_str() == Some("https") || uri.scheme_str() == Some("http") {
         b = b.header("host", authority);
@@ -210,6 +222,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?
         .next()
         .ok_or("cannot resolve the host")?;
+    let mut addrs = vec![addr];
+    addrs.extend(args.nodes.iter().map(|p| SocketAddr::new(addr.ip(), *p)));
     let tls = if args.proto == "h2" {
         let mut roots = rustls::RootCertStore::empty();
         let ca = args.ca.as_ref().ok_or("--proto h2 needs --ca")?;
@@ -260,6 +274,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             authority.clone(),
             args.proto.clone(),
         );
+        let addr = addrs[i % addrs.len()];
+        let distinct = args.distinct.then_some(i * per_conn);
         tasks.push(tokio::spawn(async move {
             let io = match connect(addr, source, (*tls).as_ref()).await {
                 Ok(io) => TokioIo::new(io),
@@ -271,7 +287,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Err(e) => return fail(&shared, &e),
                 };
                 tokio::spawn(conn);
-                follow(sender.send_request(request(&uri, &authority)), &shared).await;
+                let req = request(&uri, &authority, distinct);
+                follow(sender.send_request(req), &shared).await;
             } else {
                 let (sender, conn) =
                     match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
@@ -280,9 +297,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     };
                 tokio::spawn(conn);
                 let mut handles = vec![];
-                for _ in 0..streams {
-                    let (mut sender, shared, req) =
-                        (sender.clone(), shared.clone(), request(&uri, &authority));
+                for j in 0..streams {
+                    let req = request(&uri, &authority, distinct.map(|d| d + j));
+                    let (mut sender, shared) = (sender.clone(), shared.clone());
                     handles.push(tokio::spawn(async move {
                         follow(sender.send_request(req), &shared).await
                     }));
