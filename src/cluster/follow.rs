@@ -17,9 +17,9 @@ use super::{bulk, decode_entry, Cluster, Entry, Tag};
 /// How long one `XREAD` blocks; a new follower wakes it at once (`CLIENT UNBLOCK`).
 const BLOCK: Duration = Duration::from_millis(2000);
 /// Most entries one `XREAD` returns per stream.
-const COUNT: usize = 512;
+const COUNT: usize = 256;
 /// Batches a follower may have unread before it is cut.
-const QUEUE: usize = 64;
+const QUEUE: usize = 16;
 
 /// The streams this node follows.
 #[derive(Default)]
