@@ -104,17 +104,21 @@ async fn next_phase(
 }
 
 impl ShutdownBridge {
-    /// How long the old process keeps its hubs for the new one.
-    fn handover_window(&self) -> std::time::Duration {
+    /// The longest reconnection delay streams are told at shutdown.
+    fn longest_retry(&self) -> std::time::Duration {
         let live = self.live.load();
-        let config = &live.config;
-        let retry = config
+        live.config
             .routes
             .iter()
             .map(|r| r.sse.shutdown_retry)
             .max()
-            .unwrap_or_default();
-        (retry + HANDOVER_MARGIN).min(config.server.grace_period)
+            .unwrap_or_default()
+    }
+
+    /// How long the old process keeps its hubs for the new one.
+    fn handover_window(&self) -> std::time::Duration {
+        let grace = self.live.load().config.server.grace_period;
+        (self.longest_retry() + HANDOVER_MARGIN).min(grace)
     }
 }
 
@@ -173,11 +177,12 @@ impl BackgroundService for ShutdownBridge {
             let shutdown = self.shutdown.clone();
             let pid_file = self.pid_file.clone();
             let (cluster, registry) = (self.cluster.clone(), self.registry.clone());
+            let overlap = self.longest_retry() + HANDOFF_MARGIN;
             move || loop {
                 let kept = keep_until.is_some_and(|t| std::time::Instant::now() < t);
                 if shutdown.active() == 0 && !kept {
                     if let Some(c) = &cluster {
-                        hand_over_to_followers(c, &registry);
+                        hand_over_to_followers(c, &registry, overlap);
                     }
                     tracing::info!("graceful shutdown: no request left, exiting");
                     if let Some(p) = &pid_file {
@@ -191,15 +196,20 @@ impl BackgroundService for ShutdownBridge {
     }
 }
 
-/// How long an exiting reader keeps reading after announcing a handoff: its followers'
-/// upstreams meet its feed within a few events.
-const HANDOFF_OVERLAP: std::time::Duration = std::time::Duration::from_millis(1500);
+/// How long an exiting reader keeps reading after announcing a handoff, beyond the
+/// longest `retry:` it told its own clients: they reconnect to other nodes, which follow
+/// it and open the upstream beside it; those upstreams meet its feed within a few events.
+const HANDOFF_MARGIN: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Announces a handoff, then ends the hubs this node reads for the cluster, so each
 /// writer marks its stream's end
 /// in the shared history and gives the lease up: followers on other nodes take the
 /// upstream over at once instead of after the lease runs out. Bounded: Redis may be away.
-fn hand_over_to_followers(cluster: &crate::cluster::Cluster, registry: &Registry) {
+fn hand_over_to_followers(
+    cluster: &crate::cluster::Cluster,
+    registry: &Registry,
+    overlap: std::time::Duration,
+) {
     use std::sync::atomic::Ordering;
     let held = || cluster.counters.leases_held.load(Ordering::Relaxed);
     if held() == 0 {
@@ -207,7 +217,7 @@ fn hand_over_to_followers(cluster: &crate::cluster::Cluster, registry: &Registry
     }
     // Followers open the upstream beside this reader and merge; then it ends.
     cluster.begin_handoff();
-    std::thread::sleep(HANDOFF_OVERLAP.min(cluster.settings.lease / 2));
+    std::thread::sleep(overlap);
     registry.end_all();
     let deadline = std::time::Instant::now() + cluster.settings.timeout * 4;
     while held() > 0 && std::time::Instant::now() < deadline {

@@ -397,3 +397,86 @@ fn a_reader_that_shuts_down_hands_its_streams_over_with_nothing_lost() {
         "silent for {gap:.2} s: the lease (6 s) ran out instead"
     );
 }
+
+/// HAProxy (Debian's) balancing round robin across `nodes`, as in front of a real
+/// cluster; a dead or closing node's connections go to the next one.
+fn balancer(nodes: &[&Gateway]) -> (u16, Proc, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let servers: String = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            format!(
+                "    server n{i} 127.0.0.1:{} check inter 300ms fall 1\n",
+                g.port
+            )
+        })
+        .collect();
+    let cfg = format!(
+        "defaults\n    mode http\n    timeout connect 1s\n    timeout client 1h\n    timeout server 1h\n    \
+         timeout tunnel 1h\n    retries 3\n    option redispatch\n\
+         frontend site\n    bind 127.0.0.1:{port}\n    default_backend gateways\n\
+         backend gateways\n    balance roundrobin\n{servers}"
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, cfg).expect("write haproxy.cfg");
+    let mut child = std::process::Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy (the README's test command installs it)");
+    wait_port(port, &mut child, "haproxy");
+    (port, Proc { child }, dir)
+}
+
+/// A rolling restart as a browser sees it: headless Chromium's `EventSource` through
+/// HAProxy to two nodes; the node serving it shuts down (`SIGTERM`); the browser
+/// reconnects by itself, lands on the other node, and its ids go on with no gap and no
+/// duplicate, from a backend that ignores `Last-Event-ID`.
+#[test]
+fn a_browser_behind_a_balancer_sees_no_gap_when_its_node_restarts() {
+    let php = Php::start();
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let (port, _haproxy, _dir) = balancer(&[&a, &b]);
+    let page = format!("http://127.0.0.1:{port}/es_page.html?period=0.1");
+    let browser = std::thread::spawn(move || {
+        std::process::Command::new("node")
+            .arg(repo().join("tests/node/browser_es.mjs"))
+            .args([&page, "90", "40000"])
+            .output()
+            .expect("run node")
+    });
+    // Whichever node serves the stream now: the one that reads it for the cluster.
+    let reader = || {
+        [&a, &b]
+            .into_iter()
+            .find(|g| admin_metric(g.admin_port.unwrap(), "ssegate_cluster_leases_held") > 0.0)
+    };
+    std::thread::sleep(Duration::from_millis(3000));
+    let serving = reader().expect("no node reads the browser's stream");
+    serving.signal("TERM");
+    let out = browser.join().expect("browser");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "browser output ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let ids = json_ids(&stats);
+    assert!(
+        stats["errors"].as_u64().unwrap_or(0) >= 1,
+        "no reconnect: {stats}"
+    );
+    assert_eq!(stats["closedForGood"], false, "{stats}");
+    assert!(ids.len() >= 90, "{stats}");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "gap or duplicate across the restart: {ids:?}\nA: {}\nB: {}",
+        a.log(),
+        b.log()
+    );
+}

@@ -16,14 +16,18 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// Appends blocks, fenced by the lease.
-/// KEYS: s, m, l. ARGV: lease value, lease ms, previous offset ("" when the writer cannot
-/// vouch for continuity), new epoch, max events, max bytes, max age ms, key ttl ms, then
-/// (id, flags, raw) per block. Returns {0} when fenced, else {1, top offset, epoch, reset}.
+/// KEYS: s, m, l. ARGV: lease value, lease ms (unused: renewals extend the lease),
+/// previous offset ("" when the writer cannot vouch for continuity), new epoch, max
+/// events, max bytes, max age ms, key ttl ms, then (id, flags, raw) per block. Returns
+/// {0} when fenced, else {1, top offset, epoch, reset}.
+///
+/// Per call in the common case: GET, HMGET, TIME, XADD per block, XLEN, HSET. The age
+/// bound and the keys' expiry are refreshed every 32 offsets (and on a new epoch): both
+/// are minutes long, so that is soon enough and keeps each event cheap.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {0} end
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
 local m = redis.call('HMGET', KEYS[2], 'e', 'o', 'b')
 local epoch, offset, bytes = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
 local reset = 0
@@ -34,6 +38,7 @@ end
 local max_len, max_bytes, max_age = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local first_offset = offset
 for i = 9, #ARGV, 3 do
   local raw = ARGV[i + 2]
   offset = offset + 1
@@ -45,18 +50,24 @@ for i = 9, #ARGV, 3 do
     bytes = bytes + #raw
   end
 end
-while true do
+local n = redis.call('XLEN', KEYS[1])
+local aged = reset == 1 or math.floor(offset / 32) ~= math.floor(first_offset / 32)
+while n > 0 do
+  local over = n > max_len or bytes > max_bytes
+  if not over and not aged then break end
   local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
   if not first then break end
   local f = first[2]
-  if redis.call('XLEN', KEYS[1]) > max_len or bytes > max_bytes or tonumber(f[10]) < ms - max_age then
-    redis.call('XDEL', KEYS[1], first[1]); bytes = bytes - #f[8]
+  if over or tonumber(f[10]) < ms - max_age then
+    redis.call('XDEL', KEYS[1], first[1]); bytes = bytes - #f[8]; n = n - 1
   else
     break
   end
 end
 redis.call('HSET', KEYS[2], 'e', epoch, 'o', offset, 'b', bytes)
-redis.call('PEXPIRE', KEYS[1], ARGV[8]); redis.call('PEXPIRE', KEYS[2], ARGV[8])
+if aged then
+  redis.call('PEXPIRE', KEYS[1], ARGV[8]); redis.call('PEXPIRE', KEYS[2], ARGV[8])
+end
 return {1, offset, epoch, reset}
 "#,
     )

@@ -136,7 +136,6 @@ impl Writer {
                 }
             }
         }
-        c.counters.leases_held.fetch_sub(1, Ordering::Relaxed);
         if fenced {
             c.counters.fenced.fetch_add(1, Ordering::Relaxed);
             tracing::info!("cluster: another node reads this stream now; ending it here");
@@ -144,6 +143,8 @@ impl Writer {
         } else {
             c.finish(&self.lease).await;
         }
+        // Only now: an exiting process waits for this count to reach zero.
+        c.counters.leases_held.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Records the head and audience; `false` if Redis did not take them (tried again
