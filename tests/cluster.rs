@@ -480,3 +480,38 @@ fn a_browser_behind_a_balancer_sees_no_gap_when_its_node_restarts() {
         b.log()
     );
 }
+
+/// `rediss://` with the password from an environment variable: the node reaches a
+/// TLS-only Redis that wants a password, and writes the history there; with a wrong
+/// password it says Redis is away and serves alone.
+#[test]
+fn a_node_reaches_redis_over_tls_with_a_password_from_the_environment() {
+    let php = Php::start();
+    let redis = Redis::start_tls("s3cret-pass");
+    let ca = redis.dir.path().join("cert.pem");
+    for (password, up) in [("s3cret-pass", 1.0), ("not-the-pass-9f3", 0.0)] {
+        let toml = format!(
+            "[cluster]\nredis = \"rediss://127.0.0.1:{}/\"\npassword_env = \"SSEGATE_TEST_REDIS_PASSWORD\"\n\
+             key_secret = \"a test secret of enough bytes\"\nlease = \"2s\"\ntimeout = \"500ms\"\n",
+            redis.port
+        );
+        let g = GatewayOptions::to(&php)
+            .replay("linger = \"5s\"\n")
+            .admin()
+            .extra(&toml)
+            .env("SSEGATE_TEST_REDIS_PASSWORD", password)
+            // The test certificate stands in for a CA the system trusts.
+            .env("SSL_CERT_FILE", &ca.display().to_string())
+            .start();
+        let port = g.admin_port.unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let seen = sse(&g.url("/broadcast.php?period=0.1"), &[HOST], 1.0);
+        assert!(
+            seen.ids().len() >= 5,
+            "no stream with password {password:?}"
+        );
+        let connected = admin_metric(port, "ssegate_cluster_redis_up");
+        assert_eq!(connected, up, "password {password:?}: {}", g.log());
+        assert!(!g.log().contains(password), "the password was logged");
+    }
+}

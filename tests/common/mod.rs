@@ -221,6 +221,8 @@ pub struct GatewayOptions {
     pub server_extra: String,
     /// More keys inside the TLS listener's inline `tls = { ... }` table.
     pub tls_extra: String,
+    /// Environment variables for the gateway process.
+    pub env: Vec<(String, String)>,
 }
 
 impl GatewayOptions {
@@ -239,6 +241,7 @@ impl GatewayOptions {
             admin: false,
             server_extra: String::new(),
             tls_extra: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -264,6 +267,11 @@ impl GatewayOptions {
 
     pub fn extra(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
         self
     }
 
@@ -333,6 +341,7 @@ impl Gateway {
         std::fs::write(&conf, toml).expect("write config");
         let log = std::fs::File::create(dir.path().join("ssegate.log")).expect("log file");
         let mut child = Command::new(bin())
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(&conf)
             .stdout(log.try_clone().expect("log"))
@@ -666,6 +675,41 @@ impl Redis {
         };
         r.restart();
         r
+    }
+
+    /// A server that speaks TLS only (a certificate for 127.0.0.1 in `dir`, as
+    /// `cert.pem`) and wants `password`.
+    pub fn start_tls(password: &str) -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = TestCert::for_names(dir.path(), "cert", &["localhost", "127.0.0.1"]);
+        let port = free_port();
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert.cert)
+            .arg("--tls-key-file")
+            .arg(&cert.key)
+            .args(["--tls-auth-clients", "no", "--requirepass", password])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        wait_port(port, &mut child, "redis-server (TLS)");
+        Redis {
+            port,
+            dir,
+            proc: Some(Proc { child }),
+        }
     }
 
     /// Starts the server (again, empty: as after a crash without persistence).
