@@ -11,6 +11,7 @@
 //! Key names are an HMAC of the stream key ([`Cluster::tag`]): no cookie or token value
 //! ever appears in Redis. Knows nothing of pingora.
 
+mod batch;
 mod codec;
 pub mod follow;
 mod lua;
@@ -150,6 +151,10 @@ pub struct Cluster {
     pub follows: follow::Follows,
     /// Set when this process is about to exit: writers announce a handoff.
     handoff: tokio::sync::watch::Sender<bool>,
+    /// Appends, sent to Redis in pipelines ([`batch`]).
+    appends: tokio::sync::mpsc::UnboundedSender<batch::Job>,
+    /// The other end, until [`Cluster::run`] starts the sender.
+    appends_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<batch::Job>>>,
 }
 
 impl Cluster {
@@ -162,7 +167,10 @@ impl Cluster {
         }
         let client = redis::Client::open(info)?;
         let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &settings.key_secret);
+        let (appends, appends_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Cluster {
+            appends,
+            appends_rx: std::sync::Mutex::new(Some(appends_rx)),
             settings,
             client,
             conn: ArcSwapOption::empty(),
@@ -201,6 +209,10 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+        let rx = self.appends_rx.lock().ok().and_then(|mut r| r.take());
+        if let Some(rx) = rx {
+            tokio::spawn(batch::run(self.clone(), rx));
         }
         follow::run(self.clone()).await;
     }
@@ -241,6 +253,31 @@ impl Cluster {
             Ok(Err(e)) => Err(Down::Redis(e)),
             Err(_) => Err(Down::Timeout),
         };
+        self.count(started, &r);
+        r
+    }
+
+    /// Sends `cmd` with the other appends waiting now ([`batch`]), within the timeout.
+    async fn batched(&self, cmd: redis::Cmd) -> Result<Value, Down> {
+        if self.conn.load().is_none() {
+            return Err(Down::NotConnected);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.appends
+            .send(batch::Job { cmd, reply })
+            .map_err(|_| Down::NotConnected)?;
+        let started = Instant::now();
+        let r = match tokio::time::timeout(self.settings.timeout, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Down::NotConnected),
+            Err(_) => Err(Down::Timeout),
+        };
+        self.count(started, &r);
+        r
+    }
+
+    /// Counts a call's outcome and time, and logs when Redis goes away or comes back.
+    fn count<T>(&self, started: Instant, r: &Result<T, Down>) {
         let c = &self.counters;
         c.calls.fetch_add(1, Ordering::Relaxed);
         c.latency_us
@@ -252,11 +289,10 @@ impl Cluster {
         if c.up.swap(ok, Ordering::Relaxed) != ok {
             if ok {
                 tracing::info!("cluster: redis answers again");
-            } else if let Err(e) = &r {
+            } else if let Err(e) = r {
                 tracing::warn!("cluster: {e}; streams go on from local hubs");
             }
         }
-        r
     }
 
     /// What Redis holds of `tag` (with its history when `entries`).
@@ -347,10 +383,12 @@ impl Cluster {
         bounds: RingBounds,
         entries: &[(&str, u8, &[u8])],
     ) -> Result<Option<(u64, String)>, Down> {
-        let mut inv = lua::APPEND.prepare_invoke();
-        inv.key(self.key(&lease.tag, "s"))
-            .key(self.key(&lease.tag, "m"))
-            .key(self.key(&lease.tag, "l"))
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(lua::APPEND.get_hash())
+            .arg(3)
+            .arg(self.key(&lease.tag, "s"))
+            .arg(self.key(&lease.tag, "m"))
+            .arg(self.key(&lease.tag, "l"))
             .arg(&lease.value)
             .arg(self.settings.lease.as_millis() as u64)
             .arg(prev.map(|p| p.to_string()).unwrap_or_default())
@@ -360,9 +398,12 @@ impl Cluster {
             .arg(bounds.max_age.as_millis() as u64)
             .arg(self.ttl(bounds).as_millis() as u64);
         for (id, flags, raw) in entries {
-            inv.arg(*id).arg(*flags).arg(*raw);
+            cmd.arg(*id).arg(*flags).arg(*raw);
         }
-        let v: Vec<Value> = self.call(inv).await?;
+        let v: Vec<Value> = match self.batched(cmd).await? {
+            Value::Array(v) => v,
+            _ => return Err(Down::Shape),
+        };
         let int = |v: Option<&Value>| match v {
             Some(Value::Int(i)) => Some(*i),
             _ => None,
