@@ -4,13 +4,16 @@
 //! only the transport is shared. The queue is bounded by the writers themselves: each
 //! waits for its answer before it sends the next, and one that gave up is skipped.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{lua, Cluster, Down};
+use super::{codec::flags, lua, new_epoch, Cluster, Down, Lease, HANDOFF};
+use crate::replay::{RingBounds, StoredEvent};
 
 /// Most appends in one pipeline.
 const MAX_BATCH: usize = 256;
@@ -93,4 +96,99 @@ async fn send(conn: &mut ConnectionManager, jobs: &[Job]) -> redis::RedisResult<
 
 fn is_noscript(v: &Value) -> bool {
     matches!(v, Value::ServerError(e) if e.code() == "NOSCRIPT")
+}
+
+impl Cluster {
+    /// Appends `blocks` after offset `prev` (`None`: continuity unknown, start a new
+    /// epoch). `None` when fenced: another node holds the lease now.
+    pub async fn append(
+        &self,
+        lease: &Lease,
+        prev: Option<u64>,
+        bounds: RingBounds,
+        blocks: &[Arc<StoredEvent>],
+    ) -> Result<Option<(u64, String)>, Down> {
+        let entries: Vec<(&str, u8, &[u8])> = blocks
+            .iter()
+            .map(|b| (&*b.id, flags(b), &b.raw[..]))
+            .collect();
+        self.append_entries(lease, prev, bounds, &entries).await
+    }
+
+    /// Announces a planned handoff in the history: followers open the upstream beside
+    /// this reader now, while it still reads (see `relay::remote`).
+    pub async fn announce_handoff(
+        &self,
+        lease: &Lease,
+        prev: Option<u64>,
+        bounds: RingBounds,
+    ) -> Result<Option<(u64, String)>, Down> {
+        self.append_entries(lease, prev, bounds, &[("", HANDOFF, b"")])
+            .await
+    }
+
+    async fn append_entries(
+        &self,
+        lease: &Lease,
+        prev: Option<u64>,
+        bounds: RingBounds,
+        entries: &[(&str, u8, &[u8])],
+    ) -> Result<Option<(u64, String)>, Down> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(lua::APPEND.get_hash())
+            .arg(3)
+            .arg(self.key(&lease.tag, "s"))
+            .arg(self.key(&lease.tag, "m"))
+            .arg(self.key(&lease.tag, "l"))
+            .arg(&lease.value)
+            .arg(self.settings.lease.as_millis() as u64)
+            .arg(prev.map(|p| p.to_string()).unwrap_or_default())
+            .arg(new_epoch())
+            .arg(bounds.max_events)
+            .arg(bounds.max_bytes)
+            .arg(bounds.max_age.as_millis() as u64)
+            .arg(self.ttl(bounds).as_millis() as u64);
+        for (id, flags, raw) in entries {
+            cmd.arg(*id).arg(*flags).arg(*raw);
+        }
+        let v: Vec<Value> = match self.batched(cmd).await? {
+            Value::Array(v) => v,
+            _ => return Err(Down::Shape),
+        };
+        let int = |v: Option<&Value>| match v {
+            Some(Value::Int(i)) => Some(*i),
+            _ => None,
+        };
+        if int(v.first()) != Some(1) {
+            return Ok(None);
+        }
+        let offset = int(v.get(1)).ok_or(Down::Shape)? as u64;
+        let epoch = match v.get(2) {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => return Err(Down::Shape),
+        };
+        if int(v.get(3)) == Some(1) {
+            self.counters.epoch_resets.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some((offset, epoch)))
+    }
+
+    /// Sends `cmd` with the other appends waiting now ([`batch`]), within the timeout.
+    async fn batched(&self, cmd: redis::Cmd) -> Result<Value, Down> {
+        if self.conn.load().is_none() {
+            return Err(Down::NotConnected);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.appends
+            .send(Job { cmd, reply })
+            .map_err(|_| Down::NotConnected)?;
+        let started = Instant::now();
+        let r = match tokio::time::timeout(self.settings.timeout, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Down::NotConnected),
+            Err(_) => Err(Down::Timeout),
+        };
+        self.count(started, &r);
+        r
+    }
 }

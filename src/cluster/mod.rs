@@ -26,7 +26,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 
-use codec::{bulk, decode_entry, decode_remote, flags};
+use codec::{bulk, decode_entry, decode_remote};
 pub use codec::{decode_head, encode_head};
 
 use crate::config;
@@ -233,7 +233,7 @@ impl Cluster {
         format!("{}/{}/", self.settings.node_id, std::process::id())
     }
 
-    fn key(&self, tag: &Tag, part: &str) -> String {
+    pub(super) fn key(&self, tag: &Tag, part: &str) -> String {
         tag.key(&self.settings.prefix, part)
     }
 
@@ -257,27 +257,8 @@ impl Cluster {
         r
     }
 
-    /// Sends `cmd` with the other appends waiting now ([`batch`]), within the timeout.
-    async fn batched(&self, cmd: redis::Cmd) -> Result<Value, Down> {
-        if self.conn.load().is_none() {
-            return Err(Down::NotConnected);
-        }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.appends
-            .send(batch::Job { cmd, reply })
-            .map_err(|_| Down::NotConnected)?;
-        let started = Instant::now();
-        let r = match tokio::time::timeout(self.settings.timeout, answer).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Down::NotConnected),
-            Err(_) => Err(Down::Timeout),
-        };
-        self.count(started, &r);
-        r
-    }
-
     /// Counts a call's outcome and time, and logs when Redis goes away or comes back.
-    fn count<T>(&self, started: Instant, r: &Result<T, Down>) {
+    pub(super) fn count<T>(&self, started: Instant, r: &Result<T, Down>) {
         let c = &self.counters;
         c.calls.fetch_add(1, Ordering::Relaxed);
         c.latency_us
@@ -346,80 +327,6 @@ impl Cluster {
             .arg(ttl.as_millis() as u64);
         let ok: i64 = self.call(inv).await?;
         Ok(ok == 1)
-    }
-
-    /// Appends `blocks` after offset `prev` (`None`: continuity unknown, start a new
-    /// epoch). `None` when fenced: another node holds the lease now.
-    pub async fn append(
-        &self,
-        lease: &Lease,
-        prev: Option<u64>,
-        bounds: RingBounds,
-        blocks: &[Arc<StoredEvent>],
-    ) -> Result<Option<(u64, String)>, Down> {
-        let entries: Vec<(&str, u8, &[u8])> = blocks
-            .iter()
-            .map(|b| (&*b.id, flags(b), &b.raw[..]))
-            .collect();
-        self.append_entries(lease, prev, bounds, &entries).await
-    }
-
-    /// Announces a planned handoff in the history: followers open the upstream beside
-    /// this reader now, while it still reads (see `relay::remote`).
-    pub async fn announce_handoff(
-        &self,
-        lease: &Lease,
-        prev: Option<u64>,
-        bounds: RingBounds,
-    ) -> Result<Option<(u64, String)>, Down> {
-        self.append_entries(lease, prev, bounds, &[("", HANDOFF, b"")])
-            .await
-    }
-
-    async fn append_entries(
-        &self,
-        lease: &Lease,
-        prev: Option<u64>,
-        bounds: RingBounds,
-        entries: &[(&str, u8, &[u8])],
-    ) -> Result<Option<(u64, String)>, Down> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(lua::APPEND.get_hash())
-            .arg(3)
-            .arg(self.key(&lease.tag, "s"))
-            .arg(self.key(&lease.tag, "m"))
-            .arg(self.key(&lease.tag, "l"))
-            .arg(&lease.value)
-            .arg(self.settings.lease.as_millis() as u64)
-            .arg(prev.map(|p| p.to_string()).unwrap_or_default())
-            .arg(new_epoch())
-            .arg(bounds.max_events)
-            .arg(bounds.max_bytes)
-            .arg(bounds.max_age.as_millis() as u64)
-            .arg(self.ttl(bounds).as_millis() as u64);
-        for (id, flags, raw) in entries {
-            cmd.arg(*id).arg(*flags).arg(*raw);
-        }
-        let v: Vec<Value> = match self.batched(cmd).await? {
-            Value::Array(v) => v,
-            _ => return Err(Down::Shape),
-        };
-        let int = |v: Option<&Value>| match v {
-            Some(Value::Int(i)) => Some(*i),
-            _ => None,
-        };
-        if int(v.first()) != Some(1) {
-            return Ok(None);
-        }
-        let offset = int(v.get(1)).ok_or(Down::Shape)? as u64;
-        let epoch = match v.get(2) {
-            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-            _ => return Err(Down::Shape),
-        };
-        if int(v.get(3)) == Some(1) {
-            self.counters.epoch_resets.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Some((offset, epoch)))
     }
 
     /// Extends the lease; `false` when it was lost.
@@ -496,7 +403,7 @@ impl Cluster {
     }
 
     /// How long a stream's keys outlive its last write.
-    fn ttl(&self, bounds: RingBounds) -> Duration {
+    pub(super) fn ttl(&self, bounds: RingBounds) -> Duration {
         bounds.max_age + self.settings.lease * 2
     }
 
@@ -511,7 +418,7 @@ const END: u8 = 4;
 const HANDOFF: u8 = 8;
 
 /// A fresh epoch candidate (used only when a history starts anew).
-fn new_epoch() -> String {
+pub(super) fn new_epoch() -> String {
     const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     (0..10)
         .map(|_| LETTERS[fastrand::usize(..LETTERS.len())] as char)

@@ -7,11 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 
 use super::{Cluster, Lease};
 use crate::hub::{Hub, HubMsg};
-use crate::replay::RingBounds;
+use crate::replay::{RingBounds, StoredEvent};
 
 /// Most blocks sent in one append.
 const BATCH: usize = 64;
@@ -28,6 +31,25 @@ pub struct Writer {
     pub head: Vec<u8>,
     /// The audience fingerprint, private flag first (see `relay::remote`).
     pub audience: Vec<u8>,
+}
+
+/// `first` and the blocks ready behind it (up to a batch), and whether the hub ended;
+/// a lag (the tap fell behind) means nothing after `prev` can be vouched for.
+fn gather(
+    rx: &mut broadcast::Receiver<HubMsg>,
+    first: Arc<StoredEvent>,
+    prev: &mut Option<u64>,
+) -> (Vec<Arc<StoredEvent>>, bool) {
+    let mut batch = vec![first];
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(HubMsg::Block(b)) => batch.push(b),
+            Ok(HubMsg::End) | Err(TryRecvError::Closed) => return (batch, true),
+            Err(TryRecvError::Lagged(_)) => *prev = None,
+            Err(TryRecvError::Empty) => break,
+        }
+    }
+    (batch, false)
 }
 
 impl Writer {
@@ -47,7 +69,7 @@ impl Writer {
             (None, Some(_)) => None,
             _ => Some(self.lease.offset),
         };
-        let mut catch_up: Vec<Arc<crate::replay::StoredEvent>> =
+        let mut catch_up: Vec<Arc<StoredEvent>> =
             held.unwrap_or_default().into_iter().map(Arc::new).collect();
         let mut handoff = c.handoff();
         let mut announced = false;
@@ -55,48 +77,24 @@ impl Writer {
         let every = self.cluster.settings.lease / 3;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut fenced = false;
-        'run: loop {
+        loop {
             if !opened {
                 opened = self.open().await;
             }
             tokio::select! {
                 biased;
                 msg = rx.recv(), if catch_up.is_empty() => {
-                    let mut batch = match msg {
-                        Ok(HubMsg::Block(b)) => vec![b],
+                    let first = match msg {
+                        Ok(HubMsg::Block(b)) => b,
                         Ok(HubMsg::End) | Err(RecvError::Closed) => break,
                         Err(RecvError::Lagged(_)) => {
                             prev = None;
                             continue;
                         }
                     };
-                    let mut ended = false;
-                    while batch.len() < BATCH {
-                        match rx.try_recv() {
-                            Ok(HubMsg::Block(b)) => batch.push(b),
-                            Ok(HubMsg::End) | Err(TryRecvError::Closed) => {
-                                ended = true;
-                                break;
-                            }
-                            Err(TryRecvError::Lagged(_)) => prev = None,
-                            Err(TryRecvError::Empty) => break,
-                        }
-                    }
-                    loop {
-                        match c.append(&self.lease, prev, self.bounds, &batch).await {
-                            Ok(Some((offset, _))) => prev = Some(offset),
-                            Ok(None) if self.retake().await => {
-                                prev = None;
-                                opened = self.open().await;
-                                continue;
-                            }
-                            Ok(None) => {
-                                fenced = true;
-                                break 'run;
-                            }
-                            // Maybe written, maybe not: vouch for nothing from here.
-                            Err(_) => prev = None,
-                        }
+                    let (batch, ended) = gather(&mut rx, first, &mut prev);
+                    if !self.write(&mut prev, &batch).await {
+                        fenced = true;
                         break;
                     }
                     if ended {
@@ -106,13 +104,9 @@ impl Writer {
                 _ = std::future::ready(()), if !catch_up.is_empty() => {
                     let n = catch_up.len().min(BATCH);
                     let batch: Vec<_> = catch_up.drain(..n).collect();
-                    match c.append(&self.lease, prev, self.bounds, &batch).await {
-                        Ok(Some((offset, _))) => prev = Some(offset),
-                        Ok(None) => {
-                            fenced = true;
-                            break;
-                        }
-                        Err(_) => prev = None,
+                    if !self.write(&mut prev, &batch).await {
+                        fenced = true;
+                        break;
                     }
                 }
                 began = async { handoff.wait_for(|h| *h).await.is_ok() }, if !announced => {
@@ -145,6 +139,29 @@ impl Writer {
         }
         // Only now: an exiting process waits for this count to reach zero.
         c.counters.leases_held.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Appends `batch` after `prev` (updated), taking the lease again if it ran out
+    /// while no other node took it; `false` when another node holds it (fenced).
+    async fn write(&mut self, prev: &mut Option<u64>, batch: &[Arc<StoredEvent>]) -> bool {
+        loop {
+            match self
+                .cluster
+                .append(&self.lease, *prev, self.bounds, batch)
+                .await
+            {
+                Ok(Some((offset, _))) => *prev = Some(offset),
+                Ok(None) if self.retake().await => {
+                    *prev = None;
+                    self.open().await;
+                    continue;
+                }
+                Ok(None) => return false,
+                // Maybe written, maybe not: vouch for nothing from here.
+                Err(_) => *prev = None,
+            }
+            return true;
+        }
     }
 
     /// Records the head and audience; `false` if Redis did not take them (tried again

@@ -13,10 +13,12 @@
 //! back soon misses nothing even if the backend ignores `Last-Event-ID`.
 //!
 //! - `registry`: finding, creating and charging hubs; the counters metrics export.
+//! - `counters`: what the registry counts, and why a resume missed.
 //! - `merge`: merging the old process's feed with a new upstream after an upgrade.
 //!
 //! Knows nothing of pingora: only tokio's sync primitives and the `http` header types.
 
+mod counters;
 mod merge;
 mod registry;
 
@@ -27,7 +29,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, Notify};
 
 pub use crate::key::StreamKey;
-pub use registry::{Miss, NewHub, Registry, ReplayCounters, Seed, Viewer};
+pub use counters::{Miss, ReplayCounters};
+pub use registry::{NewHub, Registry, Seed, Viewer};
 
 use crate::key::Audience;
 use crate::limit::ClientKey;

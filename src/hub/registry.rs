@@ -3,35 +3,17 @@
 //! metrics export.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{broadcast, Notify};
 
+use super::counters::{Miss, ReplayCounters};
 use super::{merge::Merge, Hub, Inner, Start, StreamKey, Subscription};
 use crate::key::{Audience, Denied};
 use crate::limit::ClientKey;
 use crate::replay::{Lookup, ReplayStore, StoredEvent};
 use crate::sse;
-
-/// Counters the metrics work exports.
-#[derive(Debug, Default)]
-pub struct ReplayCounters {
-    /// Resumes whose `Last-Event-ID` was found.
-    pub hits: AtomicU64,
-    /// Resumes whose `Last-Event-ID` was not found, by [`Miss::index`].
-    pub misses: [AtomicU64; Miss::ALL.len()],
-    /// Blocks sent from stores on resume.
-    pub events_replayed: AtomicU64,
-    /// Clients served from an existing hub instead of a new upstream request.
-    pub upstreams_saved: AtomicU64,
-    /// Hubs alive (with subscribers or lingering).
-    pub hubs: AtomicUsize,
-    /// Blocks taken over from the process this one replaced (graceful upgrade).
-    pub handed_over: AtomicU64,
-    /// Lingering hubs closed early because their client opened too many.
-    pub evicted: AtomicU64,
-}
 
 /// The request that asks to read a hub, as the secondary key sees it.
 #[derive(Clone, Copy)]
@@ -45,38 +27,6 @@ pub struct Viewer<'a> {
 impl Viewer<'_> {
     fn may_read(&self, hub: &Hub) -> Result<(), Denied> {
         hub.audience.admits(self.headers, self.has_identity)
-    }
-}
-
-/// Why a resume found nothing to replay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Miss {
-    /// No live hub of the key holds the id (evicted, expired, or never seen).
-    Unknown,
-    /// A hub of the key exists but may not be read by this request.
-    Denied(Denied),
-}
-
-impl Miss {
-    /// Every miss, in [`Miss::index`] order.
-    pub const ALL: [Miss; 4] = [
-        Miss::Unknown,
-        Miss::Denied(Denied::Vary),
-        Miss::Denied(Denied::VaryAny),
-        Miss::Denied(Denied::Private),
-    ];
-
-    /// Position in [`ReplayCounters::misses`].
-    pub fn index(self) -> usize {
-        Miss::ALL.iter().position(|m| *m == self).unwrap_or(0)
-    }
-
-    /// For metrics and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Miss::Unknown => "unknown_id",
-            Miss::Denied(d) => d.as_str(),
-        }
     }
 }
 
