@@ -37,6 +37,12 @@
 //! if its answer is a stream after all, the subrequest feeds a hub the same way, or,
 //! without replay (POST, replay off), the same writer relays its bytes as they come,
 //! with the parser tracking event boundaries.
+//!
+//! With a `[cluster]`, the node that holds a stream's lease also appends each block the
+//! hub publishes to Redis (`cluster::writer`, fenced by the lease, sent in pipelines by
+//! `cluster::batch`); another node with clients of the same stream follows that history
+//! (`cluster::follow`, one `XREAD` for all) into a hub of its own (`relay::remote`),
+//! whose subscribers are served by the same stream writer.
 #![warn(missing_docs)]
 // Network and file data must never be able to panic the gateway.
 #![cfg_attr(

@@ -4,7 +4,6 @@
 //! only the transport is shared. The queue is bounded by the writers themselves: each
 //! waits for its answer before it sends the next, and one that gave up is skipped.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -167,9 +166,6 @@ impl Cluster {
             Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
             _ => return Err(Down::Shape),
         };
-        if int(v.get(3)) == Some(1) {
-            self.counters.epoch_resets.fetch_add(1, Ordering::Relaxed);
-        }
         Ok(Some((offset, epoch)))
     }
 
@@ -190,5 +186,138 @@ impl Cluster {
         };
         self.count(started, &r);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config;
+    use crate::key::StreamKey;
+
+    /// Debian's `redis-server` on a free loopback port, killed when dropped (its
+    /// directory, the last field, with it).
+    struct Server(
+        std::process::Child,
+        u16,
+        #[allow(dead_code)] tempfile::TempDir,
+    );
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn redis() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup-deps test installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server(child, port, dir)
+    }
+
+    async fn node(port: u16, name: &str) -> Arc<Cluster> {
+        let c = Cluster::new(config::Cluster {
+            redis: format!("redis://127.0.0.1:{port}/"),
+            password: None,
+            node_id: name.into(),
+            key_secret: b"a unit test secret".to_vec(),
+            lease: Duration::from_millis(1000),
+            timeout: Duration::from_millis(300),
+            prefix: "t".into(),
+        })
+        .unwrap();
+        tokio::spawn(c.clone().run());
+        while c.conn.load().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c
+    }
+
+    fn block(id: &str) -> Arc<StoredEvent> {
+        Arc::new(StoredEvent {
+            id: id.into(),
+            has_id_field: true,
+            raw: bytes::Bytes::from(format!("id: {id}\ndata: x\n\n")),
+            sets_retry: false,
+            at: Instant::now(),
+        })
+    }
+
+    /// The fencing token: an append under a lease that ran out and was taken by another
+    /// node is refused by Redis in the same step, and writes nothing; the new holder's
+    /// appends continue the history.
+    #[tokio::test]
+    async fn an_append_under_a_lost_lease_is_refused_and_writes_nothing() {
+        let server = redis();
+        let (a, b) = (node(server.1, "a").await, node(server.1, "b").await);
+        let bounds = RingBounds {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+        };
+        let tag = a.tag(&StreamKey::new([&b"k"[..]]));
+        let old = a.acquire(&tag).await.unwrap().unwrap();
+        let (offset, _) = a
+            .append(&old, None, bounds, &[block("1")])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            b.acquire(&tag).await.unwrap().is_none(),
+            "the lease is held"
+        );
+        // The holder pauses past its lease; another node takes it.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let new = b
+            .acquire(&tag)
+            .await
+            .unwrap()
+            .expect("a lapsed lease is free");
+        assert_eq!((new.offset, new.last_id.as_str()), (offset, "1"));
+        let late = a.append(&old, Some(offset), bounds, &[block("2")]).await;
+        assert!(
+            matches!(late, Ok(None)),
+            "a late append was not fenced: {late:?}"
+        );
+        assert!(!a.renew(&old).await.unwrap(), "a lost lease was renewed");
+        let next = b
+            .append(&new, Some(new.offset), bounds, &[block("3")])
+            .await;
+        assert_eq!(next.unwrap().map(|(o, _)| o), Some(offset + 1));
+        let ids: Vec<String> = b
+            .peek(&tag, true)
+            .await
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| e.block.id.to_string())
+            .collect();
+        assert_eq!(ids, ["1", "3"]);
     }
 }

@@ -49,7 +49,8 @@ pub struct ClusterCounters {
     /// Readers stopped because another node holds their lease now (found on an append
     /// or a renewal, both checked in Redis in one step with the lease).
     pub fenced: AtomicU64,
-    /// Histories restarted with a new epoch (a hole was possible).
+    /// Histories restarted with a new epoch (Redis lost one, or a hole was possible);
+    /// a stream's first history does not count.
     pub epoch_resets: AtomicU64,
     /// Followers that took the upstream over (the reader was gone or Redis away).
     pub takeovers: AtomicU64,

@@ -52,6 +52,18 @@ fn gather(
     (batch, false)
 }
 
+/// Counts a restarted history (not a first one): the epoch moved from the one last
+/// written in (Redis lost it, or this writer could not vouch for continuity).
+fn note_epoch(cluster: &Cluster, known: &mut Option<String>, epoch: String) {
+    if known.as_ref().is_some_and(|k| *k != epoch) {
+        cluster
+            .counters
+            .epoch_resets
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    *known = Some(epoch);
+}
+
 impl Writer {
     /// Runs until the hub ends (then gives the lease up) or another node holds the
     /// lease (then ends the hub: its clients resume from the shared history).
@@ -69,6 +81,8 @@ impl Writer {
             (None, Some(_)) => None,
             _ => Some(self.lease.offset),
         };
+        // The epoch last written in: another one means the history restarted.
+        let mut epoch = Some(self.lease.epoch.clone()).filter(|e| !e.is_empty());
         let mut catch_up: Vec<Arc<StoredEvent>> =
             held.unwrap_or_default().into_iter().map(Arc::new).collect();
         let mut handoff = c.handoff();
@@ -93,7 +107,7 @@ impl Writer {
                         }
                     };
                     let (batch, ended) = gather(&mut rx, first, &mut prev);
-                    if !self.write(&mut prev, &batch).await {
+                    if !self.write(&mut prev, &mut epoch, &batch).await {
                         fenced = true;
                         break;
                     }
@@ -104,7 +118,7 @@ impl Writer {
                 _ = std::future::ready(()), if !catch_up.is_empty() => {
                     let n = catch_up.len().min(BATCH);
                     let batch: Vec<_> = catch_up.drain(..n).collect();
-                    if !self.write(&mut prev, &batch).await {
+                    if !self.write(&mut prev, &mut epoch, &batch).await {
                         fenced = true;
                         break;
                     }
@@ -112,10 +126,11 @@ impl Writer {
                 began = async { handoff.wait_for(|h| *h).await.is_ok() }, if !announced => {
                     announced = true;
                     if began {
-                        if let Ok(Some((offset, _))) =
+                        if let Ok(Some((offset, e))) =
                             c.announce_handoff(&self.lease, prev, self.bounds).await
                         {
                             prev = Some(offset);
+                            note_epoch(&c, &mut epoch, e);
                         }
                     }
                 }
@@ -143,14 +158,22 @@ impl Writer {
 
     /// Appends `batch` after `prev` (updated), taking the lease again if it ran out
     /// while no other node took it; `false` when another node holds it (fenced).
-    async fn write(&mut self, prev: &mut Option<u64>, batch: &[Arc<StoredEvent>]) -> bool {
+    async fn write(
+        &mut self,
+        prev: &mut Option<u64>,
+        epoch: &mut Option<String>,
+        batch: &[Arc<StoredEvent>],
+    ) -> bool {
         loop {
             match self
                 .cluster
                 .append(&self.lease, *prev, self.bounds, batch)
                 .await
             {
-                Ok(Some((offset, _))) => *prev = Some(offset),
+                Ok(Some((offset, e))) => {
+                    *prev = Some(offset);
+                    note_epoch(&self.cluster, epoch, e);
+                }
                 Ok(None) if self.retake().await => {
                     *prev = None;
                     self.open().await;
