@@ -47,6 +47,17 @@ fn requests_logged(php: &Php, name: &str) -> usize {
 /// a port of its own, which would otherwise be part of the stream key).
 const HOST: &str = "Host: feed.test";
 
+/// The legacy broadcast feed, 10 events a second, most tests' stream.
+const FEED: &str = "/broadcast.php?period=0.1";
+
+/// A client of `cookie` reads the feed on `a` for a second and leaves: the last id it
+/// saw, and the `Last-Event-ID` header it comes back with.
+fn read_on(a: &Gateway, cookie: &str) -> (u64, String) {
+    let first = sse(&a.url(FEED), &[HOST, cookie], 1.0);
+    let k = *first.ids().last().expect("events on A");
+    (k, format!("Last-Event-ID: {k}"))
+}
+
 fn strictly_increasing(ids: &[u64]) -> bool {
     ids.windows(2).all(|w| w[1] > w[0])
 }
@@ -131,17 +142,36 @@ fn a_dead_reader_is_replaced_and_its_followers_keep_receiving() {
     let php = Php::start();
     let redis = Redis::start();
     let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
-    let path = "/broadcast.php?period=0.1";
+    let path = FEED;
     let cookie = "Cookie: user=bob";
-    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
-    let k = *first.ids().last().expect("events on A");
-    let lei = format!("Last-Event-ID: {k}");
-    let follower = curl_stream(&b.url(path), 9, &["-H", HOST, "-H", cookie, "-H", &lei]);
+    let (k, lei) = read_on(&a, cookie);
+    let url_b = b.url(path);
+    let follower = std::thread::spawn(move || {
+        curl_lines(&[
+            "--max-time",
+            "9",
+            "-H",
+            HOST,
+            "-H",
+            cookie,
+            "-H",
+            &lei,
+            &url_b,
+        ])
+    });
     std::thread::sleep(Duration::from_millis(2000));
     let mut a = a;
     let _ = a.proc.child.kill();
-    let (events, _) = parse_stream(&read_all_with_limit(follower, Duration::from_secs(12)));
-    let ids: Vec<u64> = events.iter().filter_map(|e| e.0.parse().ok()).collect();
+    let lines = follower.join().expect("client");
+    let ids = ids_of(&lines);
+    let silence = longest_silence(&lines);
+    eprintln!("failover: longest silence {silence:.2} s (lease 2 s)");
+    // The lease runs out, then a third of it at most until the next check, then the
+    // upstream opens: well under 5 s with a 2 s lease.
+    assert!(
+        silence < 5.0,
+        "silent for {silence:.2} s after the reader died"
+    );
     assert_eq!(ids.first(), Some(&(k + 1)), "resume on B: {ids:?}");
     assert!(
         strictly_increasing(&ids),
@@ -165,11 +195,9 @@ fn a_paused_reader_is_fenced_and_writes_nothing() {
     let php = Php::start();
     let redis = Redis::start();
     let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
-    let path = "/broadcast.php?period=0.1";
+    let path = FEED;
     let cookie = "Cookie: user=carol";
-    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
-    let k = *first.ids().last().expect("events on A");
-    let lei = format!("Last-Event-ID: {k}");
+    let (_, lei) = read_on(&a, cookie);
     let follower = curl_stream(&b.url(path), 10, &["-H", HOST, "-H", cookie, "-H", &lei]);
     std::thread::sleep(Duration::from_millis(1000));
     signal(a.pid(), "STOP");
@@ -226,11 +254,9 @@ fn streams_go_on_when_redis_dies() {
     let php = Php::start();
     let mut redis = Redis::start();
     let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
-    let path = "/broadcast.php?period=0.1";
+    let path = FEED;
     let cookie = "Cookie: user=dave";
-    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
-    let k = *first.ids().last().expect("events on A");
-    let lei = format!("Last-Event-ID: {k}");
+    let (_, lei) = read_on(&a, cookie);
     let on_b = curl_stream(&b.url(path), 8, &["-H", HOST, "-H", cookie, "-H", &lei]);
     let on_a = curl_stream(&a.url(path), 8, &["-H", HOST, "-H", cookie]);
     std::thread::sleep(Duration::from_millis(1500));
@@ -278,11 +304,9 @@ fn streams_go_on_while_redis_does_not_answer() {
     let php = Php::start();
     let redis = Redis::start();
     let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
-    let path = "/broadcast.php?period=0.1";
+    let path = FEED;
     let cookie = "Cookie: user=erin";
-    let first = sse(&a.url(path), &[HOST, cookie], 1.0);
-    let k = *first.ids().last().expect("events on A");
-    let lei = format!("Last-Event-ID: {k}");
+    let (_, lei) = read_on(&a, cookie);
     let (url_a, url_b) = (a.url(path), b.url(path));
     let on_a = std::thread::spawn(move || {
         curl_lines(&["--max-time", "8", "-H", HOST, "-H", cookie, &url_a])
@@ -455,13 +479,7 @@ fn a_browser_behind_a_balancer_sees_no_gap_when_its_node_restarts() {
     let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
     let (port, _haproxy, _dir) = balancer(&[&a, &b]);
     let page = format!("http://127.0.0.1:{port}/es_page.html?period=0.1");
-    let browser = std::thread::spawn(move || {
-        std::process::Command::new("node")
-            .arg(repo().join("tests/node/browser_es.mjs"))
-            .args([&page, "90", "40000"])
-            .output()
-            .expect("run node")
-    });
+    let browser = std::thread::spawn(move || browser_stats(&page, 90, 40000));
     // Whichever node serves the stream now: the one that reads it for the cluster.
     let reader = || {
         [&a, &b]
@@ -471,13 +489,7 @@ fn a_browser_behind_a_balancer_sees_no_gap_when_its_node_restarts() {
     std::thread::sleep(Duration::from_millis(3000));
     let serving = reader().expect("no node reads the browser's stream");
     serving.signal("TERM");
-    let out = browser.join().expect("browser");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "browser output ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
+    let stats = browser.join().expect("browser");
     let ids = json_ids(&stats);
     assert!(
         stats["errors"].as_u64().unwrap_or(0) >= 1,

@@ -306,22 +306,10 @@ async fn browser_eventsource_cut_off_resumes_without_gap_or_duplicate() {
         .start();
     let cutter = Cutter::start(gw.port).await;
     let page = format!("http://127.0.0.1:{}/es_page.html?period=0.1", cutter.port);
-    let browser = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(repo().join("tests/node/browser_es.mjs"))
-            .args([&page, "70", "40000"])
-            .output()
-            .expect("run node")
-    });
+    let browser = tokio::task::spawn_blocking(move || browser_stats(&page, 70, 40000));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     cutter.cut();
-    let out = browser.await.expect("browser task");
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "browser output ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
+    let stats = browser.await.expect("browser task");
     let ids = json_ids(&stats);
     assert!(
         stats["errors"].as_u64().unwrap_or(0) >= 1,

@@ -767,3 +767,19 @@ pub fn signal(pid: i32, sig: &str) {
         .success();
     assert!(ok, "kill -{sig} {pid} failed");
 }
+
+/// Headless Chromium's `EventSource` on `page` (`tests/node/browser_es.mjs`), until the
+/// page has `want` events or `timeout_ms` passes: the page's `window.stats`.
+pub fn browser_stats(page: &str, want: usize, timeout_ms: u64) -> serde_json::Value {
+    let out = Command::new("node")
+        .arg(repo().join("tests/node/browser_es.mjs"))
+        .args([page, &want.to_string(), &timeout_ms.to_string()])
+        .output()
+        .expect("run node");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "browser output ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
