@@ -177,12 +177,12 @@ impl BackgroundService for ShutdownBridge {
             let shutdown = self.shutdown.clone();
             let pid_file = self.pid_file.clone();
             let (cluster, registry) = (self.cluster.clone(), self.registry.clone());
-            let overlap = self.longest_retry() + HANDOFF_MARGIN;
+            let wait = self.longest_retry() + HANDOFF_MARGIN;
             move || loop {
                 let kept = keep_until.is_some_and(|t| std::time::Instant::now() < t);
                 if shutdown.active() == 0 && !kept {
                     if let Some(c) = &cluster {
-                        hand_over_to_followers(c, &registry, overlap);
+                        hand_over_to_followers(c, &registry, wait);
                     }
                     tracing::info!("graceful shutdown: no request left, exiting");
                     if let Some(p) = &pid_file {
@@ -196,28 +196,33 @@ impl BackgroundService for ShutdownBridge {
     }
 }
 
-/// How long an exiting reader keeps reading after announcing a handoff, beyond the
-/// longest `retry:` it told its own clients: they reconnect to other nodes, which follow
-/// it and open the upstream beside it; those upstreams meet its feed within a few events.
-const HANDOFF_MARGIN: std::time::Duration = std::time::Duration::from_millis(1000);
+/// How long an exiting reader waits for another node to follow each of its streams,
+/// beyond the longest `retry:` it told its own clients (they reconnect, perhaps after
+/// bouncing off this node once, to nodes that then follow it).
+const HANDOFF_MARGIN: std::time::Duration = std::time::Duration::from_millis(2000);
 
-/// Announces a handoff, then ends the hubs this node reads for the cluster, so each
-/// writer marks its stream's end
+/// Announces a handoff; each hub this node reads for the cluster ends once followed, so
+/// each writer marks its stream's end
 /// in the shared history and gives the lease up: followers on other nodes take the
 /// upstream over at once instead of after the lease runs out. Bounded: Redis may be away.
 fn hand_over_to_followers(
     cluster: &crate::cluster::Cluster,
     registry: &Registry,
-    overlap: std::time::Duration,
+    wait: std::time::Duration,
 ) {
     use std::sync::atomic::Ordering;
     let held = || cluster.counters.leases_held.load(Ordering::Relaxed);
     if held() == 0 {
         return;
     }
-    // Followers open the upstream beside this reader and merge; then it ends.
-    cluster.begin_handoff();
-    std::thread::sleep(overlap);
+    // Each writer announces the handoff, and ends its stream once another node follows
+    // it (that node opens the upstream beside this one and merges), or after `wait`.
+    cluster.begin_handoff(wait);
+    let deadline = std::time::Instant::now() + wait + std::time::Duration::from_secs(2);
+    while held() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Stragglers (Redis away): end them now, and give their writers a moment.
     registry.end_all();
     let deadline = std::time::Instant::now() + cluster.settings.timeout * 4;
     while held() > 0 && std::time::Instant::now() < deadline {

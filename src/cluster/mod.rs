@@ -150,8 +150,9 @@ pub struct Cluster {
     pub counters: ClusterCounters,
     /// The node-wide follower of remote streams.
     pub follows: follow::Follows,
-    /// Set when this process is about to exit: writers announce a handoff.
-    handoff: tokio::sync::watch::Sender<bool>,
+    /// Set when this process is about to exit: writers announce a handoff, and wait at
+    /// most this long for a follower to be there before they end.
+    handoff: tokio::sync::watch::Sender<Option<Duration>>,
     /// Appends, sent to Redis in pipelines ([`batch`]).
     appends: tokio::sync::mpsc::UnboundedSender<batch::Job>,
     /// The other end, until [`Cluster::run`] starts the sender.
@@ -178,7 +179,7 @@ impl Cluster {
             secret,
             counters: ClusterCounters::default(),
             follows: follow::Follows::default(),
-            handoff: tokio::sync::watch::Sender::new(false),
+            handoff: tokio::sync::watch::Sender::new(None),
         }))
     }
 
@@ -340,13 +341,14 @@ impl Cluster {
         Ok(ok == 1)
     }
 
-    /// This process will exit soon: every writer announces a handoff to its followers.
-    pub fn begin_handoff(&self) {
-        self.handoff.send_replace(true);
+    /// This process will exit soon: every writer announces a handoff to its followers,
+    /// and ends its stream once one follows it (or after `wait`).
+    pub fn begin_handoff(&self, wait: Duration) {
+        self.handoff.send_replace(Some(wait));
     }
 
-    /// Resolves once a handoff has begun.
-    pub fn handoff(&self) -> tokio::sync::watch::Receiver<bool> {
+    /// Set once a handoff has begun.
+    pub fn handoff(&self) -> tokio::sync::watch::Receiver<Option<Duration>> {
         self.handoff.subscribe()
     }
 

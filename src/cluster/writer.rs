@@ -52,6 +52,29 @@ fn gather(
     (batch, false)
 }
 
+/// How long an exiting reader goes on once another node follows its stream: the
+/// follower opens the upstream beside it and their feeds meet within a few events.
+const FOLLOWER_OVERLAP: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Ends `hub` (so its writer hands the stream over) once another node's clients follow
+/// it, plus the overlap; or after `wait` if none comes (its clients may have left).
+async fn end_once_followed(
+    cluster: Arc<Cluster>,
+    tag: super::Tag,
+    hub: Arc<Hub>,
+    wait: std::time::Duration,
+) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline && !hub.ended() {
+        if cluster.watched(&tag).await {
+            tokio::time::sleep(FOLLOWER_OVERLAP).await;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    hub.end();
+}
+
 /// Counts a restarted history (not a first one): the epoch moved from the one last
 /// written in (Redis lost it, or this writer could not vouch for continuity).
 fn note_epoch(cluster: &Cluster, known: &mut Option<String>, epoch: String) {
@@ -123,15 +146,16 @@ impl Writer {
                         break;
                     }
                 }
-                began = async { handoff.wait_for(|h| *h).await.is_ok() }, if !announced => {
+                wait = async { handoff.wait_for(|h| h.is_some()).await.ok().and_then(|h| *h) }, if !announced => {
                     announced = true;
-                    if began {
+                    if let Some(wait) = wait {
                         if let Ok(Some((offset, e))) =
                             c.announce_handoff(&self.lease, prev, self.bounds).await
                         {
                             prev = Some(offset);
                             note_epoch(&c, &mut epoch, e);
                         }
+                        tokio::spawn(end_once_followed(c.clone(), self.lease.tag.clone(), hub.clone(), wait));
                     }
                 }
                 _ = renew.tick() => {
