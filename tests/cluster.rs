@@ -539,3 +539,32 @@ fn a_node_reaches_redis_over_tls_with_a_password_from_the_environment() {
         assert!(!g.log().contains(password), "the password was logged");
     }
 }
+
+/// Tried as an attacker would, across nodes: another user who sends the victim's
+/// `Last-Event-ID` (guessed, or seen) to the other node is never resumed from the
+/// victim's history, and never gets the victim's events.
+#[test]
+fn another_users_guessed_id_on_another_node_replays_nothing_of_the_victims() {
+    let php = Php::start();
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let (_, lei) = read_on(&a, "Cookie: user=victim");
+    for attacker in ["Cookie: user=mallory", "X-No-Cookie: 1"] {
+        let seen = sse(&b.url(FEED), &[HOST, attacker, &lei], 1.0);
+        assert!(
+            !seen.replay_header().starts_with("hit"),
+            "{attacker}: resumed from the victim's history: {:?}",
+            seen.head
+        );
+        let leaked: Vec<_> = seen
+            .events
+            .iter()
+            .filter(|e| e.2.contains("\"user\":\"victim\""))
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "{attacker}: got the victim's events: {leaked:?}"
+        );
+        assert!(!seen.events.is_empty(), "{attacker}: no stream at all");
+    }
+}
