@@ -17,11 +17,18 @@ fn cluster_toml(redis: &Redis, name: &str) -> String {
 
 /// Two nodes in front of `php`, both on `redis`, with `replay` as their `[replay]`.
 fn two_nodes(php: &Php, redis: &Redis, replay: &str) -> (Gateway, Gateway) {
+    two_nodes_with_lease(php, redis, replay, "2s")
+}
+
+/// [`two_nodes`] with another lease.
+fn two_nodes_with_lease(php: &Php, redis: &Redis, replay: &str, lease: &str) -> (Gateway, Gateway) {
     let node = |name| {
+        let toml =
+            cluster_toml(redis, name).replace("lease = \"2s\"", &format!("lease = \"{lease}\""));
         GatewayOptions::to(php)
             .replay(replay)
             .admin()
-            .extra(&cluster_toml(redis, name))
+            .extra(&toml)
             .start()
     };
     let (a, b) = (node("a"), node("b"));
@@ -377,21 +384,7 @@ fn a_resume_across_a_lost_history_is_a_signalled_miss() {
 fn a_reader_that_shuts_down_hands_its_streams_over_with_nothing_lost() {
     let php = Php::start();
     let redis = Redis::start();
-    let node = |name| {
-        let toml = cluster_toml(&redis, name).replace("lease = \"2s\"", "lease = \"6s\"");
-        GatewayOptions::to(&php)
-            .replay("linger = \"30s\"\n")
-            .admin()
-            .extra(&toml)
-            .start()
-    };
-    let (a, b) = (node("a"), node("b"));
-    for g in [&a, &b] {
-        let port = g.admin_port.expect("admin");
-        assert!(wait_for(
-            || admin_metric(port, "ssegate_cluster_redis_up") == 1.0
-        ));
-    }
+    let (a, b) = two_nodes_with_lease(&php, &redis, "linger = \"30s\"\n", "6s");
     // 50 events a second: a switch without the overlap would lose some.
     let path = "/broadcast.php?period=0.02";
     let cookie = "Cookie: user=gina";

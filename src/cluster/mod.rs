@@ -144,6 +144,8 @@ pub struct Cluster {
     client: redis::Client,
     /// The shared multiplexed connection, once it has been made (it reconnects itself).
     conn: ArcSwapOption<ConnectionManager>,
+    /// `<node>/<pid>/`, computed once (every stream request compares against it).
+    holder: String,
     /// Where the secret keys the HMAC of stream keys.
     secret: ring::hmac::Key,
     /// For metrics.
@@ -171,6 +173,7 @@ impl Cluster {
         let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &settings.key_secret);
         let (appends, appends_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Cluster {
+            holder: format!("{}/{}/", settings.node_id, std::process::id()),
             appends,
             appends_rx: std::sync::Mutex::new(Some(appends_rx)),
             settings,
@@ -231,8 +234,8 @@ impl Cluster {
 
     /// How this process's leases begin: `<node>/<pid>/` (the two processes of an
     /// upgrade share a node id but are two readers).
-    pub fn holder(&self) -> String {
-        format!("{}/{}/", self.settings.node_id, std::process::id())
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     pub(super) fn key(&self, tag: &Tag, part: &str) -> String {
@@ -392,17 +395,15 @@ impl Cluster {
             return Err(Down::NotConnected);
         };
         let mut conn = ConnectionManager::clone(&conn);
-        match tokio::time::timeout(self.settings.timeout, cmd.query_async(&mut conn)).await {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(self.settings.timeout, cmd.query_async(&mut conn)).await
+        {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                Err(Down::Redis(e))
-            }
-            Err(_) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                Err(Down::Timeout)
-            }
-        }
+            Ok(Err(e)) => Err(Down::Redis(e)),
+            Err(_) => Err(Down::Timeout),
+        };
+        self.count(started, &r);
+        r
     }
 
     /// How long a stream's keys outlive its last write.

@@ -86,7 +86,7 @@ pub(super) async fn find(
         let mine = remote
             .reader
             .as_deref()
-            .is_some_and(|r| r.starts_with(&cluster.holder()));
+            .is_some_and(|r| r.starts_with(cluster.holder()));
         if remote.reader.is_some() && !mine {
             return follow_remote(rcx, req, client, metrics, &cluster, tag, remote, missed).await;
         }
