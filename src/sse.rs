@@ -20,7 +20,7 @@ pub const BOM: &[u8] = b"\xEF\xBB\xBF";
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// Why the parser gave up on a stream.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     /// A block (or a single line) grew past the configured cap without ending.
     #[error("event larger than {limit} bytes")]
@@ -209,6 +209,14 @@ impl Parser {
             };
             let eol = self.scan + pos;
             let next = eol + 1;
+            // Checked on every line and block, not only on a partial line: whether the
+            // cap is hit must not depend on how the bytes were chunked.
+            let blank = eol == self.line_start; // ends the block `buf[..next]`
+            if next - self.line_start > self.max_event_bytes
+                || (blank && next > self.max_event_bytes)
+            {
+                return Err(self.too_large());
+            }
             // A CR ends the line by itself; an LF right after it (now or in a later push)
             // is handled at the top of the loop, so the result never depends on chunking.
             self.after_cr = self.buf[eol] == b'\r';
@@ -223,11 +231,15 @@ impl Parser {
 
     fn check_size(&self) -> Result<(), ParseError> {
         if self.buf.len() > self.max_event_bytes {
-            return Err(ParseError::EventTooLarge {
-                limit: self.max_event_bytes,
-            });
+            return Err(self.too_large());
         }
         Ok(())
+    }
+
+    fn too_large(&self) -> ParseError {
+        ParseError::EventTooLarge {
+            limit: self.max_event_bytes,
+        }
     }
 
     /// Handles the line `buf[start..eol]`, whose line ending runs to `next`.
@@ -605,6 +617,33 @@ mod tests {
         assert!(p.buffered() < 64);
         p.push(&[b'x'; 100]);
         assert_eq!(p.next_event(), Err(ParseError::EventTooLarge { limit: 64 }));
+    }
+
+    #[test]
+    fn the_cap_does_not_depend_on_chunking() {
+        // A block over the cap that arrives whole, a comment line over it between blocks.
+        for input in [
+            &b"data: 0123456789\n\n"[..],
+            b": 0123456789abcdef\ndata: a\n\n",
+        ] {
+            let mut whole = Parser::boundaries_only(16);
+            whole.push(input);
+            let mut bytewise = Parser::boundaries_only(16);
+            let mut err = None;
+            for b in input {
+                bytewise.push(&[*b]);
+                if let Err(e) = bytewise.next_block() {
+                    err = Some(e);
+                    break;
+                }
+            }
+            let too_large = ParseError::EventTooLarge { limit: 16 };
+            assert_eq!(whole.next_block(), Err(too_large.clone()));
+            assert_eq!(err, Some(too_large));
+        }
+        let mut p = Parser::boundaries_only(16);
+        p.push(b"data: 01234567\n\n"); // 16 bytes: at the cap, not over
+        assert!(p.next_block().unwrap().is_some());
     }
 
     #[test]
