@@ -139,14 +139,18 @@ fn tls_needs_tls12_plus_and_sets_forwarded_proto() {
     let gw = GatewayOptions::to(&php).tls().start();
     let cert = gw.cert.as_ref().expect("cert");
     let ca = cert.cert.display().to_string();
-    let (st, _) = curl(&[
-        "--cacert",
-        &ca,
-        "--tls-max",
-        "1.1",
-        &gw.tls_url("/echo.php"),
-    ]);
-    assert!(!st.success(), "TLS 1.1 was accepted");
+    // SECLEVEL=0 lets OpenSSL 3 offer TLS 1.1 at all: without it the client refuses on
+    // its own side and the check could not fail. The control server shows it can.
+    let tls11 = |url: &str| {
+        let flags = ["--tlsv1.1", "--tls-max", "1.1", "--ciphers"];
+        let mut args = vec!["--cacert", &ca, "-o", "/dev/null"];
+        args.extend_from_slice(&flags);
+        args.extend_from_slice(&["DEFAULT:@SECLEVEL=0", url]);
+        curl(&args).0.success()
+    };
+    let (_control, port) = permissive_tls_server(cert);
+    assert!(tls11(&format!("https://localhost:{port}/")), "the probe");
+    assert!(!tls11(&gw.tls_url("/echo.php")), "TLS 1.1 was accepted");
     let (st, out) = curl(&[
         "--cacert",
         &ca,
@@ -225,12 +229,20 @@ fn tls_chooses_the_certificate_by_sni_and_refuses_old_suites() {
     // The default is not served for a listed name, nor the SNI one for another name.
     assert!(!get("api.test", &default_ca, &[]));
     assert!(!get("localhost", &api_ca, &[]));
-    // Modern suites only: a TLS 1.2 CBC suite is refused, an AEAD one accepted.
-    assert!(!get(
-        "localhost",
-        &default_ca,
-        &["--tls-max", "1.2", "--ciphers", "AES128-SHA"]
-    ));
+    // Modern suites only: a TLS 1.2 CBC suite is refused, an AEAD one accepted. The CBC
+    // suite is an ECDHE-ECDSA one, which the ECDSA test certificate could serve: the
+    // control server shows the probe succeeds where the suite is allowed.
+    let cbc = ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-SHA"];
+    let (_control, control_port) = permissive_tls_server(gw.cert.as_ref().expect("cert"));
+    let control = format!("https://localhost:{control_port}/");
+    let mut args = vec!["--cacert", &default_ca, "-o", "/dev/null"];
+    args.extend_from_slice(&cbc);
+    args.push(&control);
+    assert!(curl(&args).0.success(), "the probe");
+    assert!(
+        !get("localhost", &default_ca, &cbc),
+        "a CBC suite was accepted"
+    );
     assert!(get(
         "localhost",
         &default_ca,

@@ -189,6 +189,28 @@ impl TestCert {
     }
 }
 
+/// An `openssl s_server` that accepts TLS 1.1 and every legacy suite with `cert`: the
+/// control for checks that ssegate refuses them (a probe that fails here too could
+/// never fail against ssegate). Returns it and its port.
+pub fn permissive_tls_server(cert: &TestCert) -> (Proc, u16) {
+    let port = free_port();
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-www", "-min_protocol", "TLSv1.1"])
+        .args(["-cipher", "ALL:@SECLEVEL=0", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&cert.cert)
+        .arg("-key")
+        .arg(&cert.key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run openssl s_server");
+    wait_port(port, &mut child, "openssl s_server");
+    (Proc { child }, port)
+}
+
 /// The real gateway binary with a generated config.
 pub struct Gateway {
     pub port: u16,
