@@ -1,16 +1,26 @@
 <?php
-// `n` events of `size` bytes of data each, sent as fast as possible, then silence.
+// `n` events of `size` bytes of data each, sent as fast as possible, then silence. With
+// `log`, records in that file when it notices the client is gone (on a write after the
+// close, as PHP does).
 header('Content-Type: text/event-stream');
+ignore_user_abort(true);
 $size = isset($_GET['size']) ? intval($_GET['size']) : 100000;
 $n = isset($_GET['n']) ? intval($_GET['n']) : 50;
+$log = isset($_GET['log']) ? $_GET['log'] : null;
 $payload = str_repeat('x', $size);
+function gone($log) {
+    if (!connection_aborted()) return;
+    if ($log) file_put_contents($log, sprintf("%.3f\n", microtime(true)));
+    exit;
+}
 for ($i = 1; $i <= $n; $i++) {
     echo "id: $i\ndata: $payload\n\n";
     @ob_flush(); flush();
+    gone($log);
 }
 for ($i = 0; $i < 300; $i++) {
     echo ": idle\n";
     @ob_flush(); flush();
-    if (connection_aborted()) exit;
+    gone($log);
     usleep(100000);
 }
