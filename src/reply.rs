@@ -38,6 +38,11 @@ pub async fn error(session: &mut Session, e: &Error) -> u16 {
     let Some(code) = status_for(e) else {
         return 0;
     };
+    // A client's bytes that failed to parse, or a body left unread: what follows on the
+    // connection cannot be trusted to start a request, so it closes after this answer.
+    if e.esource() == &ErrorSource::Downstream || !session.is_body_done() {
+        session.set_keepalive(None);
+    }
     let body = match code {
         502 => "502 Bad Gateway: the upstream failed\n",
         504 => "504 Gateway Timeout: the upstream did not answer in time\n",

@@ -2,14 +2,23 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
+fn body(out: &[u8]) -> &[u8] {
+    out.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out, |i| &out[i + 4..])
+}
+
 fn events_in(out: &[u8]) -> usize {
-    let text = String::from_utf8_lossy(out);
-    let body = text.split_once("\r\n\r\n").map_or(&*text, |(_, b)| b);
-    parse_stream(body.as_bytes()).0.len()
+    parse_stream(body(out)).0.len()
+}
+
+fn heartbeats_in(out: &[u8]) -> usize {
+    String::from_utf8_lossy(body(out))
+        .lines()
+        .filter(|l| *l == ":hb")
+        .count()
 }
 
 #[test]
@@ -18,12 +27,16 @@ fn metrics_match_what_happened() {
     let gw = GatewayOptions::to(&php)
         .admin()
         .replay("linger = \"30s\"\n")
-        .limits("request_rate = 0\nstream_connect_rate = 0.1\nstream_connect_burst = 3\nrefusal_retry = \"1s\"\n")
+        .limits("request_rate = 0\nstream_connect_rate = 0.1\nstream_connect_burst = 4\nrefusal_retry = \"1s\"\n")
+        // Events every 0.1 s never leave 0.3 s of silence: heartbeats go only to the
+        // quiet stream.
+        .extra("[sse]\nheartbeat_interval = \"300ms\"\nheartbeat_comment = \"hb\"\n")
         .start();
     let admin = format!("http://127.0.0.1:{}", gw.admin_port.expect("admin"));
     let url = gw.url("/broadcast.php?period=0.1");
     let sse = "Accept: text/event-stream";
-    // 1. a stream, 2. its resume (hit), 3. a miss, 4. a refused reconnect.
+    // 1. a stream, 2. its resume (hit), 3. a miss, 4. a quiet stream with heartbeats,
+    // 5. a refused reconnect.
     let (_, a) = curl(&["-i", "-N", "--max-time", "0.6", "-H", sse, &url]);
     let a_text = String::from_utf8_lossy(&a).into_owned();
     let last = a_text
@@ -32,7 +45,15 @@ fn metrics_match_what_happened() {
         .next_back()
         .expect("events")
         .to_owned();
-    std::thread::sleep(Duration::from_millis(300));
+    // Away while the hub lingers and records at least one more event.
+    let port = gw.admin_port.expect("admin");
+    assert!(wait_for(
+        || admin_metric(port, "ssegate_hubs_lingering") == 1.0
+    ));
+    let stored = admin_metric(port, "ssegate_replay_bytes");
+    assert!(wait_for(
+        || admin_metric(port, "ssegate_replay_bytes") > stored
+    ));
     let (_, b) = curl(&[
         "-i",
         "-N",
@@ -44,7 +65,11 @@ fn metrics_match_what_happened() {
         &format!("Last-Event-ID: {last}"),
         &url,
     ]);
-    assert!(String::from_utf8_lossy(&b).contains("x-ssegate-replay: hit"));
+    let replayed: f64 = String::from_utf8_lossy(&b)
+        .lines()
+        .find_map(|l| l.strip_prefix("x-ssegate-replay: hit; events="))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a hit");
     let (_, c) = curl(&[
         "-i",
         "-N",
@@ -56,9 +81,12 @@ fn metrics_match_what_happened() {
         "Last-Event-ID: nope",
         &url,
     ]);
+    let (_, q) = curl(&["-i", "-N", "-H", sse, &gw.url("/quiet.php?quiet=1.2")]);
+    assert_eq!(events_in(&q), 2);
     let (_, d) = curl(&["-i", "-N", "--max-time", "0.4", "-H", sse, &url]);
     assert!(String::from_utf8_lossy(&d).contains("x-ssegate-refused: stream_connect_rate"));
-    let seen = events_in(&a) + events_in(&b) + events_in(&c);
+    let seen = events_in(&a) + events_in(&b) + events_in(&c) + events_in(&q);
+    let bytes: usize = [&a, &b, &c, &q].iter().map(|o| body(o).len()).sum();
 
     // The access lines (and so the request counters) follow the streams' ends.
     assert!(wait_for(|| {
@@ -66,13 +94,42 @@ fn metrics_match_what_happened() {
         metric_in(
             &String::from_utf8_lossy(&m),
             "ssegate_requests_total{route=\"routes[0]\",status=\"200\"}",
-        ) >= 4.0
+        ) >= 5.0
     }));
     let (_, m) = curl(&[&format!("{admin}/metrics")]);
     let m = String::from_utf8_lossy(&m).into_owned();
     assert_eq!(metric_in(&m, "ssegate_replay_hits_total"), 1.0, "{m}");
     assert_eq!(metric_in(&m, "ssegate_replay_misses_total"), 1.0, "{m}");
-    assert!(metric_in(&m, "ssegate_events_replayed_total") >= 1.0, "{m}");
+    assert!(replayed >= 1.0);
+    assert_eq!(
+        metric_in(&m, "ssegate_events_replayed_total"),
+        replayed,
+        "{m}"
+    );
+    // The hit is an upstream request saved.
+    assert_eq!(
+        metric_in(&m, "ssegate_upstream_requests_saved_total"),
+        1.0,
+        "{m}"
+    );
+    // 1.2 s of silence at 0.3 s: the clients saw each heartbeat the metric counts.
+    let beats = heartbeats_in(&q);
+    assert!((2..=4).contains(&beats), "{beats} heartbeats");
+    assert_eq!(
+        metric_in(&m, "ssegate_heartbeats_total") as usize,
+        [&a, &b, &c, &q]
+            .iter()
+            .map(|o| heartbeats_in(o))
+            .sum::<usize>(),
+        "{m}"
+    );
+    // Every byte a client read was counted; a stream cut by the client's timer may
+    // have had a little more on the wire (at most one event each).
+    let counted = metric_in(&m, "ssegate_stream_bytes_total") as usize;
+    assert!(
+        (bytes..=bytes + 3 * 200).contains(&counted),
+        "metrics say {counted} bytes, clients read {bytes}"
+    );
     assert_eq!(
         metric_in(&m, "ssegate_refusals_total{reason=\"stream_connect_rate\"}"),
         1.0,
@@ -92,15 +149,23 @@ fn metrics_match_what_happened() {
         events >= seen && events <= seen + 3,
         "metrics say {events}, clients saw {seen}"
     );
+    // Every client has gone: the GET streams' hubs all linger (30 s); the quiet one's
+    // upstream ended, so its hub is gone.
     assert!(metric_in(&m, "ssegate_hubs") >= 1.0, "{m}");
-    // Upstream connections: the first stream and the miss (the hit joined a hub; the
-    // refused reconnect never went upstream).
+    assert_eq!(
+        metric_in(&m, "ssegate_hubs_lingering"),
+        metric_in(&m, "ssegate_hubs"),
+        "{m}"
+    );
+    assert_eq!(metric_in(&m, "ssegate_upstream_errors_total"), 0.0, "{m}");
+    // Upstream connections: the first stream, the miss and the quiet stream (the hit
+    // joined a hub; the refused reconnect never went upstream).
     assert_eq!(
         metric_in(
             &m,
             "ssegate_upstream_connections_total{reused=\"no\",upstream=\"php\"}"
         ),
-        2.0,
+        3.0,
         "{m}"
     );
     let (_, h) = curl(&[&format!("{admin}/healthz")]);

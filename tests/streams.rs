@@ -166,10 +166,45 @@ fn post_stream_without_accept_header_is_a_stream() {
     );
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// When `ticks.php` noticed its client had gone (the time it wrote to `log`), waiting
+/// up to `limit` for it.
+fn noticed_gone(log: &std::path::Path, limit: Duration) -> Option<f64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        // The file may be seen before PHP has written its line: read it again then.
+        if let Some(t) = std::fs::read_to_string(log)
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+        {
+            return Some(t);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_streams_open(admin: u16, n: f64) {
+    assert!(
+        wait_for(|| admin_metric(admin, "ssegate_streams_open") == n),
+        "{} streams open, not {n}",
+        admin_metric(admin, "ssegate_streams_open")
+    );
+}
+
 #[test]
 fn client_disconnect_closes_the_upstream() {
     let php = Php::start();
-    let gw = GatewayOptions::to(&php).start();
+    let gw = GatewayOptions::to(&php).admin().start();
+    let admin = gw.admin_port.expect("admin");
     // Without and with `Accept: text/event-stream` (pingora's path and the stream client).
     for (i, extra) in [&[][..], &["-H", "Accept: text/event-stream"][..]]
         .into_iter()
@@ -178,35 +213,98 @@ fn client_disconnect_closes_the_upstream() {
         let log = php.file(&format!("abort{i}.log"));
         let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
         let mut child = curl_stream(&url, 30, extra);
-        std::thread::sleep(Duration::from_millis(800));
+        wait_streams_open(admin, 1.0);
         let _ = child.kill();
         let _ = child.wait();
-        let closed_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs_f64();
+        let closed_at = unix_now();
         // PHP notices a closed connection on its second write after the close (~0.2 s).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let noticed = loop {
-            // The file may be seen before PHP has written its line: read it again then.
-            if let Some(t) = std::fs::read_to_string(&log)
-                .ok()
-                .and_then(|s| s.trim().parse::<f64>().ok())
-            {
-                break t;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the backend never saw the client leave ({extra:?})"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let noticed = noticed_gone(&log, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("the backend never saw the client leave ({extra:?})"));
         let delay = noticed - closed_at;
         assert!(
             delay < 1.0,
             "upstream noticed {delay:.3}s after the client left ({extra:?})"
         );
+        wait_streams_open(admin, 0.0);
     }
+}
+
+/// Over HTTP/2 a client leaves one stream with RST_STREAM and keeps its connection:
+/// that stream's upstream is closed all the same, and the connection still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_reset_closes_its_upstream() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    for (i, accept) in ["*/*", "text/event-stream"].into_iter().enumerate() {
+        let log = php.file(&format!("reset{i}.log"));
+        let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
+        let req = http::Request::get(url)
+            .header("accept", accept)
+            .body(())
+            .expect("request");
+        let mut client = client.clone().ready().await.expect("h2 ready");
+        let (resp, _) = client.send_request(req, true).expect("send");
+        let mut body = resp.await.expect("response").into_body();
+        let first = body.data().await.expect("a first event").expect("data");
+        assert!(first.starts_with(b"id: 1\n"), "{first:?}");
+        drop(body); // h2 sends RST_STREAM(CANCEL) for a body dropped before its end
+        let closed_at = unix_now();
+        let noticed =
+            tokio::task::spawn_blocking(move || noticed_gone(&log, Duration::from_secs(5)))
+                .await
+                .expect("join")
+                .unwrap_or_else(|| panic!("the backend never saw the reset ({accept})"));
+        let delay = noticed - closed_at;
+        assert!(
+            delay < 1.0,
+            "upstream noticed {delay:.3}s after the reset ({accept})"
+        );
+    }
+    // The connection itself was never closed.
+    let req = http::Request::get(gw.url("/echo.php"))
+        .body(())
+        .expect("request");
+    let mut client = client.ready().await.expect("h2 ready");
+    let (resp, _) = client.send_request(req, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+}
+
+/// With the default linger (30 s), a GET stream another client could resume keeps its
+/// upstream open and recording for the window after its client leaves, then closes it.
+#[test]
+fn with_the_default_linger_the_upstream_closes_when_the_window_ends() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).replay("").admin().start();
+    let admin = gw.admin_port.expect("admin");
+    let log = php.file("lingered.log");
+    let url = gw.url(&format!("/ticks.php?interval=0.2&log={}", log.display()));
+    let mut child = curl_stream(&url, 60, &["-H", "Accept: text/event-stream"]);
+    wait_streams_open(admin, 1.0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let left = unix_now();
+    assert!(
+        wait_for(|| admin_metric(admin, "ssegate_hubs_lingering") == 1.0),
+        "the hub does not linger"
+    );
+    assert_eq!(
+        noticed_gone(&log, Duration::from_secs(3)),
+        None,
+        "closed at once"
+    );
+    let noticed = noticed_gone(&log, Duration::from_secs(40)).expect("never closed");
+    let after = noticed - left;
+    assert!(
+        (29.0..36.0).contains(&after),
+        "closed {after:.1} s after the client left"
+    );
 }
 
 #[test]
@@ -224,14 +322,21 @@ fn sigterm_ends_streams_with_retry_and_exits_promptly() {
     let php = Php::start();
     let mut gw = GatewayOptions::to(&php)
         .extra("[sse]\nshutdown_retry = \"750ms\"\n")
+        .admin()
         .start();
+    let admin = gw.admin_port.expect("admin");
     let clients: Vec<_> = (0..3)
         .map(|_| curl_stream(&gw.url("/broadcast.php?period=0.2"), 20, &[]))
         .collect();
-    std::thread::sleep(Duration::from_millis(1200));
+    wait_streams_open(admin, 3.0);
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_events_total") >= 3.0
+    ));
     gw.signal("TERM");
-    let exited = gw.wait_exit(Duration::from_secs(8));
-    assert!(exited.is_some(), "gateway still running 8 s after SIGTERM");
+    // The streams end at their next boundary (events every 0.2 s) and the clients go:
+    // nothing is left to wait for.
+    let exited = gw.wait_exit(Duration::from_secs(3));
+    assert!(exited.is_some(), "gateway still running 3 s after SIGTERM");
     for c in clients {
         let out = read_all_with_limit(c, Duration::from_secs(10));
         let text = String::from_utf8_lossy(&out);
@@ -251,9 +356,18 @@ fn sigterm_ends_streams_with_retry_and_exits_promptly() {
 #[test]
 fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
     let php = Php::start();
-    let mut gw = GatewayOptions::to(&php).replay("enabled = false\n").start();
+    let mut gw = GatewayOptions::to(&php)
+        .replay("enabled = false\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
     let client = curl_stream(&gw.url("/quiet.php?partial=1&quiet=20"), 30, &[]);
-    std::thread::sleep(Duration::from_millis(800));
+    // The client holds half an event: "id: 1\ndata: first\n\nid: 2\ndata: half".
+    assert!(
+        wait_for(|| admin_metric(admin, "ssegate_stream_bytes_total") >= 35.0),
+        "{}",
+        String::from_utf8_lossy(&curl(&[&format!("http://127.0.0.1:{admin}/metrics")]).1)
+    );
     gw.signal("TERM");
     // Without replay the client already has half an event: the gateway waits a bounded
     // time for the rest, then ends without appending to the unfinished line.
@@ -269,9 +383,14 @@ fn sigterm_mid_event_waits_for_the_event_then_gives_up_cleanly() {
 #[test]
 fn sigterm_while_the_upstream_is_mid_event_ends_a_hub_stream_at_once() {
     let php = Php::start();
-    let mut gw = GatewayOptions::to(&php).start();
+    let mut gw = GatewayOptions::to(&php).admin().start();
+    let admin = gw.admin_port.expect("admin");
     let client = curl_stream(&gw.url("/quiet.php?partial=1&quiet=20"), 30, &[]);
-    std::thread::sleep(Duration::from_millis(800));
+    // The first event is out; the upstream writes the half right after it (if the
+    // signal came between the two, the client would see the same).
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_events_total") >= 1.0
+    ));
     gw.signal("TERM");
     let exited = gw.wait_exit(Duration::from_secs(5));
     assert!(exited.is_some(), "gateway still running 5 s after SIGTERM");

@@ -280,7 +280,6 @@ impl<'a> Writer<'a> {
         if let Some(n) = notice {
             first.extend_from_slice(n);
         }
-        let before_replay = first.len();
         for b in replay {
             // See `HubSource::next`: a BOM block may not open the body.
             if first.is_empty() && b.starts_with(sse::BOM) {
@@ -290,17 +289,18 @@ impl<'a> Writer<'a> {
         }
         stats.events += replay.len() as u64;
         self.metrics.events.inc_by(replay.len() as u64);
-        self.metrics
-            .bytes
-            .inc_by((first.len() - before_replay) as u64);
         if !first.is_empty() {
             self.write(client, first.freeze()).await?;
         }
         Ok(())
     }
 
+    /// Every byte of the stream's body goes out here, so the byte count includes the
+    /// `retry:` blocks and heartbeats a client reads too.
     async fn write(&mut self, client: &mut impl Client, bytes: Bytes) -> Result<()> {
+        let n = bytes.len() as u64;
         client.write(bytes).await?;
+        self.metrics.bytes.inc_by(n);
         self.wrote = true;
         self.last_write = Instant::now();
         Ok(())
@@ -343,7 +343,6 @@ impl<'a> Writer<'a> {
 
                 p = source.next(client, self.wrote) => match p? {
                     Piece::Bytes { bytes, events, sets_retry } => {
-                        self.metrics.bytes.inc_by(bytes.len() as u64);
                         self.write(client, bytes).await?;
                         stats.events += events;
                         self.metrics.events.inc_by(events);
