@@ -33,22 +33,15 @@ impl Live {
             .map(|_| AtomicUsize::new(0))
             .collect();
         let max = config.limits.settings.max_tracked_clients;
-        let route_limits = config
-            .routes
-            .iter()
-            .map(|r| {
-                Arc::new(limit::RouteLimiter {
-                    requests: r
-                        .limits
-                        .request_rate
-                        .and_then(|rate| limit::ClientRate::new(rate, max)),
-                })
-            })
-            .collect();
         let limits = match previous {
             Some(p) if p.config.limits.settings == config.limits.settings => p.limits.clone(),
             _ => Arc::new(Limiter::new(config.limits.settings.clone())),
         };
+        let route_limits = config
+            .routes
+            .iter()
+            .map(|r| route_limiter(r, previous, max))
+            .collect();
         Live {
             generation: previous.map_or(1, |p| p.generation + 1),
             config,
@@ -64,6 +57,31 @@ impl Live {
             .get(upstream_index)
             .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
     }
+}
+
+/// A route's limiter: the previous one when the same route (by name) has the same rate
+/// and client cap, so a reload does not hand out fresh quotas on it either.
+fn route_limiter(
+    route: &crate::config::Route,
+    previous: Option<&Live>,
+    max_tracked: usize,
+) -> Arc<limit::RouteLimiter> {
+    let kept = previous
+        .filter(|p| p.config.limits.settings.max_tracked_clients == max_tracked)
+        .and_then(|p| {
+            let i = p.config.routes.iter().position(|o| {
+                o.name == route.name && o.limits.request_rate == route.limits.request_rate
+            })?;
+            p.route_limits.get(i).cloned()
+        });
+    kept.unwrap_or_else(|| {
+        Arc::new(limit::RouteLimiter {
+            requests: route
+                .limits
+                .request_rate
+                .and_then(|rate| limit::ClientRate::new(rate, max_tracked)),
+        })
+    })
 }
 
 impl std::fmt::Debug for Live {

@@ -109,3 +109,54 @@ fn reload_replaces_the_tls_certificate_for_new_handshakes() {
     let (st, _) = curl(&["--cacert", &ca_old, &gw.tls_url("/echo.php")]);
     assert!(!st.success(), "the old certificate is still served");
 }
+
+/// A reload that leaves the limits as they were keeps their state: a client that used
+/// its burst does not get a fresh one, globally or on a route.
+#[test]
+fn a_reload_keeps_the_limiters_state() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .limits("request_rate = 0.05\nrequest_burst = 4\nstream_connect_rate = 0\n")
+        .extra("\n[[routes]]\nname = \"page\"\npath_prefix = \"/es_page.html\"\nupstream = \"php\"\nlimits = { request_rate = 0.05, request_burst = 1 }\n")
+        .start();
+    let conf = gw.dir.path().join("ssegate.toml");
+    let from = |iface: &str, path: &str| {
+        let url = gw.url(path);
+        let (_, out) = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--interface",
+            iface,
+            &url,
+        ]);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // Client 1 uses the global burst (4); client 2 the route's (1), and at most 2 of
+    // its global 4, so a refusal of client 2 after the reload is the route's.
+    for _ in 0..4 {
+        assert_eq!(from("127.0.0.1", "/echo.php"), "200");
+    }
+    assert_eq!(from("127.0.0.1", "/echo.php"), "429");
+    assert_eq!(from("127.0.0.2", "/es_page.html"), "200");
+    assert_eq!(from("127.0.0.2", "/es_page.html"), "429");
+    let text = std::fs::read_to_string(&conf).expect("config");
+    std::fs::write(&conf, format!("{text}\n# touched\n")).expect("write");
+    gw.signal("HUP");
+    assert!(
+        wait_for(|| gw.log().contains("configuration reloaded")),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        from("127.0.0.1", "/echo.php"),
+        "429",
+        "global burst renewed"
+    );
+    assert_eq!(
+        from("127.0.0.2", "/es_page.html"),
+        "429",
+        "route burst renewed"
+    );
+}
