@@ -6,9 +6,10 @@
 //! connection; it has no connection cap. [`ConnGuard`] wraps the proxy app: a connection
 //! beyond `server.max_connections` is closed at once, and every connection's stream is
 //! wrapped in [`Deadline`], which fails reads once `server.request_header_timeout` has
-//! passed without a complete request header. The deadline is re-armed each time pingora
-//! hands a kept-alive connection back for its next request, so an idle keep-alive
-//! connection is closed after the same time.
+//! passed without a complete request header. The deadline is re-armed after each HTTP/1
+//! response ([`rearm`], called by the proxy as a request ends), so the next request's
+//! header gets the same time, and an idle keep-alive connection is closed quietly after
+//! it (an idle close is not a late header: it is not counted as one).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -139,8 +140,10 @@ pub struct Deadline {
     sleep: Pin<Box<Sleep>>,
     /// Still waiting for the end of a request header.
     armed: bool,
-    /// Set by the guard when the connection comes back for another request.
+    /// Set when a response has ended and the connection waits for another request.
     rearm: std::sync::atomic::AtomicBool,
+    /// Re-armed, and no byte of the next request read yet.
+    idle: bool,
     /// The last bytes read, to find a blank line split across reads.
     tail: [u8; 3],
     /// Bytes read by `try_peek`, handed out again by the next reads.
@@ -165,6 +168,7 @@ impl Deadline {
             sleep: Box::pin(tokio::time::sleep(timeout)),
             armed: true,
             rearm: std::sync::atomic::AtomicBool::new(false),
+            idle: false,
             tail: [0; 3],
             peeked: Vec::new(),
             _counted: counted,
@@ -174,6 +178,7 @@ impl Deadline {
     fn take_rearm(&mut self) {
         if self.rearm.swap(false, Ordering::AcqRel) {
             self.armed = true;
+            self.idle = true;
             self.tail = [0; 3];
             let at = Instant::now() + self.timeout;
             self.sleep.as_mut().reset(at);
@@ -197,6 +202,15 @@ impl Deadline {
     }
 }
 
+/// Gives an HTTP/1 connection's next request header a new deadline, counted from now
+/// (the end of the last response). Over HTTP/2 the deadline is the connection's, and
+/// pingora's idle timeout closes an HTTP/2 connection with no stream open.
+pub fn rearm(stream: &Stream) {
+    if let Some(d) = stream.as_any().downcast_ref::<Deadline>() {
+        d.rearm.store(true, Ordering::Release);
+    }
+}
+
 fn late() -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -217,6 +231,7 @@ impl AsyncRead for Deadline {
             let bytes: Vec<u8> = this.peeked.drain(..n).collect();
             buf.put_slice(&bytes);
             if this.armed {
+                this.idle = false;
                 this.scan(&bytes);
             }
             return Poll::Ready(Ok(()));
@@ -225,11 +240,15 @@ impl AsyncRead for Deadline {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if this.armed {
+                    this.idle &= buf.filled().len() == before;
                     this.scan(&buf.filled()[before..]);
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.timed_out(cx) => {
+            // An idle keep-alive connection ends as if the client had closed it: pingora
+            // then drops it without an error.
+            Poll::Pending if this.timed_out(cx) && this.idle => Poll::Ready(Ok(())),
+            Poll::Pending if this.armed && this.sleep.is_elapsed() => {
                 this.metrics_timeout();
                 Poll::Ready(Err(late()))
             }

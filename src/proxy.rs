@@ -452,6 +452,9 @@ impl ProxyHttp for Gateway {
         if ctx.inner {
             return;
         }
+        if let Some(stream) = session.as_downstream().stream() {
+            crate::conn::rearm(stream); // the next request on this connection, if any
+        }
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let ms = ctx.started.map_or(0, |s| s.elapsed().as_millis());

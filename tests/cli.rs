@@ -184,6 +184,45 @@ fn devices_are_refused_as_config_or_certificate_files() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+    // A certificate or key that is a device, or larger than any PEM chain: refused
+    // with the key named, before anything is read into memory.
+    let dir = tempfile::tempdir().expect("tmp");
+    let cert = TestCert::generate(dir.path());
+    let huge = dir.path().join("huge.pem");
+    let mut big = std::fs::read(&cert.cert).expect("cert");
+    big.resize(2 * 1024 * 1024, b'\n');
+    std::fs::write(&huge, big).expect("write");
+    let cert_path = cert.cert.display().to_string();
+    let key_path = cert.key.display().to_string();
+    let huge_path = huge.display().to_string();
+    for (c, k, key, why) in [
+        (
+            "/dev/zero",
+            key_path.as_str(),
+            "listeners[0].tls.cert",
+            "not a regular file",
+        ),
+        (
+            cert_path.as_str(),
+            "/dev/zero",
+            "listeners[0].tls.key",
+            "not a regular file",
+        ),
+        (
+            huge_path.as_str(),
+            key_path.as_str(),
+            "listeners[0].tls.cert",
+            "larger than 1048576 bytes",
+        ),
+    ] {
+        let toml = GOOD.replace(
+            "address = \"127.0.0.1:8080\"",
+            &format!("address = \"127.0.0.1:8443\"\ntls = {{ cert = \"{c}\", key = \"{k}\" }}"),
+        );
+        let (code, text, _, _d) = check(&toml);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains(key) && text.contains(why), "{key}: {text}");
+    }
 }
 
 /// pingora's upgrade socket and the streams' handover socket beside it are only ever

@@ -471,3 +471,189 @@ fn admin_listener_caps_idle_connections_and_closes_them_when_late() {
         0.0
     );
 }
+
+/// Reads one response with a `Content-Length` body from `r`; returns its head.
+fn read_response(r: &mut std::io::BufReader<TcpStream>) -> String {
+    use std::io::BufRead;
+    let mut head = String::new();
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("head");
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+            len = v.trim().parse().expect("length");
+        }
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).expect("body");
+    head
+}
+
+/// A kept-alive HTTP/1.1 connection gets a new header deadline for each request, and
+/// an HTTP/2 connection with no stream open is closed after the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_at_the_header_deadline() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .server("request_header_timeout = \"2s\"\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
+    let port = gw.port;
+    let h1 = tokio::task::spawn_blocking(move || {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut w = s.try_clone().expect("clone");
+        let mut r = std::io::BufReader::new(s);
+        // Two requests, each well inside the deadline counted from its own start.
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(1200));
+            w.write_all(b"GET /es_page.html HTTP/1.1\r\nHost: a\r\n\r\n")
+                .expect("request");
+            let head = read_response(&mut r);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        }
+        let idle = Instant::now();
+        let mut b = [0u8; 1];
+        let n = r.get_mut().read(&mut b);
+        // The next header on a kept-alive connection gets the same deadline: trickled
+        // byte by byte, it is cut (and counted as late).
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let mut w = s.try_clone().expect("clone");
+        let mut r2 = std::io::BufReader::new(s);
+        w.write_all(b"GET /es_page.html HTTP/1.1\r\nHost: a\r\n\r\n")
+            .expect("request");
+        assert!(read_response(&mut r2).starts_with("HTTP/1.1 200"));
+        let trickle = Instant::now();
+        for b in b"GET /es_page.html HTTP/1.1\r\nHost: a\r\nX-Slow: yes\r\n\r\n" {
+            if w.write_all(&[*b]).is_err() || trickle.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let cut = trickle.elapsed();
+        assert!(
+            cut < Duration::from_secs(6),
+            "a trickled second header ran {cut:?}"
+        );
+        assert!(
+            matches!(n, Ok(0))
+                || matches!(&n, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{n:?} after {:?}",
+            idle.elapsed()
+        );
+        idle.elapsed()
+    });
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let h2 = tokio::spawn(async move {
+        let _ = conn.await;
+        Instant::now()
+    });
+    let req = http::Request::get(gw.url("/es_page.html"))
+        .body(())
+        .expect("request");
+    let mut client = client.ready().await.expect("ready");
+    let (resp, _) = client.send_request(req, true).expect("send");
+    let mut body = resp.await.expect("response").into_body();
+    while let Some(chunk) = body.data().await {
+        let n = chunk.expect("data").len();
+        let _ = body.flow_control().release_capacity(n);
+    }
+    let idle = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), h2)
+        .await
+        .expect("the idle HTTP/2 connection was not closed")
+        .expect("join");
+    let h2_idle = closed - idle;
+    let h1_idle = h1.await.expect("h1");
+    for (what, t) in [("HTTP/1.1", h1_idle), ("HTTP/2", h2_idle)] {
+        assert!(
+            (Duration::from_millis(1500)..Duration::from_secs(6)).contains(&t),
+            "{what}: closed after {t:?} idle"
+        );
+    }
+    // The two idle closes are not late headers; the trickled one is.
+    assert_eq!(
+        admin_metric(admin, "ssegate_request_header_timeouts_total"),
+        1.0
+    );
+}
+
+/// A request header past pingora's 1 MiB gets a 400 (when the client can still read
+/// it) and the connection closes; the gateway serves on.
+#[test]
+fn a_request_header_over_1_mib_closes_the_connection() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(b"GET /es_page.html HTTP/1.1\r\nHost: a\r\n");
+    // 200 headers of 6 kB, in separate writes (the size is checked between reads).
+    let line = format!("X-Big: {}\r\n", "b".repeat(6000));
+    for _ in 0..200 {
+        if s.write_all(line.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(b"\r\n");
+    let mut out = Vec::new();
+    let closed = match s.read_to_end(&mut out) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    let resp = String::from_utf8_lossy(&out);
+    assert!(closed, "still open: {resp}");
+    assert!(out.is_empty() || resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let (ok, _) = curl(&[&gw.url("/es_page.html")]);
+    assert!(ok.success());
+}
+
+/// HTTP/2: at most 100 streams at once per connection, and a header list past 64 KiB
+/// is refused, on a connection that serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_caps_streams_and_header_lists() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let mut conn = Box::pin(conn);
+    let get = |extra: Option<String>| {
+        let mut b = http::Request::get(gw.url("/echo.php"));
+        if let Some(v) = extra {
+            b = b.header("x-big", v);
+        }
+        b.body(()).expect("request")
+    };
+    let mut client = client.ready().await.expect("ready");
+    // The server's settings arrive with the first exchange.
+    let (resp, _) = client.send_request(get(None), true).expect("send");
+    let resp = tokio::select! {
+        r = resp => r.expect("response"),
+        _ = &mut conn => panic!("connection ended"),
+    };
+    assert_eq!(resp.status(), 200);
+    assert_eq!(conn.max_concurrent_send_streams(), 100);
+    let _drive = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let (resp, _) = client
+        .send_request(get(Some("h".repeat(70_000))), true)
+        .expect("send");
+    match resp.await {
+        Ok(r) => assert_eq!(r.status(), 431),
+        Err(e) => assert!(e.is_reset() || e.is_remote(), "{e}"),
+    }
+    let mut client = client.ready().await.expect("ready");
+    let (resp, _) = client.send_request(get(None), true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+}

@@ -228,3 +228,62 @@ fn tls_handshakes_are_counted() {
         "{m}"
     );
 }
+
+/// Once SIGTERM came, `/readyz` says 503 so load balancers stop sending new clients,
+/// while the requests in flight finish. pingora stops accepting at the signal, so the
+/// probe comes on an admin connection kept alive from before.
+#[test]
+fn readyz_is_503_during_a_graceful_shutdown() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).admin().start();
+    let admin = gw.admin_port.expect("admin");
+    let mut probe = std::net::TcpStream::connect(("127.0.0.1", admin)).expect("connect");
+    probe
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let ask = |probe: &mut std::net::TcpStream| {
+        probe
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .expect("probe");
+        let mut r = BufReader::new(probe);
+        let mut head = String::new();
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("head");
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+                len = v.trim().parse().expect("length");
+            }
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).expect("body");
+        (head, String::from_utf8_lossy(&body).into_owned())
+    };
+    let (head, body) = ask(&mut probe);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "ready\n");
+    // A slow request keeps the process in its shutdown for a few seconds.
+    let slow = curl_stream(&gw.url("/echo.php?sleep=4"), 20, &[]);
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_connections_open") >= 1.0
+    ));
+    gw.signal("TERM");
+    assert!(
+        wait_for(|| gw.log().contains("graceful shutdown")),
+        "{}",
+        gw.log()
+    );
+    let (head, body) = ask(&mut probe);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert_eq!(body, "shutting down\n");
+    let out = read_all_with_limit(slow, std::time::Duration::from_secs(10));
+    assert!(
+        out.starts_with(b"{"),
+        "the request in flight was cut: {out:?}"
+    );
+}
