@@ -233,35 +233,6 @@ fn the_total_replay_budget_holds_for_events_larger_than_it() {
     assert_eq!(back.replay_header(), "miss", "{}", back.head);
 }
 
-#[test]
-fn shared_route_serves_1000_clients_from_one_upstream_request() {
-    let php = Php::start();
-    let gw = GatewayOptions::to(&php)
-        .replay("shared = true\nlinger = \"30s\"\n")
-        .start();
-    let log = php.file("requests.log");
-    let url = gw.url(&format!("/broadcast.php?period=0.2&log={}", log.display()));
-    let started = Instant::now();
-    let v = node_clients(&url, 1000, 5, 60_000, None);
-    println!(
-        "1000 clients got 5 events each in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    let clients = v["clients"].as_array().expect("clients");
-    assert_eq!(clients.len(), 1000);
-    for c in clients {
-        let ids = json_ids(c);
-        assert_eq!(ids.len(), 5, "{c}");
-        assert!(consecutive(&ids), "{ids:?}");
-    }
-    let requests = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .count();
-    println!("shared route: 1000 clients, {requests} upstream request(s) at the backend");
-    assert_eq!(requests, 1, "the backend saw {requests} requests");
-}
-
 /// A TCP forwarder whose connections the test can cut, to drop a browser's stream
 /// without the browser choosing to.
 struct Cutter {
