@@ -157,7 +157,9 @@ fn users_never_see_each_others_events_live_or_replayed() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php)
         .replay("linger = \"30s\"\n")
+        .admin()
         .start();
+    let admin = gw.admin_port.expect("admin");
     let url = gw.url("/broadcast.php?period=0.1");
     let users_of = |s: &Seen| -> Vec<String> {
         s.events
@@ -169,7 +171,10 @@ fn users_never_see_each_others_events_live_or_replayed() {
     let alice = sse(&url, &["Cookie: user=alice"], 0.8);
     assert!(users_of(&alice).iter().all(|u| u == "alice"));
     let k = *alice.ids().last().expect("events");
-    std::thread::sleep(Duration::from_millis(500));
+    // Her hub lingers and records what she misses.
+    assert!(wait_for(|| admin_metric(admin, "ssegate_hubs_lingering") == 1.0));
+    let stored = admin_metric(admin, "ssegate_replay_bytes");
+    assert!(wait_for(|| admin_metric(admin, "ssegate_replay_bytes") > stored));
     // Bob presents Alice's last id: her recorded stream must not be replayed to him.
     let bob = sse(
         &url,
@@ -274,11 +279,21 @@ async fn browser_eventsource_cut_off_resumes_without_gap_or_duplicate() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php)
         .replay("linger = \"30s\"\n")
+        .admin()
         .start();
+    let admin = gw.admin_port.expect("admin");
     let cutter = Cutter::start(gw.port).await;
     let page = format!("http://127.0.0.1:{}/es_page.html?period=0.1", cutter.port);
     let browser = tokio::task::spawn_blocking(move || browser_stats(&page, 70, 40000));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Cut once the browser has had some events.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let events = tokio::task::spawn_blocking(move || admin_metric(admin, "ssegate_events_total"));
+        if events.await.expect("metrics") >= 10.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cutter.cut();
     let stats = browser.await.expect("browser task");
     let ids = json_ids(&stats);
@@ -503,10 +518,12 @@ fn past_max_hubs_new_streams_are_relayed_without_replay() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php)
         .replay("linger = \"0s\"\nmax_hubs = 1\n")
+        .admin()
         .start();
+    let admin = gw.admin_port.expect("admin");
     let url = gw.url("/broadcast.php?period=0.1");
     let mut first = curl_stream(&url, 5, &["-H", "Cookie: user=a"]);
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_for(|| admin_metric(admin, "ssegate_hubs") == 1.0));
     let second = sse(&url, &["Cookie: user=b"], 0.6);
     assert_eq!(second.replay_header(), "", "{}", second.head);
     assert!(second.events.len() >= 3, "the stream still flows");
