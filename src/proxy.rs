@@ -439,9 +439,19 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = reply::error(session, e).await;
+        if let Some(r) = ctx
+            .route
+            .as_ref()
+            .filter(|_| reply::upstream_failed(e, code))
+        {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[r.upstream.name.as_str()])
+                .inc();
+        }
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,

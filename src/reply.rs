@@ -32,6 +32,21 @@ pub fn status_for(e: &Error) -> Option<u16> {
     })
 }
 
+/// Whether a failure answered with `code` is the upstream's own: it connected but gave
+/// no usable response (timeout, reset, garbage). A failed connect is counted when it
+/// fails, once per server tried, so it is not counted again here.
+pub fn upstream_failed(e: &Error, code: u16) -> bool {
+    let connect = matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::ConnectProxyFailure
+    );
+    matches!(code, 502 | 504) && !connect
+}
+
 /// Answers a request that failed before its response began (see [`status_for`]);
 /// returns the status written, 0 for none.
 pub async fn error(session: &mut Session, e: &Error) -> u16 {

@@ -199,4 +199,3 @@ async fn limiter_memory_stays_bounded() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-

@@ -176,11 +176,20 @@ fn status_codes_pass_through() {
 #[test]
 fn dead_upstream_is_502_with_a_short_body() {
     let dead = free_port();
-    let gw = GatewayOptions::to_servers(vec![format!("127.0.0.1:{dead}")]).start();
+    let gw = GatewayOptions::to_servers(vec![format!("127.0.0.1:{dead}")])
+        .admin()
+        .start();
     let (_, out) = curl(&["-w", "\n%{http_code}", &gw.url("/echo.php")]);
     let text = String::from_utf8_lossy(&out);
     assert!(text.ends_with("\n502"), "{text}");
     assert!(text.contains("Bad Gateway"), "{text}");
+    let admin = gw.admin_port.expect("admin");
+    let errors = "ssegate_upstream_errors_total{upstream=\"php\"}";
+    assert_eq!(
+        admin_metric(admin, errors),
+        1.0,
+        "one server, one failed connect"
+    );
 }
 
 #[test]
@@ -188,11 +197,19 @@ fn slow_upstream_is_504() {
     let php = Php::start();
     let gw = Gateway::start(GatewayOptions {
         upstream_extra: "response_timeout = \"500ms\"".into(),
-        ..GatewayOptions::to(&php)
+        ..GatewayOptions::to(&php).admin()
     });
     let (_, out) = curl(&["-w", "\n%{http_code}", &gw.url("/echo.php?sleep=3")]);
     let text = String::from_utf8_lossy(&out);
     assert!(text.ends_with("\n504"), "{text}");
+    let admin = gw.admin_port.expect("admin");
+    let errors = "ssegate_upstream_errors_total{upstream=\"php\"}";
+    assert!(
+        wait_for(|| admin_metric(admin, errors) == 1.0),
+        "the timeout is an upstream error: {}\n{}",
+        admin_metric(admin, errors),
+        gw.log()
+    );
     // A stream that answers its header in time may then stay quiet far longer.
     let (_, out) = curl(&["-N", &gw.url("/quiet.php?quiet=1.5")]);
     assert!(String::from_utf8_lossy(&out).contains("data: second"));

@@ -172,9 +172,13 @@ fn users_never_see_each_others_events_live_or_replayed() {
     assert!(users_of(&alice).iter().all(|u| u == "alice"));
     let k = *alice.ids().last().expect("events");
     // Her hub lingers and records what she misses.
-    assert!(wait_for(|| admin_metric(admin, "ssegate_hubs_lingering") == 1.0));
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_hubs_lingering") == 1.0
+    ));
     let stored = admin_metric(admin, "ssegate_replay_bytes");
-    assert!(wait_for(|| admin_metric(admin, "ssegate_replay_bytes") > stored));
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_replay_bytes") > stored
+    ));
     // Bob presents Alice's last id: her recorded stream must not be replayed to him.
     let bob = sse(
         &url,
@@ -288,7 +292,8 @@ async fn browser_eventsource_cut_off_resumes_without_gap_or_duplicate() {
     // Cut once the browser has had some events.
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let events = tokio::task::spawn_blocking(move || admin_metric(admin, "ssegate_events_total"));
+        let events =
+            tokio::task::spawn_blocking(move || admin_metric(admin, "ssegate_events_total"));
         if events.await.expect("metrics") >= 10.0 {
             break;
         }

@@ -51,6 +51,26 @@ fn heartbeats_fill_silence_with(replay: &str) {
     assert_eq!(middle, ":hb\n\n".repeat(hb.len()), "{text}");
 }
 
+/// A heartbeat fills silence only: while events come faster than the interval (ten
+/// times faster here), none is written.
+#[test]
+fn no_heartbeats_while_events_flow() {
+    for replay in ["linger = \"0s\"\n", "enabled = false\n"] {
+        let php = Php::start();
+        let gw = GatewayOptions::to(&php)
+            .replay(replay)
+            .extra("[sse]\nheartbeat_interval = \"1s\"\nheartbeat_comment = \"hb\"\n")
+            .start();
+        let lines = curl_lines(&["-N", &gw.url("/legacy.php?n=25&interval=0.1")]);
+        let text: String = lines.iter().map(|l| format!("{}\n", l.line)).collect();
+        assert_eq!(parse_stream(text.as_bytes()).0.len(), 25, "{text}");
+        assert!(
+            !text.contains(":hb"),
+            "{replay}: a heartbeat between events:\n{text}"
+        );
+    }
+}
+
 #[test]
 fn no_heartbeat_inside_an_unfinished_event() {
     let php = Php::start();

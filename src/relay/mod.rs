@@ -76,10 +76,15 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> RelayStats {
     let mut stats = RelayStats::default();
+    let route = client.route.clone();
     if let Err(e) = run(session, client, &mut admission, &mut shutdown, &mut stats).await {
         tracing::debug!("relay ended: {e}");
         if session.response_written().is_none() {
-            reply::error(session, &e).await;
+            let code = reply::error(session, &e).await;
+            if reply::upstream_failed(&e, code) {
+                let m = &admission.metrics.upstream_errors;
+                m.with_label_values(&[route.upstream.name.as_str()]).inc();
+            }
         }
         stats.error = Some(e.to_string());
     }

@@ -34,6 +34,46 @@ pub fn wait_port(port: u16, child: &mut Child, what: &str) {
     panic!("{what} did not listen on port {port} within 20 s");
 }
 
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`. A port from
+/// [`free_port`] may be taken by another test's server before ours binds it; a connect
+/// would then succeed against that other server.
+pub fn owns_listener(pid: u32, port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true; // no /proc: nothing to check against
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|i| format!("socket:[{i}]")))?
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+}
+
+/// Waits until `child` itself listens on each of `ports`; false if it exited or another
+/// process holds one of them (the caller then tries other ports).
+pub fn wait_own_ports(ports: &[u16], child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if ports.iter().all(|&p| owns_listener(child.id(), p)) {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -85,6 +125,20 @@ impl Php {
         }
         set_mode(dir.path(), 0o777);
         set_mode(&root, 0o755);
+        for _ in 0..5 {
+            if let Some((port, child)) = Self::try_start(&dir) {
+                return Php {
+                    port,
+                    dir,
+                    proc: Some(child),
+                };
+            }
+        }
+        panic!("apache2 did not start on a port of its own in 5 tries");
+    }
+
+    /// Apache on a fresh port, if it gets that port.
+    fn try_start(dir: &tempfile::TempDir) -> Option<(u16, Child)> {
         let port = free_port();
         let d = dir.path().display();
         let conf = format!(
@@ -128,12 +182,12 @@ DocumentRoot {d}/www
             .stderr(Stdio::null())
             .spawn()
             .expect("run apache2 (the README's test command installs it)");
-        wait_port(port, &mut child, "apache2");
-        Php {
-            port,
-            dir,
-            proc: Some(child),
+        if !wait_own_ports(&[port], &mut child) {
+            kill_group(&mut child);
+            return None;
         }
+        wait_port(port, &mut child, "apache2");
+        Some((port, child))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -149,16 +203,20 @@ DocumentRoot {d}/www
 impl Drop for Php {
     fn drop(&mut self) {
         if let Some(mut child) = self.proc.take() {
-            // Apache runs in its own process group: kill the parent and every child
-            // at once, so no PHP worker outlives the test.
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .stderr(Stdio::null())
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
         }
     }
+}
+
+/// Apache runs in its own process group: kill the parent and every child at once, so
+/// no PHP worker outlives the test.
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn set_mode(p: &Path, mode: u32) {
@@ -320,6 +378,16 @@ pub fn bin() -> &'static str {
 
 impl Gateway {
     pub fn start(o: GatewayOptions) -> Gateway {
+        for _ in 0..5 {
+            if let Some(gw) = Self::try_start(&o) {
+                return gw;
+            }
+        }
+        panic!("ssegate did not start on ports of its own in 5 tries");
+    }
+
+    /// The gateway on fresh ports, if it gets them all.
+    fn try_start(o: &GatewayOptions) -> Option<Gateway> {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut toml = format!(
@@ -370,21 +438,28 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("run ssegate");
-        wait_port(port, &mut child, "ssegate");
-        if let Some(p) = tls_port {
-            wait_port(p, &mut child, "ssegate (TLS)");
+        let ports: Vec<u16> = [Some(port), tls_port, admin_port]
+            .into_iter()
+            .flatten()
+            .collect();
+        if !wait_own_ports(&ports, &mut child) {
+            let log = std::fs::read_to_string(dir.path().join("ssegate.log")).unwrap_or_default();
+            eprintln!("ssegate did not get its ports {ports:?}; trying others:\n{log}");
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
         }
-        if let Some(p) = admin_port {
-            wait_port(p, &mut child, "ssegate (admin)");
+        for p in ports {
+            wait_port(p, &mut child, "ssegate");
         }
-        Gateway {
+        Some(Gateway {
             port,
             admin_port,
             tls_port,
             dir,
             proc: Proc { child },
             cert,
-        }
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
