@@ -11,13 +11,7 @@ use common::*;
 
 /// Opens `n` streams at once on ONE h2c connection and reads each to its end.
 async fn h2c_streams(port: u16, path: &str, n: usize) -> Vec<Vec<u8>> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = h2c_connect(port).await;
     let mut tasks = vec![];
     for _ in 0..n {
         let mut client = client.clone().ready().await.expect("h2 ready");

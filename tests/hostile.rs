@@ -33,19 +33,6 @@ fn raw(port: u16, req: &[u8], limit: Duration) -> String {
     resp
 }
 
-/// Whether the peer has closed `s` (a read sees EOF or a reset, not a timeout).
-fn is_closed(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 16];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    }
-}
-
 fn status(resp: &str) -> &str {
     resp.split(' ').nth(1).unwrap_or("")
 }
@@ -363,13 +350,7 @@ fn hosts_are_normalised_once_and_ambiguous_ones_refused() {
 async fn http2_cookie_crumbs_reach_the_upstream_as_one_cookie() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php).start();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = h2c_connect(gw.port).await;
     for accept in ["*/*", "text/event-stream"] {
         let mut client = client.clone().ready().await.expect("h2 ready");
         let req = http::Request::get(format!("http://127.0.0.1:{}/echo.php", gw.port))
@@ -430,27 +411,6 @@ fn admin_listener_caps_idle_connections_and_closes_them_when_late() {
     );
 }
 
-/// Reads one response with a `Content-Length` body from `r`; returns its head.
-fn read_response(r: &mut std::io::BufReader<TcpStream>) -> String {
-    use std::io::BufRead;
-    let mut head = String::new();
-    let mut len = 0;
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).expect("head");
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
-            len = v.trim().parse().expect("length");
-        }
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        head.push_str(&line);
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).expect("body");
-    head
-}
-
 /// A kept-alive HTTP/1.1 connection gets a new header deadline for each request, and
 /// an HTTP/2 connection with no stream open is closed after the same time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,7 +433,7 @@ async fn idle_connections_are_closed_at_the_header_deadline() {
             std::thread::sleep(Duration::from_millis(1200));
             w.write_all(b"GET /es_page.html HTTP/1.1\r\nHost: a\r\n\r\n")
                 .expect("request");
-            let head = read_response(&mut r);
+            let (head, _) = read_response(&mut r);
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         }
         let idle = Instant::now();
@@ -486,7 +446,7 @@ async fn idle_connections_are_closed_at_the_header_deadline() {
         let mut r2 = std::io::BufReader::new(s);
         w.write_all(b"GET /es_page.html HTTP/1.1\r\nHost: a\r\n\r\n")
             .expect("request");
-        assert!(read_response(&mut r2).starts_with("HTTP/1.1 200"));
+        assert!(read_response(&mut r2).0.starts_with("HTTP/1.1 200"));
         let trickle = Instant::now();
         for b in b"GET /es_page.html HTTP/1.1\r\nHost: a\r\nX-Slow: yes\r\n\r\n" {
             if w.write_all(&[*b]).is_err() || trickle.elapsed() > Duration::from_secs(10) {

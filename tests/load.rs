@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,19 +15,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether the peer has closed `s` (a read sees EOF or a reset, not a timeout).
-fn is_closed(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 16];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    }
 }
 
 fn consecutive(ids: &[u64]) -> bool {

@@ -234,7 +234,7 @@ fn tls_handshakes_are_counted() {
 /// probe comes on an admin connection kept alive from before.
 #[test]
 fn readyz_is_503_during_a_graceful_shutdown() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
     let php = Php::start();
     let gw = GatewayOptions::to(&php).admin().start();
     let admin = gw.admin_port.expect("admin");
@@ -246,22 +246,7 @@ fn readyz_is_503_during_a_graceful_shutdown() {
         probe
             .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\n\r\n")
             .expect("probe");
-        let mut r = BufReader::new(probe);
-        let mut head = String::new();
-        let mut len = 0;
-        loop {
-            let mut line = String::new();
-            r.read_line(&mut line).expect("head");
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
-                len = v.trim().parse().expect("length");
-            }
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            head.push_str(&line);
-        }
-        let mut body = vec![0; len];
-        r.read_exact(&mut body).expect("body");
+        let (head, body) = read_response(&mut BufReader::new(probe));
         (head, String::from_utf8_lossy(&body).into_owned())
     };
     let (head, body) = ask(&mut probe);

@@ -255,13 +255,7 @@ fn client_disconnect_closes_the_upstream() {
 async fn an_http2_stream_reset_closes_its_upstream() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php).start();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = h2c_connect(gw.port).await;
     for (i, accept) in ["*/*", "text/event-stream"].into_iter().enumerate() {
         let log = php.file(&format!("reset{i}.log"));
         let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));

@@ -880,3 +880,48 @@ pub fn browser_stats(page: &str, want: usize, timeout_ms: u64) -> serde_json::Va
         )
     })
 }
+
+/// Reads one response with a `Content-Length` body from `r`: its head and body.
+pub fn read_response<R: Read>(r: &mut BufReader<R>) -> (String, Vec<u8>) {
+    let mut head = String::new();
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("head");
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+            len = v.trim().parse().expect("length");
+        }
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).expect("body");
+    (head, body)
+}
+
+/// Whether the peer has closed `s` (a read sees EOF or a reset, not a timeout).
+pub fn is_closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// An h2c (prior knowledge) connection to `port`, driven in the background.
+pub async fn h2c_connect(port: u16) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
