@@ -10,6 +10,8 @@
 //! pumped with heartbeats and a clean shutdown, anything else is passed through as it
 //! comes. WebSocket upgrades skip the relay and take the ordinary path directly.
 
+mod access;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -465,49 +467,6 @@ impl ProxyHttp for Gateway {
         if let Some(stream) = session.as_downstream().stream() {
             crate::conn::rearm(stream); // the next request on this connection, if any
         }
-        let req = session.req_header();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let ms = ctx.started.map_or(0, |s| s.elapsed().as_millis());
-        let route = ctx.route.as_ref().map_or("-", |r| r.name.as_str());
-        let client = ctx
-            .client
-            .as_ref()
-            .and_then(|c| c.client_ip)
-            .map_or_else(|| "-".to_owned(), |ip| ip.to_string());
-        let (kind, events, heartbeats) = match &ctx.relay {
-            Some(r) if r.stream => ("stream", r.events, r.heartbeats),
-            _ => ("request", 0, 0),
-        };
-        let refused = ctx.refused.or(ctx.relay.as_ref().and_then(|r| r.refused));
-        if let Some(reason) = refused {
-            self.metrics
-                .refusals
-                .with_label_values(&[reason.as_str()])
-                .inc();
-        }
-        self.metrics
-            .requests
-            .with_label_values(&[route, &status.to_string()])
-            .inc();
-        tracing::info!(
-            target: "ssegate::access",
-            client,
-            method = %req.method,
-            path = %req.uri,
-            route,
-            status,
-            duration_ms = ms as u64,
-            bytes = session.body_bytes_sent(),
-            kind,
-            events,
-            heartbeats,
-            replay = ctx.relay.as_ref().and_then(|r| r.replay),
-            replay_miss = ctx.relay.as_ref().and_then(|r| r.miss),
-            replayed = ctx.relay.as_ref().map_or(0, |r| r.replayed),
-            refused = refused.map(|r| r.as_str()),
-            error = e
-                .map(|e| e.to_string())
-                .or_else(|| ctx.relay.as_ref().and_then(|r| r.error.clone())),
-        );
+        access::log(&self.metrics, session, e, ctx);
     }
 }

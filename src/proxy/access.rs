@@ -1,0 +1,52 @@
+//! The access line of each request or stream, and the request counters beside it.
+
+use pingora::prelude::*;
+
+use super::RequestCtx;
+use crate::metrics::Metrics;
+
+/// One access line for the request in `session` (outer pass only), counted by route and
+/// status, and by refusal reason when the limits refused it.
+pub(super) fn log(metrics: &Metrics, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+    let req = session.req_header();
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let ms = ctx.started.map_or(0, |s| s.elapsed().as_millis());
+    let route = ctx.route.as_ref().map_or("-", |r| r.name.as_str());
+    let client = ctx
+        .client
+        .as_ref()
+        .and_then(|c| c.client_ip)
+        .map_or_else(|| "-".to_owned(), |ip| ip.to_string());
+    let (kind, events, heartbeats) = match &ctx.relay {
+        Some(r) if r.stream => ("stream", r.events, r.heartbeats),
+        _ => ("request", 0, 0),
+    };
+    let refused = ctx.refused.or(ctx.relay.as_ref().and_then(|r| r.refused));
+    if let Some(reason) = refused {
+        metrics.refusals.with_label_values(&[reason.as_str()]).inc();
+    }
+    metrics
+        .requests
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    tracing::info!(
+        target: "ssegate::access",
+        client,
+        method = %req.method,
+        path = %req.uri,
+        route,
+        status,
+        duration_ms = ms as u64,
+        bytes = session.body_bytes_sent(),
+        kind,
+        events,
+        heartbeats,
+        replay = ctx.relay.as_ref().and_then(|r| r.replay),
+        replay_miss = ctx.relay.as_ref().and_then(|r| r.miss),
+        replayed = ctx.relay.as_ref().map_or(0, |r| r.replayed),
+        refused = refused.map(|r| r.as_str()),
+        error = e
+            .map(|e| e.to_string())
+            .or_else(|| ctx.relay.as_ref().and_then(|r| r.error.clone())),
+    );
+}
