@@ -114,6 +114,7 @@ const FORWARDING: [&str; 5] = [
 /// - HTTP/2 cookie crumbs are one `Cookie` line, `; `-joined (RFC 9113 §8.2.3);
 /// - forwarding headers: believed and appended to from a trusted proxy, replaced from
 ///   anyone else (`X-Forwarded-For` is the peer, `X-Forwarded-Proto` the scheme);
+/// - the route's `token_param` leaves the query for `Authorization: Bearer …`;
 /// - a stream request asks for no compression (gzip does not flush per event; asking
 ///   for identity keeps mod_deflate and PHP's zlib output off);
 /// - a GET on a shared route carries no identity (`Cookie`, `Authorization`, the
@@ -130,6 +131,9 @@ pub fn prepare_upstream_request(req: &mut RequestHeader, client: &ClientInfo) ->
         req.set_uri(uri);
     }
     join_cookie_crumbs(req)?;
+    if let Some(param) = &client.route.token_param {
+        move_query_token(req, param)?;
+    }
     let xff = if client.trusted_peer {
         let prev: Vec<&str> = req
             .headers
@@ -187,6 +191,43 @@ fn join_cookie_crumbs(req: &mut RequestHeader) -> Result<()> {
     let value = http::HeaderValue::from_bytes(&joined)
         .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "cookie", e))?;
     req.insert_header(header::COOKIE, value)
+}
+
+/// Moves the token parameter `param` out of the query into `Authorization: Bearer …`
+/// (a request that has its own `Authorization` keeps it; the parameter goes either way).
+/// The rest of the query keeps its bytes as they came.
+fn move_query_token(req: &mut RequestHeader, param: &str) -> Result<()> {
+    let Some(query) = req.uri.query() else {
+        return Ok(());
+    };
+    let mut token = None;
+    let mut kept = vec![];
+    for piece in query.split('&') {
+        match form_urlencoded::parse(piece.as_bytes()).next() {
+            Some((name, value)) if name == param => {
+                token.get_or_insert(value.into_owned());
+            }
+            _ => kept.push(piece),
+        }
+    }
+    let Some(token) = token else {
+        return Ok(());
+    };
+    let mut target = req.uri.path().to_owned();
+    if !kept.is_empty() {
+        target.push('?');
+        target.push_str(&kept.join("&"));
+    }
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| {
+        Error::because(ErrorType::HTTPStatus(400), "query token", e)
+    };
+    req.set_uri(http::Uri::try_from(target).map_err(|e| bad(e.into()))?);
+    if req.headers.get(header::AUTHORIZATION).is_none() && !token.is_empty() {
+        let value =
+            http::HeaderValue::try_from(format!("Bearer {token}")).map_err(|e| bad(e.into()))?;
+        req.insert_header(header::AUTHORIZATION, value)?;
+    }
+    Ok(())
 }
 
 /// The authority the request target names: HTTP/2's `:authority`, or an HTTP/1

@@ -325,3 +325,63 @@ fn shared_route_over_http1() {
 fn shared_route_over_h2c() {
     run_cases(true, "--http2-prior-knowledge");
 }
+
+/// `token_param`: an `EventSource` cannot set headers, so the app puts its token in the
+/// query. The gateway moves it into `Authorization: Bearer …`, out of the URI the
+/// upstream sees and of the access log; the token is then the stream's identity, so
+/// another token with a seen id is never resumed from the first one's history.
+#[test]
+fn a_query_token_becomes_the_authorization_identity() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .replay("linger = \"30s\"\n")
+        .extra("token_param = \"access_token\"\n")
+        .start();
+    let url = |token: &str| gw.url(&format!("/token.php?room=7&access_token={token}&x=%2F"));
+    let h1 = "--http1.1";
+    let alice = sse(&url("alice%2Bsecret"), h1, &[], 0.8);
+    assert!(!alice.events.is_empty(), "{}", alice.head);
+    assert!(alice.field("who").iter().all(|w| w == "alice+secret"));
+    // The upstream saw the rest of the query as it came, without the token.
+    assert!(
+        alice
+            .field("uri")
+            .iter()
+            .all(|u| u == "/token.php?room=7&x=%2F"),
+        "{:?}",
+        alice.field("uri")
+    );
+    let k = alice.last_id();
+    // Bob, with Alice's id: another identity, so another stream (a miss).
+    let bob = sse(&url("bob"), h1, &[format!("Last-Event-ID: {k}")], 0.8);
+    assert_eq!(bob.replay(), "miss", "{}", bob.head);
+    assert!(bob.field("who").iter().all(|w| w == "bob"));
+    // Alice resumes from her own history.
+    let back = sse(
+        &url("alice%2Bsecret"),
+        h1,
+        &[format!("Last-Event-ID: {k}")],
+        0.8,
+    );
+    assert!(back.replay().starts_with("hit"), "{}", back.head);
+    assert_eq!(back.events.first().map(|e| e.0), Some(k + 1));
+    // A request's own Authorization header wins; the parameter still goes.
+    let own = sse(
+        &url("alice%2Bsecret"),
+        h1,
+        &["Authorization: Bearer carol".into()],
+        0.5,
+    );
+    assert!(own.field("who").iter().all(|w| w == "carol"));
+    assert!(own.field("uri").iter().all(|u| !u.contains("access_token")));
+    // Without a token the upstream says so itself.
+    let none = sse(&gw.url("/token.php?room=7"), h1, &[], 0.5);
+    assert!(none.head.starts_with("http/1.1 401"), "{}", none.head);
+    // No token in the access log.
+    assert!(wait_for(|| gw.log().matches("kind=\"stream\"").count() >= 4));
+    let log = gw.log();
+    assert!(
+        !log.contains("access_token") && !log.contains("secret"),
+        "{log}"
+    );
+}

@@ -356,8 +356,37 @@ impl Checker<'_> {
                 }
             };
             let replay = self.replay(r.replay.as_ref(), &format!("{base}.replay"), global_replay);
+            let token_param = r.token_param.as_ref().map(|t| {
+                let key = format!("{base}.token_param");
+                let name = t.get_ref();
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    self.span_error(
+                        t,
+                        &key,
+                        "must be a non-empty name of letters, digits, '-', '_' or '.'",
+                    );
+                } else if replay.last_event_id_param.as_ref() == Some(name) {
+                    self.span_error(t, &key, "is also this route's last_event_id_param");
+                } else if replay.enabled
+                    && !replay.identity_headers.iter().any(|h| h == "authorization")
+                {
+                    // The token becomes the identity: without it in the key, one user's
+                    // stream could be resumed by another.
+                    self.span_error(
+                        t,
+                        &key,
+                        "needs \"authorization\" in replay.identity_headers",
+                    );
+                }
+                name.clone()
+            });
             routes.push(Arc::new(Route {
                 replay,
+                token_param,
                 index: routes.len(),
                 limits: route_limits,
                 name: r.name.clone().unwrap_or_else(|| base.clone()),

@@ -150,4 +150,5 @@ pub struct Route {
     pub sse: Option<Sse>,
     pub limits: Option<RouteLimits>,
     pub replay: Option<Replay>,
+    pub token_param: Option<Spanned<String>>,
 }

@@ -319,6 +319,10 @@ pub struct Route {
     pub limits: RouteLimits,
     /// Replay on this route.
     pub replay: ReplaySettings,
+    /// A query parameter that carries a bearer token (an `EventSource` cannot set
+    /// headers): moved into `Authorization: Bearer …` for the upstream, and out of the
+    /// path the upstream sees, the access log and the stream key's query.
+    pub token_param: Option<String>,
     /// Position in `Config::routes`.
     pub index: usize,
 }
@@ -580,6 +584,28 @@ upstream = "missing"
         .unwrap();
         assert_eq!(c.routes[0].sse.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(c.routes[0].sse.heartbeat_comment, "hb");
+    }
+
+    #[test]
+    fn a_token_param_must_be_a_name_and_part_of_the_identity() {
+        let c = load(&format!("{MIN}token_param = \"access_token\"\n")).unwrap();
+        assert_eq!(c.routes[0].token_param.as_deref(), Some("access_token"));
+        for (extra, why) in [
+            ("token_param = \"\"\n", "non-empty name"),
+            ("token_param = \"a=b\"\n", "non-empty name"),
+            (
+                "token_param = \"t\"\nreplay = { last_event_id_param = \"t\" }\n",
+                "last_event_id_param",
+            ),
+            (
+                "token_param = \"t\"\nreplay = { identity_headers = [\"cookie\"] }\n",
+                "authorization",
+            ),
+        ] {
+            let e = load(&format!("{MIN}{extra}")).unwrap_err();
+            assert_eq!(e.0[0].key, "routes[0].token_param", "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 
     #[test]
