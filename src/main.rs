@@ -66,7 +66,9 @@ fn main() -> ExitCode {
         eprintln!("ssegate: cannot set up logging: {e}");
     }
     let pid_file = config.server.pid_file.clone();
-    let server = match ssegate::server::build(Arc::new(config), cli.upgrade) {
+    let config = Arc::new(config);
+    let config_for_log = config.clone();
+    let server = match ssegate::server::build(config, cli.upgrade) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ssegate: cannot start: {e}");
@@ -80,5 +82,6 @@ fn main() -> ExitCode {
         }
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ssegate starting");
+    ssegate::server::log_served(&config_for_log);
     server.run_forever()
 }

@@ -63,6 +63,7 @@ impl Reloader {
                 cert.set(tls.cert_set());
             }
         }
+        crate::server::log_served(&config);
         let live = Live::new(Arc::new(config), Some(&old));
         let generation = live.generation;
         self.live.store(Arc::new(live));

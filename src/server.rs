@@ -57,6 +57,54 @@ fn upgrade_sock(config: &Config) -> std::path::PathBuf {
         .unwrap_or_else(handover::default_upgrade_sock)
 }
 
+/// What is served where, one line each: every listener (address, protocols, TLS
+/// names), the admin listener, the cluster node, and the route table. Logged at start
+/// and again after each reload (routes may have changed).
+pub fn log_served(config: &Config) {
+    for l in &config.listeners {
+        match &l.tls {
+            None => tracing::info!(address = %l.address, protocols = "HTTP/1.1, h2c", "listening"),
+            Some(t) => {
+                let names: Vec<&str> = t
+                    .sni
+                    .iter()
+                    .flat_map(|s| s.names.iter().map(String::as_str))
+                    .collect();
+                tracing::info!(
+                    address = %l.address,
+                    protocols = "TLS 1.2/1.3: h2, HTTP/1.1",
+                    default_cert = %t.cert_path.display(),
+                    sni_names = ?names,
+                    "listening"
+                );
+            }
+        }
+    }
+    if let Some(a) = config.server.admin {
+        tracing::info!(address = %a, paths = "/metrics /healthz /readyz", "admin listening");
+    }
+    if let Some(c) = &config.cluster {
+        tracing::info!(node = %c.node_id, prefix = %c.prefix, "cluster node (Redis)");
+    }
+    for r in &config.routes {
+        let replay = match (&r.replay.enabled, &r.replay.shared) {
+            (false, _) => "off",
+            (true, false) => "on",
+            (true, true) => "shared",
+        };
+        tracing::info!(
+            route = %r.name,
+            host = r.host.as_deref().unwrap_or("*"),
+            path_prefix = %r.path_prefix,
+            upstream = %r.upstream.name,
+            servers = ?r.upstream.servers,
+            replay,
+            token_param = r.token_param.as_deref(),
+            "route"
+        );
+    }
+}
+
 /// Builds a ready-to-run server. `upgrade` takes the listening sockets over from a
 /// running instance (pingora's graceful upgrade).
 pub fn build(config: Arc<Config>, upgrade: bool) -> Result<Server> {

@@ -272,3 +272,49 @@ fn readyz_is_503_during_a_graceful_shutdown() {
         "the request in flight was cut: {out:?}"
     );
 }
+
+/// At start the log says what is served where: one line per listener (address,
+/// protocols, TLS names), the admin address and the route table.
+#[test]
+fn the_start_up_lines_say_what_is_served_where() {
+    let php = Php::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = TestCert::for_names(dir.path(), "api", &["api.test"]);
+    let gw = GatewayOptions::to(&php)
+        .admin()
+        .tls_with(&format!(
+            ", sni = [{{ names = [\"api.test\"], cert = \"{}\", key = \"{}\" }}]",
+            api.cert.display(),
+            api.key.display()
+        ))
+        .extra("token_param = \"t\"\n")
+        .start();
+    let log = gw.log();
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle}:\n{log}"))
+            .to_owned()
+    };
+    let plain = line(&format!("listening address=127.0.0.1:{} ", gw.port));
+    assert!(plain.contains("protocols=\"HTTP/1.1, h2c\""), "{plain}");
+    let tls = line(&format!(
+        "listening address=127.0.0.1:{} ",
+        gw.tls_port.expect("tls")
+    ));
+    assert!(
+        tls.contains("h2, HTTP/1.1") && tls.contains("sni_names=[\"api.test\"]"),
+        "{tls}"
+    );
+    let admin = line("admin listening");
+    assert!(
+        admin.contains(&format!("127.0.0.1:{}", gw.admin_port.expect("admin"))),
+        "{admin}"
+    );
+    let route = line("route route=routes[0]");
+    assert!(
+        route.contains("upstream=php") && route.contains(&php.port.to_string()),
+        "{route}"
+    );
+    assert!(route.contains("token_param=\"t\""), "{route}");
+}
