@@ -253,6 +253,35 @@ impl ReplayMetrics {
 }
 
 impl Metrics {
+    /// Creates, at zero, every series whose labels the config names (routes,
+    /// upstreams, refusal reasons, reload results), so dashboards and `rate()` see them
+    /// before their first event.
+    pub fn init_series(&self, config: &crate::config::Config) {
+        for r in &config.routes {
+            let route = r.name.as_str();
+            for protocol in ["h1", "h2"] {
+                self.streams_open.with_label_values(&[route, protocol]);
+            }
+            self.events.with_label_values(&[route]);
+            self.stream_bytes.with_label_values(&[route]);
+            self.heartbeats.with_label_values(&[route]);
+        }
+        for u in &config.upstreams {
+            self.upstream_errors.with_label_values(&[u.name.as_str()]);
+            for reused in ["yes", "no"] {
+                self.upstream_connections
+                    .with_label_values(&[u.name.as_str(), reused]);
+            }
+        }
+        use crate::limit::RefuseReason::*;
+        let limits = [RequestRate, StreamConnectRate, ClientStreams, TotalStreams];
+        for reason in limits.iter().map(|r| r.as_str()).chain(["max_connections"]) {
+            self.refusals.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            self.reloads.with_label_values(&[result]);
+        }
+    }
     /// Registers every metric.
     pub fn new(
         hub_registry: Arc<Registry>,

@@ -64,6 +64,7 @@ impl Reloader {
             }
         }
         crate::server::log_served(&config);
+        self.metrics.init_series(&config);
         let live = Live::new(Arc::new(config), Some(&old));
         let generation = live.generation;
         self.live.store(Arc::new(live));

@@ -213,3 +213,156 @@ fn cluster_profile_runs_two_nodes_on_redis_behind_haproxy() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn yaml(path: &str) -> serde_yaml::Value {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"))
+}
+
+/// The `ssegate_…` names in a PromQL expression, and the labels of its `by (…)`.
+fn names_and_labels(expr: &str) -> (Vec<String>, Vec<String>) {
+    let mut names = vec![];
+    let mut rest = expr;
+    while let Some(i) = rest.find("ssegate_") {
+        let n: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + n.len()..];
+        names.push(n);
+    }
+    let labels = expr
+        .split("by (")
+        .skip(1)
+        .filter_map(|s| s.split(')').next())
+        .flat_map(|s| s.split(',').map(|l| l.trim().to_owned()))
+        .collect();
+    (names, labels)
+}
+
+/// `docker compose --profile observability`: Prometheus scrapes the gateway's admin
+/// port, Grafana is provisioned with that Prometheus and the dashboard, and every series
+/// the dashboard queries (with every label it groups by) is one a real gateway exports.
+#[test]
+fn observability_profile_dashboard_queries_only_exported_series() {
+    let c = compose();
+    for (name, image) in [
+        ("prometheus", "prom/prometheus:"),
+        ("grafana", "grafana/grafana:"),
+    ] {
+        let svc = &c["services"][name];
+        assert_eq!(svc["profiles"][0].as_str(), Some("observability"), "{name}");
+        assert!(
+            svc["image"].as_str().is_some_and(|i| i.starts_with(image)),
+            "{name}"
+        );
+    }
+    let mounts: Vec<&str> = c["services"]["grafana"]["volumes"]
+        .as_sequence()
+        .expect("grafana volumes")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(mounts.contains(&"./conf/grafana/provisioning:/etc/grafana/provisioning:ro"));
+    let dash_mount = mounts
+        .iter()
+        .find(|m| m.starts_with("./conf/grafana/ssegate.json:"))
+        .expect("the dashboard is mounted");
+    // Prometheus scrapes the port the container config serves its admin on.
+    let prom = yaml("conf/prometheus.yml");
+    let targets: Vec<&str> = prom["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs")
+        .iter()
+        .flat_map(|j| {
+            j["static_configs"][0]["targets"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+        })
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert!(targets.contains(&"gateway:9901"), "{targets:?}");
+    let docker_toml = std::fs::read_to_string(repo().join("conf/docker.toml")).expect("toml");
+    assert!(docker_toml.contains("admin_address = \"0.0.0.0:9901\""));
+    // Grafana: the data source the panels name, and a provider for the mounted file.
+    let ds = yaml("conf/grafana/provisioning/datasources/prometheus.yml");
+    assert_eq!(ds["datasources"][0]["uid"].as_str(), Some("prometheus"));
+    assert_eq!(
+        ds["datasources"][0]["url"].as_str(),
+        Some("http://prometheus:9090")
+    );
+    let provider = yaml("conf/grafana/provisioning/dashboards/ssegate.yml");
+    let dir = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .expect("path");
+    assert!(
+        dash_mount.contains(&format!(":{dir}/ssegate.json")),
+        "{dash_mount} vs {dir}"
+    );
+
+    // What a real gateway exports: TLS, admin and a cluster on a real Redis, after one
+    // stream over TLS (label sets appear once used or known from the config).
+    let redis = Redis::start();
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .tls()
+        .admin()
+        .extra(&format!(
+            "[cluster]\nredis = \"{}\"\nkey_secret = \"a test secret of enough bytes\"\n",
+            redis.url()
+        ))
+        .start();
+    let ca = gw.cert.as_ref().expect("cert").cert.display().to_string();
+    let (ok, _) = curl(&["--cacert", &ca, "-N", &gw.tls_url("/legacy.php?n=2")]);
+    assert!(ok.success());
+    let admin = gw.admin_port.expect("admin");
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_requests_total") >= 1.0
+    ));
+    let (_, text) = curl(&[&format!("http://127.0.0.1:{admin}/metrics")]);
+    let text = String::from_utf8_lossy(&text);
+
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("conf/grafana/ssegate.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is valid JSON");
+    assert_eq!(dash["uid"], "ssegate");
+    let mut queried = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            assert_eq!(t["datasource"]["uid"], "prometheus", "{t}");
+            let expr = t["expr"].as_str().expect("expr");
+            let (names, labels) = names_and_labels(expr);
+            assert!(!names.is_empty(), "a query of no ssegate series: {expr}");
+            for n in &names {
+                queried.insert(n.clone());
+                assert!(
+                    text.contains(&format!("# TYPE {n} ")),
+                    "{n} is not exported ({expr})"
+                );
+                for l in &labels {
+                    let labelled = text.lines().any(|s| {
+                        s.starts_with(&format!("{n}{{")) && s.contains(&format!("{l}=\""))
+                    });
+                    assert!(labelled, "{n} has no label {l} ({expr})");
+                }
+            }
+        }
+    }
+    // The panels the dashboard promises.
+    for n in [
+        "ssegate_streams_open",
+        "ssegate_events_total",
+        "ssegate_heartbeats_total",
+        "ssegate_refusals_total",
+        "ssegate_replay_hits_total",
+        "ssegate_hubs_lingering",
+        "ssegate_upstream_errors_total",
+        "ssegate_tls_handshakes_total",
+        "ssegate_config_reloads_total",
+        "ssegate_cluster_redis_up",
+    ] {
+        assert!(queried.contains(n), "no panel shows {n}");
+    }
+}

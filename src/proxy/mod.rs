@@ -91,8 +91,10 @@ impl Gateway {
                 .with_client_cap(config.replay.max_hubs_per_client),
         );
         let budget = Budget::new(config.replay.total_max_bytes);
+        let metrics = Metrics::new(registry.clone(), budget.clone())?;
+        metrics.init_series(&config);
         Ok(Gateway {
-            metrics: Metrics::new(registry.clone(), budget.clone())?,
+            metrics,
             registry,
             budget,
             live: Arc::new(ArcSwap::from_pointee(Live::new(config, None))),
