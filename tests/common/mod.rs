@@ -115,11 +115,17 @@ fn php_module() -> PathBuf {
 }
 
 impl Php {
+    /// Apache serving the test scripts, `tests/php`.
     pub fn start() -> Php {
+        Self::serving(&repo().join("tests/php"))
+    }
+
+    /// Apache serving a copy of the files in `src` (`tests/php`, or `demo`).
+    pub fn serving(src: &Path) -> Php {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("www");
         std::fs::create_dir(&root).expect("mkdir");
-        for entry in std::fs::read_dir(repo().join("tests/php")).expect("tests/php") {
+        for entry in std::fs::read_dir(src).expect("scripts") {
             let entry = entry.expect("entry");
             std::fs::copy(entry.path(), root.join(entry.file_name())).expect("copy script");
         }
