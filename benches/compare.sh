@@ -9,7 +9,9 @@
 #   A `cluster` column (when redis-server is installed, or PROXIES names it): two ssegate
 #   nodes sharing one Redis, clients spread over both with the same Host, one stream
 #   key per client in the 1:1 case; CPU and memory are both nodes' and Redis's.
-# Installs nginx and haproxy from Debian's packages when missing (skipped if that fails).
+# Installs nginx, haproxy and gnuplot from Debian's packages when missing (skipped if
+# that fails).
+# Then draws SVG charts of the run (benches/charts.sh, gnuplot) into benches/charts/.
 # Loopback only; every run is bounded in clients and seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +19,11 @@ cd "$(dirname "$0")/.."
 IDLE=9000 ONE=1000 ONE_RATE=10 SHARED=9000 SHARED_RATE=5 SECS=30 WARM=8
 if [ "${1:-}" = --quick ]; then IDLE=1000 ONE=200 SHARED=1000 SECS=10 WARM=4; fi
 
-if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null || ! command -v gnuplot >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
-      --no-install-recommends nginx haproxy >/dev/null; } || echo "compare: nginx/haproxy not installed; skipping them"
+      --no-install-recommends nginx haproxy gnuplot-nox >/dev/null; } ||
+    echo "compare: nginx/haproxy/gnuplot not installed; skipping them"
 fi
 cargo build --release --locked --bin ssegate --example sse_origin --example sse_load 2>&1 | tail -1
 
@@ -237,3 +240,11 @@ line("many clients: CPU s (proxy+origin) per 1M events", "shared_total_cpu_s_per
 line("many clients: latency p99 (ms)", "shared_p99_ms", "{:.2f}")
 line("many clients: events lost", "shared_lost", "{}")
 PY
+
+# The run's rows and its charts (BENCHMARKS.md embeds benches/charts/*.svg): CHARTS=DIR
+# draws them elsewhere, CHARTS= (empty) skips them.
+CHARTS=${CHARTS-benches/charts}
+if [ -n "$CHARTS" ] && command -v gnuplot >/dev/null; then
+  mkdir -p "$CHARTS" && cp "$RESULTS" "$CHARTS/results.jsonl"
+  benches/charts.sh "$RESULTS" "$CHARTS"
+fi
