@@ -78,7 +78,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
     {
         let stream: Stream = match stream.as_any().downcast_ref::<Deadline>() {
             Some(d) => {
-                // A kept-alive connection back for its next request: a new deadline.
+                // A kept-alive connection handed back for its next request (pingora 0.9's
+                // HTTP/1 app keeps those in its own loop; the proxy re-arms, see `rearm`).
                 d.rearm.store(true, Ordering::Release);
                 stream
             }

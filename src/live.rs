@@ -69,10 +69,17 @@ fn route_limiter(
     let kept = previous
         .filter(|p| p.config.limits.settings.max_tracked_clients == max_tracked)
         .and_then(|p| {
-            let i = p.config.routes.iter().position(|o| {
-                o.name == route.name && o.limits.request_rate == route.limits.request_rate
-            })?;
-            p.route_limits.get(i).cloned()
+            // By name, and only a name one route has: two routes never share buckets.
+            let mut same = p
+                .config
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.name == route.name);
+            let (i, old) = same.next().filter(|_| same.next().is_none())?;
+            (old.limits.request_rate == route.limits.request_rate)
+                .then(|| p.route_limits.get(i).cloned())
+                .flatten()
         });
     kept.unwrap_or_else(|| {
         Arc::new(limit::RouteLimiter {

@@ -63,7 +63,7 @@ impl Reloader {
                 cert.set(tls.cert_set());
             }
         }
-        crate::server::log_served(&config);
+        crate::server::log_routes(&config);
         self.metrics.init_series(&config);
         let live = Live::new(Arc::new(config), Some(&old));
         let generation = live.generation;

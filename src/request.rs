@@ -213,6 +213,14 @@ fn move_query_token(req: &mut RequestHeader, param: &str) -> Result<()> {
     let Some(token) = token else {
         return Ok(());
     };
+    if !req.raw_path_is_utf8() {
+        // The URI is a lossy copy of such a target: rebuilt from it, the rest of the
+        // query would not reach the upstream as sent.
+        return Error::e_explain(
+            ErrorType::HTTPStatus(400),
+            "query token in a non-UTF-8 target",
+        );
+    }
     let mut target = req.uri.path().to_owned();
     if !kept.is_empty() {
         target.push('?');

@@ -58,8 +58,7 @@ fn upgrade_sock(config: &Config) -> std::path::PathBuf {
 }
 
 /// What is served where, one line each: every listener (address, protocols, TLS
-/// names), the admin listener, the cluster node, and the route table. Logged at start
-/// and again after each reload (routes may have changed).
+/// names), the admin listener, the cluster node, and the route table. Logged at start.
 pub fn log_served(config: &Config) {
     for l in &config.listeners {
         match &l.tls {
@@ -86,6 +85,12 @@ pub fn log_served(config: &Config) {
     if let Some(c) = &config.cluster {
         tracing::info!(node = %c.node_id, prefix = %c.prefix, "cluster node (Redis)");
     }
+    log_routes(config);
+}
+
+/// The route table, one line a route: at start, and after each reload (listeners are
+/// fixed at start, so a reload does not list them).
+pub fn log_routes(config: &Config) {
     for r in &config.routes {
         let replay = match (&r.replay.enabled, &r.replay.shared) {
             (false, _) => "off",

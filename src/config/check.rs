@@ -371,6 +371,10 @@ impl Checker<'_> {
                     );
                 } else if replay.last_event_id_param.as_ref() == Some(name) {
                     self.span_error(t, &key, "is also this route's last_event_id_param");
+                } else if replay.enabled && replay.shared {
+                    // A shared GET reaches the upstream without Authorization: the token
+                    // would be moved into the header, then dropped.
+                    self.span_error(t, &key, "cannot be used on a shared route (replay.shared)");
                 } else if replay.enabled
                     && !replay.identity_headers.iter().any(|h| h == "authorization")
                 {

@@ -601,6 +601,10 @@ upstream = "missing"
                 "token_param = \"t\"\nreplay = { identity_headers = [\"cookie\"] }\n",
                 "authorization",
             ),
+            (
+                "token_param = \"t\"\nreplay = { shared = true }\n",
+                "shared route",
+            ),
         ] {
             let e = load(&format!("{MIN}{extra}")).unwrap_err();
             assert_eq!(e.0[0].key, "routes[0].token_param", "{e}");

@@ -466,8 +466,13 @@ impl ProxyHttp for Gateway {
         if ctx.inner {
             return;
         }
-        if let Some(stream) = session.as_downstream().stream() {
-            crate::conn::rearm(stream); // the next request on this connection, if any
+        // The next request on this connection gets its own header deadline. A body left
+        // unread would be drained after this point and read as header bytes, so such a
+        // connection is not reused at all.
+        if !session.as_downstream_mut().is_body_done() {
+            session.set_keepalive(None);
+        } else if let Some(stream) = session.as_downstream().stream() {
+            crate::conn::rearm(stream);
         }
         access::log(&self.metrics, session, e, ctx);
     }
