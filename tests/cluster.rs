@@ -65,6 +65,31 @@ fn read_on(a: &Gateway, cookie: &str) -> (u64, String) {
     (k, format!("Last-Event-ID: {k}"))
 }
 
+/// Reads `path` on `node` in the background for `secs` with `cookie` and `lei` (a
+/// `Last-Event-ID:` line), as a client that moved there does.
+fn resume_in_background(
+    node: &Gateway,
+    path: &str,
+    cookie: &'static str,
+    lei: String,
+    secs: &'static str,
+) -> std::thread::JoinHandle<Vec<TimedLine>> {
+    let url = node.url(path);
+    std::thread::spawn(move || {
+        curl_lines(&[
+            "--max-time",
+            secs,
+            "-H",
+            HOST,
+            "-H",
+            cookie,
+            "-H",
+            &lei,
+            &url,
+        ])
+    })
+}
+
 fn strictly_increasing(ids: &[u64]) -> bool {
     ids.windows(2).all(|w| w[1] > w[0])
 }
@@ -152,20 +177,7 @@ fn a_dead_reader_is_replaced_and_its_followers_keep_receiving() {
     let path = FEED;
     let cookie = "Cookie: user=bob";
     let (k, lei) = read_on(&a, cookie);
-    let url_b = b.url(path);
-    let follower = std::thread::spawn(move || {
-        curl_lines(&[
-            "--max-time",
-            "9",
-            "-H",
-            HOST,
-            "-H",
-            cookie,
-            "-H",
-            &lei,
-            &url_b,
-        ])
-    });
+    let follower = resume_in_background(&b, path, cookie, lei, "9");
     std::thread::sleep(Duration::from_millis(2000));
     let mut a = a;
     let _ = a.proc.child.kill();
@@ -314,23 +326,11 @@ fn streams_go_on_while_redis_does_not_answer() {
     let path = FEED;
     let cookie = "Cookie: user=erin";
     let (_, lei) = read_on(&a, cookie);
-    let (url_a, url_b) = (a.url(path), b.url(path));
+    let url_a = a.url(path);
     let on_a = std::thread::spawn(move || {
         curl_lines(&["--max-time", "8", "-H", HOST, "-H", cookie, &url_a])
     });
-    let on_b = std::thread::spawn(move || {
-        curl_lines(&[
-            "--max-time",
-            "8",
-            "-H",
-            HOST,
-            "-H",
-            cookie,
-            "-H",
-            &lei,
-            &url_b,
-        ])
-    });
+    let on_b = resume_in_background(&b, path, cookie, lei, "8");
     std::thread::sleep(Duration::from_millis(1500));
     signal(redis.pid(), "STOP");
     std::thread::sleep(Duration::from_millis(3000));
@@ -390,21 +390,7 @@ fn a_reader_that_shuts_down_hands_its_streams_over_with_nothing_lost() {
     let cookie = "Cookie: user=gina";
     let first = sse(&a.url(path), &[HOST, cookie], 1.0);
     let k = *first.ids().last().expect("events on A");
-    let lei = format!("Last-Event-ID: {k}");
-    let url_b = b.url(path);
-    let on_b = std::thread::spawn(move || {
-        curl_lines(&[
-            "--max-time",
-            "9",
-            "-H",
-            HOST,
-            "-H",
-            cookie,
-            "-H",
-            &lei,
-            &url_b,
-        ])
-    });
+    let on_b = resume_in_background(&b, path, cookie, format!("Last-Event-ID: {k}"), "9");
     std::thread::sleep(Duration::from_millis(2500));
     a.signal("TERM");
     let lines = on_b.join().expect("client");
