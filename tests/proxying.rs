@@ -368,3 +368,94 @@ fn stream_requests_are_proxied_like_any_other() {
         "{text}"
     );
 }
+
+/// nginx serving the files of a directory (a static origin: it sends a whole 1 MB
+/// body at once, so the gateway's inner pass is still handing over its last task when
+/// the client's copy is complete). Stopped when dropped.
+struct StaticOrigin(
+    std::process::Child,
+    u16,
+    #[allow(dead_code)] tempfile::TempDir,
+);
+
+impl StaticOrigin {
+    fn serving(files: &[(&str, Vec<u8>)]) -> StaticOrigin {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir(d.join("www")).expect("mkdir");
+        for (name, body) in files {
+            std::fs::write(d.join("www").join(name), body).expect("write");
+        }
+        let port = free_port();
+        let conf = format!(
+            "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/t1; proxy_temp_path {d}/t2;\n\
+             fastcgi_temp_path {d}/t3; uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n\
+             server {{ listen 127.0.0.1:{port}; root {d}/www; }} }}\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write");
+        let mut child = std::process::Command::new("nginx")
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-e")
+            .arg(d.join("error.log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx (the README's test command installs it)");
+        wait_port(port, &mut child, "nginx");
+        StaticOrigin(child, port, dir)
+    }
+}
+
+impl Drop for StaticOrigin {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Ordinary responses of any size go back over pooled upstream connections: a client
+/// fetching 100 KB and 200 KB files sixty times in turn costs the gateway one or two
+/// upstream connections. (Such a body ends with a separate last task; the gateway once
+/// dropped its inner pass before that task was handed over, and about half of these
+/// responses closed their upstream connection.)
+#[test]
+fn large_ordinary_responses_keep_their_upstream_connection() {
+    let origin = StaticOrigin::serving(&[
+        ("a.bin", vec![b'x'; 100 << 10]),
+        ("b.bin", vec![b'y'; 200 << 10]),
+    ]);
+    let gw = Gateway::start(GatewayOptions {
+        admin: true,
+        ..GatewayOptions::to_servers(vec![format!("127.0.0.1:{}", origin.1)])
+    });
+    let admin = gw.admin_port.expect("admin port");
+    let urls = [gw.url("/a.bin"), gw.url("/b.bin")];
+    let mut args = vec!["-s", "-w", "%{size_download} "];
+    for i in 0..60 {
+        args.extend(["-o", "/dev/null", urls[i % 2].as_str()]);
+    }
+    let (st, out) = curl(&args);
+    assert!(st.success());
+    let sizes = String::from_utf8_lossy(&out).into_owned();
+    let whole = sizes
+        .split_whitespace()
+        .filter(|s| ["102400", "204800"].contains(s))
+        .count();
+    assert_eq!(whole, 60, "{sizes}");
+    let series =
+        |r: &str| format!("ssegate_upstream_connections_total{{reused=\"{r}\",upstream=\"php\"}}");
+    let (new, reused) = (
+        admin_metric(admin, &series("no")),
+        admin_metric(admin, &series("yes")),
+    );
+    assert!(
+        new <= 2.0 && new + reused >= 60.0,
+        "upstream connections for 60 responses: {new} new, {reused} reused"
+    );
+}

@@ -245,7 +245,7 @@ async fn pass_through(
     let mut task = HttpTask::Header(resp, end);
     loop {
         if session.write_response_tasks(vec![task]).await? {
-            feed.finish();
+            feed.finish().await;
             return Ok(());
         }
         task = match feed.next(session).await? {

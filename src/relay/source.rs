@@ -68,12 +68,26 @@ impl Origin {
 
     /// An ordinary response is complete: let a subrequest finish, so its upstream
     /// connection goes back to the pool (a stream's is cut when the source is dropped).
-    pub(super) fn finish(&mut self) {
+    /// The inner pass may still be handing over its last task (a body longer than one
+    /// read ends with a separate `Done`): its channel is read until the inner pass
+    /// closes it, because a channel dropped before that makes pingora take the upstream
+    /// response as cut short and close a connection it could have kept.
+    pub(super) async fn finish(&mut self) {
         if let Origin::Sub(sub) = self {
             sub.abort.disarm();
+            // A client body not all sent: the inner pass may wait for it; the upstream
+            // connection is not reusable then anyway.
+            if sub.body_done {
+                let rest = async { while sub.rx.recv().await.is_some() {} };
+                let _ = tokio::time::timeout(FINISH_WAIT, rest).await;
+            }
         }
     }
 }
+
+/// Bounds the wait for a finished subrequest to close its channel (it has nothing
+/// left to read: this is only a guard).
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A pingora subrequest running the request through the proxy path (the inner pass),
 /// with the channels it talks through.
