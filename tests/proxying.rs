@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::os::unix::process::CommandExt;
 
 fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes)
@@ -396,7 +397,9 @@ impl StaticOrigin {
             d = d.display()
         );
         std::fs::write(d.join("nginx.conf"), conf).expect("write");
+        // Its own process group, so its worker goes with it.
         let mut child = std::process::Command::new("nginx")
+            .process_group(0)
             .arg("-p")
             .arg(d)
             .arg("-c")
@@ -414,8 +417,7 @@ impl StaticOrigin {
 
 impl Drop for StaticOrigin {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        kill_group(&mut self.0);
     }
 }
 

@@ -214,9 +214,9 @@ impl Drop for Php {
     }
 }
 
-/// Apache runs in its own process group: kill the parent and every child at once, so
-/// no PHP worker outlives the test.
-fn kill_group(child: &mut Child) {
+/// Apache and nginx run in their own process groups: kill the parent and every child at
+/// once, so no worker outlives the test.
+pub fn kill_group(child: &mut Child) {
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{}", child.id())])
         .stderr(Stdio::null())
