@@ -60,7 +60,8 @@ pub(super) fn bulk(v: &Value) -> Option<&[u8]> {
 
 pub(super) fn decode_remote(v: Value) -> Option<Remote> {
     let Value::Array(parts) = v else { return None };
-    let [lease, epoch, offset, head, audience, entries] = <[Value; 6]>::try_from(parts).ok()?;
+    let [lease, epoch, offset, head, audience, entries, handoff] =
+        <[Value; 7]>::try_from(parts).ok()?;
     let text = |v: &Value| bulk(v).map(|b| String::from_utf8_lossy(b).into_owned());
     let reader = text(&lease).filter(|s| !s.is_empty());
     let epoch = text(&epoch).filter(|s| !s.is_empty()).map(Arc::from);
@@ -81,6 +82,7 @@ pub(super) fn decode_remote(v: Value) -> Option<Remote> {
         head: Bytes::copy_from_slice(bulk(&head)?),
         audience: Bytes::copy_from_slice(bulk(&audience)?),
         entries,
+        handoff: matches!(handoff, Value::Int(1)),
     })
 }
 

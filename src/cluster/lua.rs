@@ -3,7 +3,8 @@
 //! Keys of one stream (all under one hash tag, so a Redis Cluster keeps them together):
 //! `s` the history (a Redis stream; entry id `<offset>-0`, fields `e` epoch, `i` event
 //! id, `f` flags, `d` raw block, `t` ms time), `m` the meta hash (`e` epoch, `o` top
-//! offset, `b` bytes held, `n` entries held, `h` response head, `a` audience fingerprint), `l` the reader's
+//! offset, `b` bytes held, `n` entries held, `h` response head, `a` audience fingerprint, `x` the lease value of a
+//! reader that announced a handoff), `l` the reader's
 //! lease (`<node>/<pid>/<token>`), `w` set while other nodes' clients follow the stream.
 //!
 //! The model is Centrifugo's: the offset is assigned by the store in the same step as
@@ -67,6 +68,8 @@ for k = 1, #KEYS, 3 do
         redis.call('XADD', s, offset .. '-0', 'e', epoch, 'i', ARGV[i], 'f', ARGV[i + 1], 'd', raw, 't', ms)
         bytes = bytes + #raw; n = n + 1
       end
+      -- A handoff announced: a follower that comes later learns it from PEEK.
+      if ARGV[i + 1] == '8' then redis.call('HSET', mk, 'x', ARGV[a]) end
     end
     local aged = reset == 1 or math.floor(offset / 32) ~= math.floor(first_offset / 32)
     while n > 0 do
@@ -95,14 +98,18 @@ return out
 });
 
 /// Reads a stream's state. KEYS: s, m, l. ARGV: "1" to include the history.
-/// Returns {lease, epoch, top offset, head, audience, entries}.
+/// Returns {lease, epoch, top offset, head, audience, entries, handoff}: `handoff` is 1
+/// when the current reader has announced a handoff (it is about to exit).
 pub static PEEK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local m = redis.call('HMGET', KEYS[2], 'e', 'o', 'h', 'a')
+local m = redis.call('HMGET', KEYS[2], 'e', 'o', 'h', 'a', 'x')
 local entries = {}
 if ARGV[1] == '1' then entries = redis.call('XRANGE', KEYS[1], '-', '+') end
-return {redis.call('GET', KEYS[3]) or '', m[1] or '', m[2] or '0', m[3] or '', m[4] or '', entries}
+local lease = redis.call('GET', KEYS[3]) or ''
+local handoff = 0
+if lease ~= '' and m[5] == lease then handoff = 1 end
+return {lease, m[1] or '', m[2] or '0', m[3] or '', m[4] or '', entries, handoff}
 "#,
     )
 });

@@ -134,6 +134,9 @@ pub struct Remote {
     pub audience: Bytes,
     /// The history, oldest first (when asked for).
     pub entries: Vec<Entry>,
+    /// The reader has announced a planned handoff: a node that starts following now
+    /// opens the upstream beside it at once (the announcement is behind it).
+    pub handoff: bool,
 }
 
 /// The cluster handle: cheap to clone through its `Arc`.

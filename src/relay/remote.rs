@@ -138,6 +138,7 @@ async fn follow_remote(
     // find their ids too.
     let mut store = MemoryRing::new(rcx.settings.bounds, rcx.budget.clone());
     let after = remote.entries.last().map_or(remote.offset, |e| e.offset);
+    let handoff = remote.handoff;
     for e in remote.entries.into_iter().filter(|e| e.epoch == epoch) {
         store.push(e.block);
     }
@@ -193,6 +194,7 @@ async fn follow_remote(
         next: after,
         following: Some(following),
         own: None,
+        handoff,
         linger: rcx.settings.linger,
         reopen: Reopen {
             req: req.clone(),
@@ -258,6 +260,8 @@ struct Follower {
     following: Option<follow::Following>,
     /// The upstream, opened beside the reader during a planned handoff.
     own: Option<Origin>,
+    /// The reader announced its handoff before this node followed it.
+    handoff: bool,
     linger: Duration,
     reopen: Reopen,
 }
@@ -300,6 +304,11 @@ async fn next_own(own: &mut Option<Origin>) -> Option<HttpTask> {
 
 impl Follower {
     async fn run(mut self) {
+        if self.handoff {
+            // The announcement is behind this node's feed, and the reader ends once
+            // followed: open the upstream beside it now, or the switch leaves a hole.
+            self.own = open_upstream(&self.hub, &self.reopen, true).await;
+        }
         let stop = self.follow().await;
         let (hub, registry) = (self.hub.clone(), self.registry.clone());
         if let Stop::TakeOver(lease) = stop {
