@@ -7,8 +7,9 @@
 # rate it never reaches, JSON access lines at info to a file, metrics listener, replay
 # settings), so each feature's cost is visible. See BENCHMARKS.md.
 # Usage: [PROXIES="direct nginx haproxy ssegate prod"] [SECS=8] [CONNS=50] benches/requests.sh
-#   SSEGATE=/path/to/ssegate uses that binary (before/after comparisons) instead of
-#   building this checkout.
+#   SSEGATE=/path/to/ssegate uses that binary instead of building this checkout;
+#   SSEGATE_BASELINE=/path/to/older/ssegate adds a `baseline` column (that build, the
+#   minimal config) to the same run, for before/after comparisons.
 # Installs wrk, h2load (nghttp2-client), nginx and haproxy from Debian's packages when
 # missing. Loopback only; every load is bounded in connections and seconds.
 set -euo pipefail
@@ -140,6 +141,7 @@ start() { # name -> PPID_
     haproxy) haproxy -db -f "$W/haproxy.cfg" 2>"$W/haproxy.log" & PPID_=$! ;;
     ssegate) "$SSEGATE" -c "$W/ssegate.toml" 2>"$W/ssegate.log" & PPID_=$! ;;
     prod) "$SSEGATE" -c "$W/prod.toml" 2>"$W/prod.log" & PPID_=$! ;;
+    baseline) "$SSEGATE_BASELINE" -c "$W/ssegate.toml" 2>"$W/baseline.log" & PPID_=$! ;;
   esac
   [ -z "$PPID_" ] || { PIDS+=("$PPID_"); wait_port $H1; wait_port $TLS; sleep 0.5; }
 }
@@ -185,6 +187,7 @@ PY
 }
 
 proxies=(direct nginx haproxy ssegate prod)
+[ -z "${SSEGATE_BASELINE:-}" ] || proxies+=(baseline)
 [ -z "${PROXIES:-}" ] || read -ra proxies <<< "$PROXIES"
 RESULTS="$W/results"; : > "$RESULTS"
 for p in "${proxies[@]}"; do
@@ -197,7 +200,7 @@ for p in "${proxies[@]}"; do
       echo "$p $proto $body $(measure $proto $port /$body)" | tee -a "$RESULTS" >&2
     done
   done
-  if [ "$p" = ssegate ] || [ "$p" = prod ]; then
+  if [ "$p" = ssegate ] || [ "$p" = prod ] || [ "$p" = baseline ]; then
     # Every request should have gone over a pooled upstream connection.
     echo "$p upstream connections: $(curl -s "http://127.0.0.1:$ADMIN/metrics" 2>/dev/null |
       grep '^ssegate_upstream_connections_total' | tr '\n' ' ')" >&2
