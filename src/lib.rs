@@ -33,8 +33,9 @@
 //! `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the `replay` store,
 //! broadcast) → the subscriber's `relay::stream::Writer` (replay first, then live
 //! blocks, heartbeats between them) → client session. A request that does not ask for
-//! an event stream reaches the upstream as a pingora subrequest (`proxy`'s inner pass);
-//! if its answer is a stream after all, the subrequest feeds a hub the same way, or,
+//! an event stream reaches the upstream on a pooled connection (`relay::pooled`, pingora's
+//! HTTP/1.1 client, read in the client's task); if its answer is a stream after all,
+//! that connection feeds a hub the same way, or,
 //! without replay (POST, replay off), the same writer relays its bytes as they come,
 //! with the parser tracking event boundaries.
 //!

@@ -13,18 +13,7 @@ use crate::key::{self, BadHost};
 use crate::limit::ClientKey;
 use crate::live::Live;
 
-/// What the outer pass hands the inner one (a pingora subrequest).
-#[derive(Clone)]
-pub struct InnerRequest {
-    /// Facts about the client and the route.
-    pub client: ClientInfo,
-    /// The subrequest re-read the client's raw HTTP/1 bytes (see
-    /// `relay::source::Subrequest::spawn`), so its request is the client's original:
-    /// prepare it for the upstream once more (an HTTP/2 one was serialised prepared).
-    pub prepare: bool,
-}
-
-/// Client facts passed from the outer pass to the inner one.
+/// Facts about the client and its route, computed once per request.
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
     /// The peer's IP as text, appended to `X-Forwarded-For`.
@@ -40,7 +29,7 @@ pub struct ClientInfo {
     pub host: Option<String>,
     /// The peer is a trusted proxy: its forwarding headers are kept and appended to.
     pub trusted_peer: bool,
-    /// The route chosen in the outer pass.
+    /// The route chosen for the request.
     pub route: Arc<Route>,
     /// Index of the route's upstream.
     pub upstream_index: usize,

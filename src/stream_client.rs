@@ -161,7 +161,7 @@ fn upstream_request(req: &RequestHeader) -> Result<Request<Empty<Bytes>>> {
 }
 
 impl Exchange {
-    /// The next piece of the response, in the form pingora's subrequests hand it out:
+    /// The next piece of the response, in the form pingora's HTTP client hands it out:
     /// the header, body bytes, then `Body(None, true)` at the end or `Failed`.
     /// `None` once the response is over.
     pub async fn next(&mut self) -> Option<HttpTask> {

@@ -5,8 +5,7 @@ use pingora::prelude::*;
 use super::RequestCtx;
 use crate::metrics::Metrics;
 
-/// One access line for the request in `session` (outer pass only), counted by route and
-/// status, and by refusal reason when the limits refused it.
+/// One access line for the request in `session`, counted by route and status, and by refusal reason when the limits refused it.
 pub(super) fn log(metrics: &Metrics, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     let req = session.req_header();
     let status = session.response_written().map_or(0, |r| r.status.as_u16());

@@ -1,14 +1,13 @@
-//! The pingora glue: the `ProxyHttp` implementation, routing and upstream choice,
-//! header hygiene, and the hand-off of every request to [`crate::relay`].
+//! The pingora glue: the `ProxyHttp` implementation, routing, limits, header hygiene,
+//! and the hand-off of every request to [`crate::relay`].
 //!
-//! Each request runs twice through these phases. The *outer* pass (the client's real
-//! session) picks the route and hands the request to the relay, which runs it again as a
-//! pingora subrequest (the *inner* pass) to reach the upstream through pingora's ordinary
-//! proxy path; a GET that asks for an event stream on a replay route takes the
-//! [`crate::stream_client`] stream client instead (with the same forwarding headers). The
-//! relay then sees the upstream's response header first and decides: an event stream is
-//! pumped with heartbeats and a clean shutdown, anything else is passed through as it
-//! comes. WebSocket upgrades skip the relay and take the ordinary path directly.
+//! pingora reads the client's request; `request_filter` picks the route, checks the
+//! limits, prepares the request for the upstream and hands it to the relay, which
+//! reaches the upstream itself (a pooled connection, or the [`crate::stream_client`]
+//! stream client for a GET that asks for an event stream on a replay route), sees the
+//! response header first and decides: an event stream is pumped with heartbeats and a
+//! clean shutdown, anything else is passed through as it comes. WebSocket upgrades skip
+//! the relay and take pingora's own proxy path (`upstream_peer` and the phases after it).
 
 mod access;
 
@@ -16,7 +15,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use http::header;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::FailToProxy;
@@ -29,12 +27,12 @@ use crate::hub::Registry;
 use crate::limit::{self, Decision};
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::relay::{self, Admission, RelayStats, ReplayCx};
+use crate::relay::{self, Admission, Pool, RelayStats, ReplayCx};
 use crate::replay::Budget;
 use crate::reply::{self, refuse_malformed, respond_text};
 use crate::request::{
     accepts_event_stream, content_length_is_one_number, prepare_upstream_request,
-    request_authority, strip_hop_by_hop, ClientInfo, InnerRequest,
+    request_authority, ClientInfo,
 };
 use crate::shutdown::{ActiveGuard, Graceful};
 use arc_swap::ArcSwap;
@@ -54,6 +52,8 @@ pub struct Gateway {
     /// After a graceful upgrade: where the old process offers its streams' events.
     handover: Option<Arc<Source>>,
     cluster: Option<Arc<Cluster>>, // with a `[cluster]`: the other nodes, through Redis
+    /// Upstream connections for ordinary requests, kept across requests and reloads.
+    pool: Pool,
 }
 
 /// What one request carries between phases.
@@ -63,17 +63,15 @@ pub struct RequestCtx {
     live: Option<Arc<Live>>,
     /// The route chosen for the request.
     route: Option<Arc<Route>>,
-    /// Facts about the client, computed once in the outer pass.
+    /// Facts about the client, computed once.
     client: Option<ClientInfo>,
-    /// This is the inner pass (a subrequest made by the relay).
-    inner: bool,
     /// Index of the upstream in the config, for round-robin.
     upstream_index: usize,
     /// First server index tried and how many were tried, to skip refusing servers.
     first_server: usize,
     /// Connection attempts made so far.
     tries: usize,
-    /// When the outer pass started.
+    /// When the request started.
     started: Option<Instant>,
     /// What the relay did, for the access log.
     relay: Option<RelayStats>,
@@ -93,7 +91,9 @@ impl Gateway {
         let budget = Budget::new(config.replay.total_max_bytes);
         let metrics = Metrics::new(registry.clone(), budget.clone())?;
         metrics.init_series(&config);
+        let pool = Pool::new(&crate::server::server_conf(&config));
         Ok(Gateway {
+            pool,
             metrics,
             registry,
             budget,
@@ -208,34 +208,6 @@ impl Gateway {
     }
 }
 
-/// The inner pass (the relay's pingora subrequest): takes the outer pass's decisions
-/// and request, and goes pingora's ordinary proxy path.
-fn inner_pass(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-    let InnerRequest {
-        client: info,
-        prepare,
-    } = session
-        .subrequest_ctx
-        .as_ref()
-        .and_then(|sub| sub.user_ctx())
-        .and_then(|u| u.downcast_ref::<InnerRequest>())
-        .cloned()
-        .ok_or_else(|| {
-            Error::explain(ErrorType::InternalError, "subrequest without client info")
-        })?;
-    if prepare {
-        // Re-read from the client's raw bytes: the original, not yet prepared (no
-        // header copy per request, and nothing applied twice).
-        prepare_upstream_request(session.req_header_mut(), &info)?;
-    }
-    ctx.inner = true;
-    ctx.live = Some(info.live.clone());
-    ctx.upstream_index = info.upstream_index;
-    ctx.route = Some(info.route.clone());
-    ctx.client = Some(info);
-    Ok(false)
-}
-
 /// The request limits, then, for a stream request (an `EventSource` always says so),
 /// its stream slot: taken before the upstream is bothered, so a reconnect storm never
 /// reaches the backend.
@@ -279,15 +251,7 @@ impl ProxyHttp for Gateway {
         RequestCtx::default()
     }
 
-    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
-        // Only the outer pass spawns; the inner pass is the subrequest.
-        session.subrequest_ctx.is_none()
-    }
-
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if session.subrequest_ctx.is_some() {
-            return inner_pass(session, ctx);
-        }
         ctx.started = Some(Instant::now());
         ctx._active = Some(self.shutdown.track());
         let live = self.live.load_full();
@@ -334,7 +298,8 @@ impl ProxyHttp for Gateway {
             limits: live.limits.clone(),
             refusal,
         };
-        let stats = relay::serve(session, client, admission, self.shutdown.subscribe()).await;
+        let shutdown = self.shutdown.subscribe();
+        let stats = relay::serve(session, client, admission, &self.pool, shutdown).await;
         ctx.relay = Some(stats);
         Ok(true)
     }
@@ -409,36 +374,6 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        req: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        // The forwarding headers were set in the outer pass (`prepare_upstream_request`).
-        if ctx.client.is_none() {
-            return Ok(());
-        }
-        if session.get_header(header::HOST).is_none() {
-            if let Some(host) = req.uri.authority().map(|a| a.to_string()) {
-                req.insert_header(header::HOST, host)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if ctx.inner && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            strip_hop_by_hop(resp);
-        }
-        Ok(())
-    }
-
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -463,9 +398,6 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if ctx.inner {
-            return;
-        }
         // The next request on this connection gets its own header deadline. A body left
         // unread would be drained after this point and read as header bytes, so such a
         // connection is not reused at all.

@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header;
 use pingora::prelude::*;
-use pingora::protocols::http::HttpTask;
 use tokio::sync::watch;
 
 use super::admit::{admit_stream, Admission, Admit};
@@ -195,7 +194,7 @@ pub(super) async fn find(
     })
 }
 
-/// Makes the upstream response (`resp` and the tasks that came with it, then `feed`) a
+/// Makes the upstream response (`resp`, then `feed`) a
 /// hub that outlives this client, and serves the client as its first subscriber.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn start(
@@ -205,7 +204,6 @@ pub(super) async fn start(
     owner: Option<ClientKey>,
     resp: &ResponseHeader,
     feed: Origin,
-    pending: Vec<HttpTask>,
     up: GoUpstream,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
@@ -254,7 +252,7 @@ pub(super) async fn start(
             tokio::spawn(w.run(hub.clone()));
         }
         let registry = rcx.registry.clone();
-        tokio::spawn(pump(hub.clone(), registry, feed, pending, linger, watch));
+        tokio::spawn(pump(hub.clone(), registry, feed, linger, watch));
     } else {
         if let Some(w) = writer {
             w.cluster.release(&w.lease).await;

@@ -2,7 +2,7 @@
 //! the client.
 //!
 //! One event's path through here: the response arrives from a [`source`] (the stream
-//! client for GETs that ask for an event stream, else a pingora subrequest). An event
+//! client for GETs that ask for an event stream, else a pooled upstream connection). An event
 //! stream on a replay route becomes a hub ([`hubs`]: its pump feeds the hub, the
 //! client follows it); any other event stream is relayed byte for byte. Either way the
 //! client is served by the one stream writer ([`stream`]): heartbeats at event
@@ -11,6 +11,7 @@
 //!
 //! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
 //! - [`source`]: where a response comes from.
+//! - [`pooled`]: ordinary requests over pingora's pool of upstream connections.
 //! - [`hubs`]: resume, join or create a hub; following it.
 //! - [`pump`]: a hub fed from its upstream.
 //! - [`remote`]: the cluster's part: following another node's reader, or leading.
@@ -20,6 +21,7 @@
 mod admit;
 mod byte_stream;
 mod hubs;
+mod pooled;
 mod pump;
 mod remote;
 mod source;
@@ -33,6 +35,7 @@ use tokio::time::{sleep_until, Instant};
 
 pub use admit::{refuse, Admission, Refusal};
 pub use hubs::ReplayCx;
+pub use pooled::Pool;
 pub use stream::is_event_stream;
 
 use crate::limit::RefuseReason;
@@ -42,7 +45,8 @@ use crate::stream_client;
 use admit::{admit_stream, Admit};
 use byte_stream::ByteSource;
 use hubs::{Follow, Found, GoUpstream};
-use source::{Origin, Subrequest, Up};
+use pooled::Pooled;
+use source::{Origin, Up};
 use stream::{is_compressed, StreamMetrics, Writer};
 
 /// What the relay did, for the access log.
@@ -67,17 +71,27 @@ pub struct RelayStats {
     pub replayed: u64,
 }
 
-/// Serves the request in `session` (the outer pass). Errors are answered to the client
+/// Serves the request in `session`. Errors are answered to the client
 /// here; the returned stats describe what happened.
 pub async fn serve(
     session: &mut Session,
     client: ClientInfo,
     mut admission: Admission,
+    pool: &Pool,
     mut shutdown: watch::Receiver<bool>,
 ) -> RelayStats {
     let mut stats = RelayStats::default();
     let route = client.route.clone();
-    if let Err(e) = run(session, client, &mut admission, &mut shutdown, &mut stats).await {
+    let r = run(
+        session,
+        client,
+        &mut admission,
+        pool,
+        &mut shutdown,
+        &mut stats,
+    )
+    .await;
+    if let Err(e) = r {
         tracing::debug!("relay ended: {e}");
         if session.response_written().is_none() {
             let code = reply::error(session, &e).await;
@@ -95,6 +109,7 @@ async fn run(
     session: &mut Session,
     client: ClientInfo,
     admission: &mut Admission,
+    pool: &Pool,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
 ) -> Result<()> {
@@ -127,15 +142,16 @@ async fn run(
     }
 
     let body_done = session.as_downstream_mut().is_body_done();
-    // A GET that asks for an event stream goes out on the stream client; the rest take
-    // pingora's proxy path (see `stream_client`).
+    // A GET that asks for an event stream goes out on the stream client; the rest on a
+    // pooled connection (see `stream_client`).
     let mut feed =
         if admission.replay.is_some() && body_done && accepts_event_stream(session.req_header()) {
             let exchange =
                 stream_client::open(session.req_header(), &client, &admission.metrics).await?;
             Origin::Direct(Box::new(exchange))
         } else {
-            Origin::Sub(Subrequest::spawn(session, client, body_done)?)
+            let pooled = Pooled::open(session, &client, pool, &admission.metrics).await?;
+            Origin::Pooled(Box::new(pooled))
         };
     let (resp, end) = response_header(session, &mut feed, response_timeout).await?;
     let stream = resp.status == http::StatusCode::OK && !end && is_event_stream(&resp);
@@ -146,10 +162,8 @@ async fn run(
     if stream && room && !is_compressed(&resp) {
         // An event stream on a replay route: it becomes a hub that outlives this
         // client, which becomes its first subscriber.
-        let mut pending = Vec::new();
-        feed.drain(&mut pending);
         return hubs::start(
-            session, admission, &route, owner, &resp, feed, pending, up, shutdown, stats,
+            session, admission, &route, owner, &resp, feed, up, shutdown, stats,
         )
         .await;
     }

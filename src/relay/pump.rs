@@ -17,11 +17,10 @@ pub(super) async fn pump(
     hub: Arc<Hub>,
     registry: Arc<Registry>,
     mut feed: Origin,
-    pending: Vec<HttpTask>,
     linger: Duration,
     watch: Option<(Arc<Cluster>, Tag)>,
 ) {
-    let mut alive = pending.into_iter().all(|t| feed_task(&hub, t));
+    let mut alive = true;
     let idle = hub.idle_for(linger);
     tokio::pin!(idle);
     while alive {

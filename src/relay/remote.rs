@@ -454,7 +454,7 @@ impl Follower {
             };
             tokio::spawn(writer.run(self.hub.clone()));
         }
-        super::pump::pump(self.hub, self.registry, feed, vec![], self.linger, watch).await;
+        super::pump::pump(self.hub, self.registry, feed, self.linger, watch).await;
         true
     }
 }

@@ -1,0 +1,242 @@
+//! Ordinary requests (and any with a body) reach the upstream over pingora's pool of
+//! HTTP/1.1 connections ([`Pool`]). The request head and body go out, and the response
+//! is read, in the task that serves the client: one pass through pingora per request
+//! (the client's session), no second session, no channel between two tasks. Once both
+//! directions are complete the connection goes back to the pool; dropped before that
+//! (a client that left, a stream that ended), it is closed, which is how a client's
+//! disconnect reaches the upstream at once.
+
+use std::sync::Arc;
+
+use http::{header, Version};
+use pingora::connectors::http::v1::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::prelude::*;
+use pingora::protocols::http::v1::client::HttpSession as H1;
+use pingora::protocols::http::HttpTask;
+use pingora::{ErrorType, RetryType};
+
+use super::source::Up;
+use crate::metrics::Metrics;
+use crate::request::{self, ClientInfo};
+
+/// The process's pool of upstream connections (it outlives reloads).
+#[derive(Clone)]
+pub struct Pool(Arc<Connector>);
+
+impl Pool {
+    /// A pool sized as pingora's own proxy sizes its pool.
+    pub fn new(conf: &pingora::server::configuration::ServerConf) -> Pool {
+        Pool(Arc::new(Connector::new(Some(
+            ConnectorOptions::from_server_conf(conf),
+        ))))
+    }
+}
+
+/// One request and its response on a pooled connection.
+pub(super) struct Pooled {
+    http: H1,
+    peer: HttpPeer,
+    pool: Pool,
+    /// The connection came from the pool (the server may have closed it meanwhile).
+    reused: bool,
+    /// The request head, while it may go again on another connection: a request
+    /// without a body, whose reused connection closed before any response byte.
+    resend: Option<Box<RequestHeader>>,
+    /// The client's request body is all sent upstream.
+    body_done: bool,
+    /// The response was read to its end.
+    response_done: bool,
+}
+
+impl Pooled {
+    /// Sends the head of `session`'s request (already prepared for the upstream, see
+    /// `request::prepare_upstream_request`) to the route's upstream: servers in
+    /// round-robin order, moving on when a connect fails (nothing was sent yet, so that
+    /// is safe for any method).
+    pub(super) async fn open(
+        session: &mut Session,
+        client: &ClientInfo,
+        pool: &Pool,
+        metrics: &Metrics,
+    ) -> Result<Pooled> {
+        let body_done = session.as_downstream_mut().is_body_done();
+        let has_body = !session.as_downstream_mut().is_body_empty();
+        let head = Box::new(upstream_head(session.req_header(), has_body)?);
+        let upstream = &client.route.upstream;
+        let n = upstream.servers.len();
+        if n == 0 {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "upstream has no servers");
+        }
+        let first = client.live.next_server(client.upstream_index);
+        let mut last_error = None;
+        for i in 0..n {
+            let addr = upstream.servers[(first + i) % n];
+            let mut peer = HttpPeer::new(addr, false, String::new());
+            peer.options.connection_timeout = Some(upstream.connect_timeout);
+            // Streams may be quiet for hours: no read timeout on the upstream. The relay
+            // bounds the wait for the response header itself.
+            peer.options.read_timeout = None;
+            peer.options.idle_timeout = None;
+            // A pooled connection the server closed meanwhile fails on first use: the
+            // same server is tried again on a fresh one (bounded: the pool's size).
+            for _ in 0..2 {
+                let (http, reused) = match pool.0.get_http_session(&peer).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        metrics
+                            .upstream_errors
+                            .with_label_values(&[upstream.name.as_str()])
+                            .inc();
+                        tracing::warn!(server = %addr, tries = i + 1, "upstream connect failed: {e}");
+                        last_error = Some(e);
+                        break;
+                    }
+                };
+                metrics
+                    .upstream_connections
+                    .with_label_values(&[upstream.name.as_str(), if reused { "yes" } else { "no" }])
+                    .inc();
+                let mut pooled = Pooled {
+                    http,
+                    peer: peer.clone(),
+                    pool: pool.clone(),
+                    reused,
+                    resend: (!has_body).then(|| head.clone()),
+                    body_done: body_done || !has_body,
+                    response_done: false,
+                };
+                match pooled.http.write_request_header(head.clone()).await {
+                    Ok(_) => return Ok(pooled),
+                    Err(e) if reused => last_error = Some(e),
+                    Err(e) => return Err(e.into_up()),
+                }
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no upstream server")))
+    }
+
+    /// The next piece of the response, passing the client's request body on as it
+    /// comes (both directions at once, as pingora's proxy does) and watching the
+    /// client: a client that closes ends the wait with `Err`.
+    pub(super) async fn next(&mut self, session: &mut Session) -> Result<Up> {
+        if self.response_done {
+            return Ok(Up::Ended);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                t = self.http.read_response_task(), if !self.response_done => {
+                    return Ok(self.took(t).await);
+                }
+                b = session.downstream_session.read_body_or_idle(self.body_done) => {
+                    let b = b.map_err(|e| e.into_down())?;
+                    if self.body_done {
+                        // A client with nothing more to send only reads: this was a close.
+                        return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
+                    }
+                    let end = b.is_none() || session.as_downstream_mut().is_body_done();
+                    if let Some(b) = b.filter(|b| !b.is_empty()) {
+                        self.http.write_body(&b).await.map_err(|e| e.into_up())?;
+                    }
+                    if end {
+                        self.http.finish_body().await.map_err(|e| e.into_up())?;
+                        self.body_done = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next piece of the response, for a hub's pump (no client to watch; a stream
+    /// that becomes a hub has no body left to send).
+    pub(super) async fn next_task(&mut self) -> Option<HttpTask> {
+        if self.response_done {
+            return None;
+        }
+        let t = self.http.read_response_task().await;
+        match self.took(t).await {
+            Up::Task(t) => Some(t),
+            Up::Failed(e) => Some(HttpTask::Failed(e)),
+            Up::Ended => None,
+        }
+    }
+
+    /// Notes what a response read gave; a reused connection that closed before the
+    /// response began is replaced once, for a request without a body.
+    async fn took(&mut self, t: Result<HttpTask>) -> Up {
+        let t = match t {
+            Err(e) if self.reused && e.retry != RetryType::Decided(false) => {
+                match self.resend.take() {
+                    Some(head) => self.again(head).await,
+                    None => Err(e),
+                }
+            }
+            t => t,
+        };
+        match t {
+            Ok(HttpTask::Header(mut resp, end)) => {
+                if !resp.status.is_informational() {
+                    // The response began: no request goes again from here.
+                    self.resend = None;
+                }
+                request::strip_hop_by_hop(&mut resp);
+                self.response_done |= end;
+                Up::Task(HttpTask::Header(resp, end))
+            }
+            Ok(t) => {
+                self.response_done |= t.is_end();
+                Up::Task(t)
+            }
+            Err(e) => {
+                self.response_done = true;
+                Up::Failed(e.into_up())
+            }
+        }
+    }
+
+    /// Sends `head` again on a fresh connection and reads its response's first task.
+    async fn again(&mut self, head: Box<RequestHeader>) -> Result<HttpTask> {
+        let (http, _) = self.pool.0.get_http_session(&self.peer).await?;
+        self.http = http;
+        self.reused = false;
+        self.http.write_request_header(head).await?;
+        self.http.read_response_task().await
+    }
+
+    /// Both directions are complete: the connection goes back to the pool.
+    pub(super) async fn finish(self) {
+        if self.response_done && self.body_done {
+            self.pool
+                .0
+                .release_http_session(self.http, &self.peer, None)
+                .await;
+        }
+    }
+}
+
+/// The request as an HTTP/1.1 upstream gets it: the client's head (prepared for the
+/// upstream) without hop-by-hop fields, with `Host` for an HTTP/2 request, and framed
+/// for its body (`Content-Length` as the client sent it, else chunked).
+fn upstream_head(req: &RequestHeader, has_body: bool) -> Result<RequestHeader> {
+    let mut head = req.clone();
+    head.set_version(Version::HTTP_11);
+    for name in request::connection_nominated(&head.headers) {
+        head.remove_header(&name);
+    }
+    for name in request::HOP_BY_HOP {
+        head.remove_header(name);
+    }
+    head.remove_header(&header::TRANSFER_ENCODING);
+    head.remove_header("http2-settings");
+    if head.headers.get(header::HOST).is_none() {
+        if let Some(authority) = head.uri.authority().map(|a| a.to_string()) {
+            head.insert_header(header::HOST, authority)?;
+        }
+    }
+    if has_body && head.headers.get(header::CONTENT_LENGTH).is_none() {
+        head.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(head)
+}
