@@ -40,9 +40,9 @@ pub(super) struct Pooled {
     pool: Pool,
     /// The connection came from the pool (the server may have closed it meanwhile).
     reused: bool,
-    /// The request head, while it may go again on another connection: a request
-    /// without a body, whose reused connection closed before any response byte.
-    resend: Option<Box<RequestHeader>>,
+    /// The request may go again on another connection: it has no body, and its
+    /// response has not begun.
+    resendable: bool,
     /// The client's request body is all sent upstream.
     body_done: bool,
     /// The response was read to its end.
@@ -70,6 +70,7 @@ impl Pooled {
         }
         let first = client.live.next_server(client.upstream_index);
         let mut last_error = None;
+        let mut head = Some(head);
         for i in 0..n {
             let addr = upstream.servers[(first + i) % n];
             let mut peer = HttpPeer::new(addr, false, String::new());
@@ -102,11 +103,16 @@ impl Pooled {
                     peer: peer.clone(),
                     pool: pool.clone(),
                     reused,
-                    resend: (!has_body).then(|| head.clone()),
+                    resendable: !has_body,
                     body_done: body_done || !has_body,
                     response_done: false,
                 };
-                match pooled.http.write_request_header(head.clone()).await {
+                // Built again only in the rare case that it must go again.
+                let h = match head.take() {
+                    Some(h) => h,
+                    None => Box::new(upstream_head(session.req_header(), has_body)?),
+                };
+                match pooled.http.write_request_header(h).await {
                     Ok(_) => return Ok(pooled),
                     Err(e) if reused => last_error = Some(e),
                     Err(e) => return Err(e.into_up()),
@@ -128,7 +134,19 @@ impl Pooled {
             tokio::select! {
                 biased;
                 t = self.http.read_response_task(), if !self.response_done => {
-                    return Ok(self.took(t).await);
+                    let t = match t {
+                        // A reused connection the server had closed: once more, on a
+                        // fresh one.
+                        Err(e) if self.reused && self.resendable && e.retry != RetryType::Decided(false) => {
+                            self.resendable = false;
+                            match upstream_head(session.req_header(), false) {
+                                Ok(head) => self.again(Box::new(head)).await,
+                                Err(_) => Err(e),
+                            }
+                        }
+                        t => t,
+                    };
+                    return Ok(self.took(t));
                 }
                 b = session.downstream_session.read_body_or_idle(self.body_done) => {
                     let b = b.map_err(|e| e.into_down())?;
@@ -156,30 +174,20 @@ impl Pooled {
             return None;
         }
         let t = self.http.read_response_task().await;
-        match self.took(t).await {
+        match self.took(t) {
             Up::Task(t) => Some(t),
             Up::Failed(e) => Some(HttpTask::Failed(e)),
             Up::Ended => None,
         }
     }
 
-    /// Notes what a response read gave; a reused connection that closed before the
-    /// response began is replaced once, for a request without a body.
-    async fn took(&mut self, t: Result<HttpTask>) -> Up {
-        let t = match t {
-            Err(e) if self.reused && e.retry != RetryType::Decided(false) => {
-                match self.resend.take() {
-                    Some(head) => self.again(head).await,
-                    None => Err(e),
-                }
-            }
-            t => t,
-        };
+    /// Notes what a response read gave.
+    fn took(&mut self, t: Result<HttpTask>) -> Up {
         match t {
             Ok(HttpTask::Header(mut resp, end)) => {
                 if !resp.status.is_informational() {
                     // The response began: no request goes again from here.
-                    self.resend = None;
+                    self.resendable = false;
                 }
                 request::strip_hop_by_hop(&mut resp);
                 self.response_done |= end;
@@ -222,14 +230,22 @@ impl Pooled {
 fn upstream_head(req: &RequestHeader, has_body: bool) -> Result<RequestHeader> {
     let mut head = req.clone();
     head.set_version(Version::HTTP_11);
-    for name in request::connection_nominated(&head.headers) {
-        head.remove_header(&name);
+    // Most requests carry none of these: look before removing each by name.
+    let hop = |n: &header::HeaderName| {
+        request::HOP_BY_HOP.contains(&n.as_str())
+            || n == header::TRANSFER_ENCODING
+            || n.as_str() == "http2-settings"
+    };
+    if head.headers.keys().any(hop) {
+        for name in request::connection_nominated(&head.headers) {
+            head.remove_header(&name);
+        }
+        for name in request::HOP_BY_HOP {
+            head.remove_header(name);
+        }
+        head.remove_header(&header::TRANSFER_ENCODING);
+        head.remove_header("http2-settings");
     }
-    for name in request::HOP_BY_HOP {
-        head.remove_header(name);
-    }
-    head.remove_header(&header::TRANSFER_ENCODING);
-    head.remove_header("http2-settings");
     if head.headers.get(header::HOST).is_none() {
         if let Some(authority) = head.uri.authority().map(|a| a.to_string()) {
             head.insert_header(header::HOST, authority)?;
