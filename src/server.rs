@@ -291,9 +291,12 @@ fn admin_service(
 
 /// Client connections' socket buffers. pingora's default read buffer is 64 KiB per
 /// connection; SSE clients send one request header and then only read, so a small one
-/// keeps an open stream cheap (headers larger than it are still read whole).
+/// keeps an open stream cheap (headers larger than it are still read whole). The write
+/// buffer holds a response header until its body follows: at 4 KiB a small response
+/// (header and body) leaves in one send, where pingora's 1,460 bytes sent the header
+/// alone first.
 fn client_buffers() -> L4BufferSettings {
-    L4BufferSettings::new(4096, 1460)
+    L4BufferSettings::new(4096, 4096)
 }
 
 /// Counts completed TLS handshakes (certificates come from the resolver).
