@@ -6,7 +6,7 @@
 # counted, are read once at the end) and `prod`, production.toml's features on (limiter consulted on every request with a
 # rate it never reaches, JSON access lines at info to a file, metrics listener, replay
 # settings), so each feature's cost is visible. See BENCHMARKS.md.
-# Usage: [PROXIES="direct nginx haproxy ssegate prod"] [SECS=8] [CONNS=50] benches/requests.sh
+# Usage: [PROXIES="direct nginx haproxy ssegate prod"] [SECS=8] [CONNS=50] [ROUNDS=1] benches/requests.sh
 #   SSEGATE=/path/to/ssegate uses that binary instead of building this checkout;
 #   SSEGATE_BASELINE=/path/to/older/ssegate adds a `baseline` column (that build, the
 #   minimal config) to the same run, for before/after comparisons.
@@ -190,7 +190,16 @@ proxies=(direct nginx haproxy ssegate prod)
 [ -z "${SSEGATE_BASELINE:-}" ] || proxies+=(baseline)
 [ -z "${PROXIES:-}" ] || read -ra proxies <<< "$PROXIES"
 RESULTS="$W/results"; : > "$RESULTS"
-for p in "${proxies[@]}"; do
+# ROUNDS > 1: every proxy again, in reverse order on even rounds, so a drift in the
+# machine's speed (a shared 2-core host) falls on all columns alike; the table gives
+# each cell's median over the rounds.
+order=()
+for ((round = 1; round <= ${ROUNDS:-1}; round++)); do
+  if ((round % 2)); then order+=("${proxies[@]}"); else
+    for ((i = ${#proxies[@]} - 1; i >= 0; i--)); do order+=("${proxies[i]}"); done
+  fi
+done
+for p in "${order[@]}"; do
   start "$p"
   for proto in h1 h2c h2; do
     [ "$p" = direct ] && [ "$proto" != h1 ] && continue   # the origin speaks HTTP/1.1 only
@@ -217,7 +226,15 @@ for r in rows:
 cases = []
 for r in rows:
     if (r[1], r[2]) not in cases: cases.append((r[1], r[2]))
-get = {(r[0], r[1], r[2]): r[3:] for r in rows}
+# Each cell: the median of its rounds (req/s and p99 each), errors summed.
+runs = {}
+for r in rows:
+    runs.setdefault((r[0], r[1], r[2]), []).append(r[3:])
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+get = {k: [str(round(median([float(x[0]) for x in v]))), f"{median([float(x[1]) for x in v]):.3f}",
+           str(sum(int(x[2]) for x in v))] for k, v in runs.items()}
 label = {"page.html": "2.7 KB", "big.bin": "100 KB"}
 print()
 print("| case | " + " | ".join(f"{n} req/s" for n in names) + " | " + " | ".join(f"{n} p99 ms" for n in names) + " | ssegate/nginx req/s | prod/nginx req/s |")
