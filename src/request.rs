@@ -37,6 +37,34 @@ pub struct ClientInfo {
     pub live: Arc<Live>,
 }
 
+impl ClientInfo {
+    /// The route's upstream servers in the order to try them: round-robin from this
+    /// request's turn, each once. `Err` when the upstream has none.
+    pub fn servers_in_turn(&self) -> Result<impl Iterator<Item = std::net::SocketAddr> + '_> {
+        let servers = &self.route.upstream.servers;
+        let n = servers.len();
+        if n == 0 {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "upstream has no servers");
+        }
+        let first = self.live.next_server(self.upstream_index);
+        Ok((0..n).map(move |i| servers[(first + i) % n]))
+    }
+
+    /// A connect to `server` failed (the `tries`th): counted and logged, once here for
+    /// both upstream paths.
+    pub fn connect_failed(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        server: std::net::SocketAddr,
+        tries: usize,
+        e: &Error,
+    ) {
+        let name = self.route.upstream.name.as_str();
+        metrics.upstream_errors.with_label_values(&[name]).inc();
+        tracing::warn!(server = %server, tries, "upstream connect failed: {e}");
+    }
+}
+
 /// Does the client say it wants an event stream?
 pub fn accepts_event_stream(req: &RequestHeader) -> bool {
     req.headers

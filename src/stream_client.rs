@@ -48,26 +48,16 @@ pub struct Exchange {
 /// sent yet, so that is safe), and writes the request head with the forwarding headers.
 pub async fn open(req: &RequestHeader, client: &ClientInfo, metrics: &Metrics) -> Result<Exchange> {
     let upstream = &client.route.upstream;
-    let n = upstream.servers.len();
-    if n == 0 {
-        return Error::e_explain(ErrorType::ConnectNoRoute, "upstream has no servers");
-    }
-    let first = client.live.next_server(client.upstream_index);
     let mut last_error = None;
     let mut stream = None;
-    for i in 0..n {
-        let addr = upstream.servers[(first + i) % n];
+    for (i, addr) in client.servers_in_turn()?.enumerate() {
         match connect(addr, upstream.connect_timeout).await {
             Ok(s) => {
                 stream = Some(s);
                 break;
             }
             Err(e) => {
-                metrics
-                    .upstream_errors
-                    .with_label_values(&[upstream.name.as_str()])
-                    .inc();
-                tracing::warn!(server = %addr, tries = i + 1, "upstream connect failed: {e}");
+                client.connect_failed(metrics, addr, i + 1, &e);
                 last_error = Some(e);
             }
         }

@@ -64,15 +64,9 @@ impl Pooled {
         let has_body = !session.as_downstream_mut().is_body_empty();
         let head = Box::new(upstream_head(session.req_header(), has_body)?);
         let upstream = &client.route.upstream;
-        let n = upstream.servers.len();
-        if n == 0 {
-            return Error::e_explain(ErrorType::ConnectNoRoute, "upstream has no servers");
-        }
-        let first = client.live.next_server(client.upstream_index);
         let mut last_error = None;
         let mut head = Some(head);
-        for i in 0..n {
-            let addr = upstream.servers[(first + i) % n];
+        for (i, addr) in client.servers_in_turn()?.enumerate() {
             let mut peer = HttpPeer::new(addr, false, String::new());
             peer.options.connection_timeout = Some(upstream.connect_timeout);
             // Streams may be quiet for hours: no read timeout on the upstream. The relay
@@ -85,11 +79,7 @@ impl Pooled {
                 let (http, reused) = match pool.0.get_http_session(&peer).await {
                     Ok(s) => s,
                     Err(e) => {
-                        metrics
-                            .upstream_errors
-                            .with_label_values(&[upstream.name.as_str()])
-                            .inc();
-                        tracing::warn!(server = %addr, tries = i + 1, "upstream connect failed: {e}");
+                        client.connect_failed(metrics, addr, i + 1, &e);
                         last_error = Some(e);
                         break;
                     }
