@@ -74,7 +74,7 @@ impl Pooled {
             peer.options.read_timeout = None;
             peer.options.idle_timeout = None;
             // A pooled connection the server closed meanwhile fails on first use: the
-            // same server is tried again on a fresh one (bounded: the pool's size).
+            // same server is tried once more, on another connection.
             for _ in 0..2 {
                 let (http, reused) = match pool.0.get_http_session(&peer).await {
                     Ok(s) => s,
