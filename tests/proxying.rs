@@ -461,3 +461,60 @@ fn large_ordinary_responses_keep_their_upstream_connection() {
         "upstream connections for 60 responses: {new} new, {reused} reused"
     );
 }
+
+/// A backend that closes a kept-alive connection just as the next request arrives (an
+/// idle timeout meeting a request in flight): the request, which has no body, goes
+/// again on another connection instead of failing with 502. A raw TCP backend of the
+/// test's own: Apache closes idle connections on a timer, so the race cannot be made
+/// to happen on demand with it.
+#[test]
+fn a_request_on_a_pooled_connection_the_backend_just_closed_goes_again() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                // Answers the connection's first request; at the next one, closes.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                let _ = conn.read(&mut chunk);
+            });
+        }
+    });
+    let gw = Gateway::start(GatewayOptions {
+        admin: true,
+        ..GatewayOptions::to_servers(vec![format!("127.0.0.1:{port}")])
+    });
+    let url = gw.url("/page");
+    let mut codes = String::new();
+    for _ in 0..5 {
+        let (_, out) = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code} ", &url]);
+        codes.push_str(&String::from_utf8_lossy(&out));
+        // Time for the connection to go back to the pool before the next request.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(codes.trim(), "200 200 200 200 200", "{}", gw.log());
+    let reused = admin_metric(
+        gw.admin_port.expect("admin"),
+        "ssegate_upstream_connections_total{reused=\"yes\",upstream=\"php\"}",
+    );
+    assert!(
+        reused >= 4.0,
+        "the pooled connections were not taken: {reused}"
+    );
+    assert!(connections.load(Ordering::SeqCst) >= 5);
+}
