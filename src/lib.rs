@@ -23,21 +23,19 @@
 //!   shutdown bridge, the PID file, housekeeping; `reload`: config reload on SIGHUP.
 //! - `proxy`: the `ProxyHttp` phases, each calling a named step.
 //! - `request`: the client as the gateway sees it, the request as the upstream gets it.
-//! - `relay`: one response from upstream to client (admission, sources, hubs, the one
-//!   stream writer); `stream_client`: event-stream GETs on connections of their own.
+//! - `relay`: one response from upstream to client (admission, pooled upstream
+//!   connections, hubs, the one stream writer).
 //! - `live`, `reply`, `conn`, `tls`, `metrics`: config-derived state, the gateway's own
 //!   answers, the connection guard, certificates, Prometheus metrics.
 //!
-//! One event's path: upstream socket → `stream_client::Exchange` (hyper's HTTP/1.1 client,
-//! read in the task that consumes it) → the hub's pump (`relay::hubs`) →
-//! `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the `replay` store,
-//! broadcast) → the subscriber's `relay::stream::Writer` (replay first, then live
-//! blocks, heartbeats between them) → client session. A request that does not ask for
-//! an event stream reaches the upstream on a pooled connection (`relay::pooled`, pingora's
-//! HTTP/1.1 client, read in the client's task); if its answer is a stream after all,
-//! that connection feeds a hub the same way, or,
-//! without replay (POST, replay off), the same writer relays its bytes as they come,
-//! with the parser tracking event boundaries.
+//! One event's path: upstream socket → `relay::pooled::Pooled` (pingora's HTTP/1.1
+//! client on a pooled connection, read in the task that consumes it) → the hub's pump
+//! (`relay::hubs`) → `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the
+//! `replay` store, broadcast) → the subscriber's `relay::stream::Writer` (replay first,
+//! then live blocks, heartbeats between them) → client session. Every other request
+//! reaches the upstream the same way, read in the client's task; an event stream that
+//! does not become a hub (a POST, replay off) goes through the same writer byte for
+//! byte, with the parser tracking event boundaries.
 //!
 //! With a `[cluster]`, the node that holds a stream's lease also appends each block the
 //! hub publishes to Redis (`cluster::writer`, fenced by the lease, sent in pipelines by
@@ -70,7 +68,6 @@ mod request;
 pub mod server;
 mod shutdown;
 pub mod sse;
-mod stream_client;
 mod tls;
 
 pub use lifecycle::write_pid_file;

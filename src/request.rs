@@ -124,8 +124,8 @@ const FORWARDING: [&str; 5] = [
     "x-forwarded-proto",
 ];
 
-/// Turns the client's request into the one the upstream receives, once, before either
-/// upstream path (pingora's or the stream client) copies it, so the stream key (built
+/// Turns the client's request into the one the upstream receives, once, before the
+/// relay (or pingora's proxy path, for an upgrade) copies it, so the stream key (built
 /// from it) is what the upstream sees:
 /// - `Host` is the one normalised host, and the target is in origin form;
 /// - HTTP/2 cookie crumbs are one `Cookie` line, `; `-joined (RFC 9113 §8.2.3);

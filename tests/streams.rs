@@ -225,7 +225,7 @@ fn client_disconnect_closes_the_upstream() {
     let php = Php::start();
     let gw = GatewayOptions::to(&php).admin().start();
     let admin = gw.admin_port.expect("admin");
-    // Without and with `Accept: text/event-stream` (pingora's path and the stream client).
+    // Without and with `Accept: text/event-stream` (a pass-through and a hub).
     for (i, extra) in [&[][..], &["-H", "Accept: text/event-stream"][..]]
         .into_iter()
         .enumerate()

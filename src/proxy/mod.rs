@@ -3,8 +3,7 @@
 //!
 //! pingora reads the client's request; `request_filter` picks the route, checks the
 //! limits, prepares the request for the upstream and hands it to the relay, which
-//! reaches the upstream itself (a pooled connection, or the [`crate::stream_client`]
-//! stream client for a GET that asks for an event stream on a replay route), sees the
+//! reaches the upstream itself (on pingora's pool of upstream connections), sees the
 //! response header first and decides: an event stream is pumped with heartbeats and a
 //! clean shutdown, anything else is passed through as it comes. WebSocket upgrades skip
 //! the relay and take pingora's own proxy path (`upstream_peer` and the phases after it).

@@ -7,14 +7,14 @@ use pingora::prelude::*;
 use pingora::protocols::http::HttpTask;
 use pingora::ErrorType;
 
-use super::source::{Origin, Up};
+use super::pooled::{Pooled, Up};
 use super::stream::{Client, Piece, Source};
 use crate::sse;
 
 /// An upstream response relayed byte for byte (POST streams, routes without replay,
 /// and streams past `max_hubs`).
 pub(super) struct ByteSource {
-    pub(super) feed: Origin,
+    pub(super) feed: Box<Pooled>,
     /// Finds event boundaries in the upstream bytes.
     pub(super) parser: sse::Parser,
     /// The upstream's body is not parseable (compressed): relayed as is.
@@ -28,7 +28,7 @@ pub(super) struct ByteSource {
 }
 
 impl ByteSource {
-    pub(super) fn new(feed: Origin, max_event_bytes: usize, opaque: bool) -> ByteSource {
+    pub(super) fn new(feed: Box<Pooled>, max_event_bytes: usize, opaque: bool) -> ByteSource {
         if opaque {
             tracing::warn!("upstream compressed an event stream; relaying it without heartbeats");
         }

@@ -11,9 +11,9 @@ use pingora::prelude::*;
 use tokio::sync::watch;
 
 use super::admit::{admit_stream, Admission, Admit};
+use super::pooled::{Pool, Pooled};
 use super::pump::pump;
 use super::remote::{self, stored_audience, Clustered, Lead};
-use super::source::Origin;
 use super::stream::{HubSource, StreamMetrics, Writer};
 use super::RelayStats;
 use crate::cluster::{self, Cluster};
@@ -139,6 +139,7 @@ pub(super) async fn find(
     rcx: &ReplayCx,
     req: &RequestHeader,
     client: &ClientInfo,
+    pool: &Pool,
     metrics: &Arc<Metrics>,
 ) -> Found {
     let mut missed = None;
@@ -149,7 +150,7 @@ pub(super) async fn find(
         }
     }
     if !rcx.settings.shared {
-        return match remote::find(rcx, req, client, metrics, missed).await {
+        return match remote::find(rcx, req, client, pool, metrics, missed).await {
             Clustered::Follow(h, s, how) => Found::Hub(h, s, how),
             Clustered::Lead(lead) => Found::Upstream(GoUpstream {
                 missed,
@@ -182,7 +183,7 @@ pub(super) async fn find(
     if let Some((h, s)) = rcx.registry.join_shared(&rcx.key, start, rcx.viewer(req)) {
         return Found::Hub(h, s, how);
     }
-    let lead = match remote::find(rcx, req, client, metrics, missed).await {
+    let lead = match remote::find(rcx, req, client, pool, metrics, missed).await {
         Clustered::Follow(h, s, how) => return Found::Hub(h, s, how),
         Clustered::Lead(lead) => Some(lead),
         Clustered::Local(_) => None,
@@ -203,7 +204,7 @@ pub(super) async fn start(
     route: &Route,
     owner: Option<ClientKey>,
     resp: &ResponseHeader,
-    feed: Origin,
+    feed: Box<Pooled>,
     up: GoUpstream,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
@@ -229,7 +230,6 @@ pub(super) async fn start(
             .as_mut()
             .and_then(|l| l.seed(rcx.last_event_id.as_deref()));
     }
-    // Only a stream someone else could read again is worth writing for the cluster.
     // Only a stream another request could read again is worth writing for the cluster.
     let reusable = new.audience.admits(&req.headers, rcx.has_identity).is_ok();
     let audience = stored_audience(&new.audience).filter(|_| reusable);

@@ -1,17 +1,15 @@
 //! The relay: runs one client request against the upstream and moves the response to
 //! the client.
 //!
-//! One event's path through here: the response arrives from a [`source`] (the stream
-//! client for GETs that ask for an event stream, else a pooled upstream connection). An event
-//! stream on a replay route becomes a hub ([`hubs`]: its pump feeds the hub, the
+//! One event's path through here: the response arrives on a pooled upstream connection
+//! ([`pooled`]), read in this task. An event stream on a replay route becomes a hub ([`hubs`]: its pump feeds the hub, the
 //! client follows it); any other event stream is relayed byte for byte. Either way the
 //! client is served by the one stream writer ([`stream`]): heartbeats at event
 //! boundaries, `retry:`, the shutdown hint. A response that is not an event stream is
 //! passed through task by task.
 //!
 //! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
-//! - [`source`]: where a response comes from.
-//! - [`pooled`]: ordinary requests over pingora's pool of upstream connections.
+//! - [`pooled`]: requests over pingora's pool of upstream connections.
 //! - [`hubs`]: resume, join or create a hub; following it.
 //! - [`pump`]: a hub fed from its upstream.
 //! - [`remote`]: the cluster's part: following another node's reader, or leading.
@@ -24,7 +22,6 @@ mod hubs;
 mod pooled;
 mod pump;
 mod remote;
-mod source;
 mod stream;
 
 use pingora::prelude::*;
@@ -40,13 +37,11 @@ pub use stream::is_event_stream;
 
 use crate::limit::RefuseReason;
 use crate::reply;
-use crate::request::{accepts_event_stream, ClientInfo};
-use crate::stream_client;
+use crate::request::ClientInfo;
 use admit::{admit_stream, Admit};
 use byte_stream::ByteSource;
 use hubs::{Follow, Found, GoUpstream};
-use pooled::Pooled;
-use source::{Origin, Up};
+use pooled::{Pooled, Up};
 use stream::{is_compressed, StreamMetrics, Writer};
 
 /// What the relay did, for the access log.
@@ -120,7 +115,7 @@ async fn run(
     // A live hub may serve the request without bothering the upstream.
     let mut up = GoUpstream::default();
     if let Some(rcx) = &admission.replay {
-        match hubs::find(rcx, session.req_header(), &client, &admission.metrics).await {
+        match hubs::find(rcx, session.req_header(), &client, pool, &admission.metrics).await {
             Found::Hub(hub, sub, how) => {
                 let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
                     return Ok(());
@@ -142,17 +137,10 @@ async fn run(
     }
 
     let body_done = session.as_downstream_mut().is_body_done();
-    // A GET that asks for an event stream goes out on the stream client; the rest on a
-    // pooled connection (see `stream_client`).
+    let has_body = !session.as_downstream_mut().is_body_empty();
+    let req = session.req_header();
     let mut feed =
-        if admission.replay.is_some() && body_done && accepts_event_stream(session.req_header()) {
-            let exchange =
-                stream_client::open(session.req_header(), &client, &admission.metrics).await?;
-            Origin::Direct(Box::new(exchange))
-        } else {
-            let pooled = Pooled::open(session, &client, pool, &admission.metrics).await?;
-            Origin::Pooled(Box::new(pooled))
-        };
+        Box::new(Pooled::open(req, has_body, body_done, &client, pool, &admission.metrics).await?);
     let (resp, end) = response_header(session, &mut feed, response_timeout).await?;
     let stream = resp.status == http::StatusCode::OK && !end && is_event_stream(&resp);
     let room = admission
@@ -192,7 +180,7 @@ async fn relay_bytes(
     route: &crate::config::Route,
     owner: Option<crate::limit::ClientKey>,
     resp: Box<ResponseHeader>,
-    feed: Origin,
+    feed: Box<Pooled>,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
 ) -> Result<()> {
@@ -213,7 +201,7 @@ async fn relay_bytes(
 /// informational ones (`100 Continue`) through.
 async fn response_header(
     session: &mut Session,
-    feed: &mut Origin,
+    feed: &mut Pooled,
     timeout: std::time::Duration,
 ) -> Result<(Box<ResponseHeader>, bool)> {
     let deadline = Instant::now() + timeout;
@@ -252,7 +240,7 @@ async fn response_header(
 /// go back to the pool.
 async fn pass_through(
     session: &mut Session,
-    mut feed: Origin,
+    mut feed: Box<Pooled>,
     resp: Box<ResponseHeader>,
     end: bool,
 ) -> Result<()> {

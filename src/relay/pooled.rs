@@ -1,10 +1,14 @@
-//! Ordinary requests (and any with a body) reach the upstream over pingora's pool of
-//! HTTP/1.1 connections ([`Pool`]). The request head and body go out, and the response
-//! is read, in the task that serves the client: one pass through pingora per request
-//! (the client's session), no second session, no channel between two tasks. Once both
-//! directions are complete the connection goes back to the pool; dropped before that
-//! (a client that left, a stream that ended), it is closed, which is how a client's
-//! disconnect reaches the upstream at once.
+//! Every request reaches the upstream over pingora's pool of HTTP/1.1 connections
+//! ([`Pool`]). The request head and body go out, and the response is read, in the task
+//! that consumes it (the client's relay, or a hub's pump once a stream becomes a hub):
+//! one pass through pingora per request, no second session, no channel between two
+//! tasks. Once both directions are complete the connection goes back to the pool;
+//! dropped before that (a client that left, a stream that ended), it is closed, which is
+//! how a client's disconnect reaches the upstream at once.
+//!
+//! Event streams take this path too: a quiet stream costs what pingora's HTTP/1.1 client
+//! session holds, which is less than hyper's client held (an 8 KiB write buffer, an
+//! 8 KiB read buffer and a body channel per connection): see BENCHMARKS.md.
 
 use std::sync::Arc;
 
@@ -16,7 +20,6 @@ use pingora::protocols::http::v1::client::HttpSession as H1;
 use pingora::protocols::http::HttpTask;
 use pingora::{ErrorType, RetryType};
 
-use super::source::Up;
 use crate::metrics::Metrics;
 use crate::request::{self, ClientInfo};
 
@@ -31,6 +34,16 @@ impl Pool {
             ConnectorOptions::from_server_conf(conf),
         ))))
     }
+}
+
+/// What the upstream side produced.
+pub(super) enum Up {
+    /// A piece of the response.
+    Task(HttpTask),
+    /// It ended (the response may be incomplete).
+    Ended,
+    /// It failed.
+    Failed(Box<Error>),
 }
 
 /// One request and its response on a pooled connection.
@@ -50,19 +63,20 @@ pub(super) struct Pooled {
 }
 
 impl Pooled {
-    /// Sends the head of `session`'s request (already prepared for the upstream, see
+    /// Sends the head of `req` (already prepared for the upstream, see
     /// `request::prepare_upstream_request`) to the route's upstream: servers in
     /// round-robin order, moving on when a connect fails (nothing was sent yet, so that
-    /// is safe for any method).
+    /// is safe for any method). `has_body`: the client sends a body; `body_done`: all
+    /// of it has been read already.
     pub(super) async fn open(
-        session: &mut Session,
+        req: &RequestHeader,
+        has_body: bool,
+        body_done: bool,
         client: &ClientInfo,
         pool: &Pool,
         metrics: &Metrics,
     ) -> Result<Pooled> {
-        let body_done = session.as_downstream_mut().is_body_done();
-        let has_body = !session.as_downstream_mut().is_body_empty();
-        let head = Box::new(upstream_head(session.req_header(), has_body)?);
+        let head = Box::new(upstream_head(req, has_body)?);
         let upstream = &client.route.upstream;
         let mut last_error = None;
         let mut head = Some(head);
@@ -100,7 +114,7 @@ impl Pooled {
                 // Built again only in the rare case that it must go again.
                 let h = match head.take() {
                     Some(h) => h,
-                    None => Box::new(upstream_head(session.req_header(), has_body)?),
+                    None => Box::new(upstream_head(req, has_body)?),
                 };
                 match pooled.http.write_request_header(h).await {
                     Ok(_) => return Ok(pooled),
@@ -124,18 +138,7 @@ impl Pooled {
             tokio::select! {
                 biased;
                 t = self.http.read_response_task(), if !self.response_done => {
-                    let t = match t {
-                        // A reused connection the server had closed: once more, on a
-                        // fresh one.
-                        Err(e) if self.reused && self.resendable && e.retry != RetryType::Decided(false) => {
-                            self.resendable = false;
-                            match upstream_head(session.req_header(), false) {
-                                Ok(head) => self.again(Box::new(head)).await,
-                                Err(_) => Err(e),
-                            }
-                        }
-                        t => t,
-                    };
+                    let t = self.resend_if_stale(t, session.req_header()).await;
                     return Ok(self.took(t));
                 }
                 b = session.downstream_session.read_body_or_idle(self.body_done) => {
@@ -155,6 +158,14 @@ impl Pooled {
                 }
             }
         }
+    }
+
+    /// The first piece of the response of `req` (sent by [`Pooled::open`]), for a
+    /// caller without a client session to watch (a cluster node taking a stream over).
+    pub(super) async fn first_task(&mut self, req: &RequestHeader) -> Up {
+        let t = self.http.read_response_task().await;
+        let t = self.resend_if_stale(t, req).await;
+        self.took(t)
     }
 
     /// The next piece of the response, for a hub's pump (no client to watch; a stream
@@ -191,6 +202,25 @@ impl Pooled {
                 self.response_done = true;
                 Up::Failed(e.into_up())
             }
+        }
+    }
+
+    /// A reused connection the server had closed (the read failed before any response
+    /// byte): `req` once more, on a fresh connection.
+    async fn resend_if_stale(
+        &mut self,
+        t: Result<HttpTask>,
+        req: &RequestHeader,
+    ) -> Result<HttpTask> {
+        match t {
+            Err(e) if self.reused && self.resendable && e.retry != RetryType::Decided(false) => {
+                self.resendable = false;
+                match upstream_head(req, false) {
+                    Ok(head) => self.again(Box::new(head)).await,
+                    Err(_) => Err(e),
+                }
+            }
+            t => t,
         }
     }
 

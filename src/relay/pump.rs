@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pingora::protocols::http::HttpTask;
 
-use super::source::Origin;
+use super::pooled::Pooled;
 use crate::cluster::{Cluster, Tag};
 use crate::hub::{Hub, Registry};
 
@@ -16,7 +16,7 @@ use crate::hub::{Hub, Registry};
 pub(super) async fn pump(
     hub: Arc<Hub>,
     registry: Arc<Registry>,
-    mut feed: Origin,
+    mut feed: Box<Pooled>,
     linger: Duration,
     watch: Option<(Arc<Cluster>, Tag)>,
 ) {

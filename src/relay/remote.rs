@@ -12,7 +12,7 @@ use pingora::prelude::*;
 use pingora::protocols::http::HttpTask;
 
 use super::hubs::{Attach, ReplayCx};
-use super::source::Origin;
+use super::pooled::{Pool, Pooled, Up};
 use super::stream::is_event_stream;
 use crate::cluster::{self, follow, Cluster, Entry, Lease, Tag};
 use crate::hub::{Hub, Miss, NewHub, Registry, Seed, Start, Subscription};
@@ -20,7 +20,6 @@ use crate::key::Audience;
 use crate::metrics::Metrics;
 use crate::replay::{MemoryRing, ReplayStore};
 use crate::request::ClientInfo;
-use crate::stream_client;
 
 /// What the cluster says of a request no local hub serves.
 pub(super) enum Clustered {
@@ -70,6 +69,7 @@ pub(super) async fn find(
     rcx: &ReplayCx,
     req: &RequestHeader,
     client: &ClientInfo,
+    pool: &Pool,
     metrics: &Arc<Metrics>,
     missed: Option<Miss>,
 ) -> Clustered {
@@ -88,7 +88,10 @@ pub(super) async fn find(
             .as_deref()
             .is_some_and(|r| r.starts_with(cluster.holder()));
         if remote.reader.is_some() && !mine {
-            return follow_remote(rcx, req, client, metrics, &cluster, tag, remote, missed).await;
+            return follow_remote(
+                rcx, req, client, pool, metrics, &cluster, tag, remote, missed,
+            )
+            .await;
         }
         if mine {
             // This node is opening it right now (or just ended it): alone.
@@ -119,6 +122,7 @@ async fn follow_remote(
     rcx: &ReplayCx,
     req: &RequestHeader,
     client: &ClientInfo,
+    pool: &Pool,
     metrics: &Arc<Metrics>,
     cluster: &Arc<Cluster>,
     tag: Tag,
@@ -199,6 +203,7 @@ async fn follow_remote(
         reopen: Reopen {
             req: req.clone(),
             client: client.clone(),
+            pool: pool.clone(),
             metrics: metrics.clone(),
             bounds: rcx.settings.bounds,
         },
@@ -238,6 +243,7 @@ struct Reopen {
     /// every client of the key sends the same identity).
     req: RequestHeader,
     client: ClientInfo,
+    pool: Pool,
     metrics: Arc<Metrics>,
     bounds: crate::replay::RingBounds,
 }
@@ -259,7 +265,7 @@ struct Follower {
     /// Taken away once following stops.
     following: Option<follow::Following>,
     /// The upstream, opened beside the reader during a planned handoff.
-    own: Option<Origin>,
+    own: Option<Box<Pooled>>,
     /// The reader announced its handoff before this node followed it.
     handoff: bool,
     linger: Duration,
@@ -277,17 +283,17 @@ enum Stop {
 
 /// Opens the upstream with the last id `hub` published; `overlap`: the reader still
 /// feeds the hub, merge the two (see [`Hub::begin_takeover`]).
-async fn open_upstream(hub: &Hub, reopen: &Reopen, overlap: bool) -> Option<Origin> {
+async fn open_upstream(hub: &Hub, reopen: &Reopen, overlap: bool) -> Option<Box<Pooled>> {
     let mut req = reopen.req.clone();
     if let Some(id) = hub.last_id() {
         let _ = req.insert_header("last-event-id", &*id);
     }
-    let exchange = stream_client::open(&req, &reopen.client, &reopen.metrics)
-        .await
-        .ok()?;
-    let mut feed = Origin::Direct(Box::new(exchange));
-    match feed.next_task().await {
-        Some(HttpTask::Header(resp, _)) if resp.status == 200 && is_event_stream(&resp) => {}
+    let (client, metrics) = (&reopen.client, &reopen.metrics);
+    let pooled = Pooled::open(&req, false, true, client, &reopen.pool, metrics).await;
+    let mut feed = Box::new(pooled.ok()?);
+    match feed.first_task(&req).await {
+        Up::Task(HttpTask::Header(resp, false)) if resp.status == 200 && is_event_stream(&resp) => {
+        }
         _ => return None,
     }
     hub.begin_takeover(overlap);
@@ -295,7 +301,7 @@ async fn open_upstream(hub: &Hub, reopen: &Reopen, overlap: bool) -> Option<Orig
 }
 
 /// The next piece of `own`'s response; never, without one.
-async fn next_own(own: &mut Option<Origin>) -> Option<HttpTask> {
+async fn next_own(own: &mut Option<Box<Pooled>>) -> Option<HttpTask> {
     match own {
         Some(o) => o.next_task().await,
         None => std::future::pending().await,
