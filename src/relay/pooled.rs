@@ -160,12 +160,18 @@ impl Pooled {
         }
     }
 
-    /// The first piece of the response of `req` (sent by [`Pooled::open`]), for a
-    /// caller without a client session to watch (a cluster node taking a stream over).
+    /// The final response header of `req` (sent by [`Pooled::open`]), for a caller
+    /// without a client session to watch (a cluster node taking a stream over);
+    /// informational ones are skipped, having nobody to go to.
     pub(super) async fn first_task(&mut self, req: &RequestHeader) -> Up {
-        let t = self.http.read_response_task().await;
-        let t = self.resend_if_stale(t, req).await;
-        self.took(t)
+        loop {
+            let t = self.http.read_response_task().await;
+            let t = self.resend_if_stale(t, req).await;
+            match self.took(t) {
+                Up::Task(HttpTask::Header(resp, false)) if resp.status.is_informational() => {}
+                up => return up,
+            }
+        }
     }
 
     /// The next piece of the response, for a hub's pump (no client to watch; a stream

@@ -291,7 +291,12 @@ async fn open_upstream(hub: &Hub, reopen: &Reopen, overlap: bool) -> Option<Box<
     let (client, metrics) = (&reopen.client, &reopen.metrics);
     let pooled = Pooled::open(&req, false, true, client, &reopen.pool, metrics).await;
     let mut feed = Box::new(pooled.ok()?);
-    match feed.first_task(&req).await {
+    // Bounded as a client's wait for a response header is.
+    let first = tokio::time::timeout(
+        client.route.upstream.response_timeout,
+        feed.first_task(&req),
+    );
+    match first.await.ok()? {
         Up::Task(HttpTask::Header(resp, false)) if resp.status == 200 && is_event_stream(&resp) => {
         }
         _ => return None,
