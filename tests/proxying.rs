@@ -462,7 +462,8 @@ fn large_ordinary_responses_keep_their_upstream_connection() {
 
 /// A backend that closes a kept-alive connection just as the next request arrives (an
 /// idle timeout meeting a request in flight): the request, which has no body, goes
-/// again on another connection instead of failing with 502. A raw TCP backend of the
+/// again on another connection instead of failing with 502; an `EventSource` GET too,
+/// as streams take the same pool. A raw TCP backend of the
 /// test's own: Apache closes idle connections on a timer, so the race cannot be made
 /// to happen on demand with it.
 #[test]
@@ -488,7 +489,13 @@ fn a_request_on_a_pooled_connection_the_backend_just_closed_goes_again() {
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                let reply: &[u8] = if head.contains("accept: text/event-stream") {
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 16\r\n\r\nid: 1\ndata: hi\n\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                };
+                let _ = conn.write_all(reply);
                 let _ = conn.read(&mut chunk);
             });
         }
@@ -506,13 +513,21 @@ fn a_request_on_a_pooled_connection_the_backend_just_closed_goes_again() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(codes.trim(), "200 200 200 200 200", "{}", gw.log());
+    // The last connection is back in the pool: a stream request takes it.
+    let (_, out) = curl(&["-s", "-H", "Accept: text/event-stream", &url]);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "id: 1\ndata: hi\n\n",
+        "{}",
+        gw.log()
+    );
     let reused = admin_metric(
         gw.admin_port.expect("admin"),
         "ssegate_upstream_connections_total{reused=\"yes\",upstream=\"php\"}",
     );
     assert!(
-        reused >= 4.0,
+        reused >= 5.0,
         "the pooled connections were not taken: {reused}"
     );
-    assert!(connections.load(Ordering::SeqCst) >= 5);
+    assert!(connections.load(Ordering::SeqCst) >= 6);
 }
