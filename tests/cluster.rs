@@ -550,3 +550,57 @@ fn another_users_guessed_id_on_another_node_replays_nothing_of_the_victims() {
         assert!(!seen.events.is_empty(), "{attacker}: no stream at all");
     }
 }
+
+/// Commands Redis has run so far, `INFO` (this test's own) aside.
+fn redis_calls(redis: &Redis) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The site's ordinary pages go through the cluster's nodes at no Redis cost: only a
+/// request that looks like a stream client's (`Accept: text/event-stream`, or a
+/// `Last-Event-ID`) asks the cluster before the upstream; any other GET asks for the
+/// lease only once its response is a stream. Before, every GET on a replay route
+/// peeked at Redis, took the lease of its "stream" and gave it back: three round trips
+/// a page. (A stream read without that `Accept` still leads for the cluster: the other
+/// cluster tests read their first events that way, and resume on the other node.)
+#[test]
+fn ordinary_requests_do_not_ask_redis() {
+    let php = Php::start();
+    let redis = Redis::start();
+    let (a, b) = two_nodes(&php, &redis, "linger = \"30s\"\n");
+    let before = redis_calls(&redis);
+    for gw in [&a, &b] {
+        for i in 0..10 {
+            let url = gw.url(&format!("/echo.php?page={i}"));
+            let (_, out) = curl(&["-H", HOST, "-o", "/dev/null", "-w", "%{http_code}", &url]);
+            assert_eq!(String::from_utf8_lossy(&out), "200", "{}", gw.log());
+        }
+    }
+    let after = redis_calls(&redis);
+    assert_eq!(
+        after,
+        before,
+        "20 ordinary pages ran {} Redis commands",
+        after - before
+    );
+    // A stream does reach Redis (and so the count above can move).
+    let events = sse(&a.url(FEED), &[HOST], 1.0);
+    assert!(!events.ids().is_empty(), "{}", a.log());
+    assert!(
+        redis_calls(&redis) > after,
+        "a stream did not reach Redis: {}",
+        redis.cli(&["INFO", "commandstats"])
+    );
+}

@@ -24,7 +24,7 @@ use crate::key::{self, Audience};
 use crate::limit::ClientKey;
 use crate::metrics::Metrics;
 use crate::replay::{resume_request, Budget, MemoryRing};
-use crate::request::ClientInfo;
+use crate::request::{accepts_event_stream, ClientInfo};
 
 /// What a GET stream request needs to use hubs (replay, linger, sharing).
 pub struct ReplayCx {
@@ -47,6 +47,9 @@ pub struct ReplayCx {
     pub settings: ReplaySettings,
     /// The cluster, when this node is one of several.
     pub cluster: Option<Arc<Cluster>>,
+    /// The request looks like a stream client's: the cluster is asked before the
+    /// upstream (else only once the response turned out to be a stream).
+    pub ask_cluster_first: bool,
 }
 
 impl ReplayCx {
@@ -81,6 +84,14 @@ impl ReplayCx {
             query: resume.query_key,
         };
         let identity = &settings.identity_headers;
+        // Asking the cluster before the upstream costs Redis round trips (a peek, and a
+        // lease taken and given back when nobody reads the stream): only for a request
+        // that looks like a stream client's. An `EventSource` always sends `Accept:
+        // text/event-stream`; a resume carries its id. Any other GET (a page of the site)
+        // goes to the upstream at once, and asks for the lease only if its response is
+        // a stream.
+        let ask_cluster_first =
+            cluster.is_some() && (resume.last_event_id.is_some() || accepts_event_stream(req));
         Some(ReplayCx {
             handover: handover.cloned(),
             registry: registry.clone(),
@@ -91,6 +102,7 @@ impl ReplayCx {
             last_event_id: resume.last_event_id,
             settings: settings.clone(),
             cluster: cluster.cloned(),
+            ask_cluster_first,
         })
     }
 
@@ -220,6 +232,12 @@ pub(super) async fn start(
     let Some(rcx) = admission.replay.as_ref() else {
         return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
     };
+    if !rcx.ask_cluster_first && lead.is_none() {
+        // A request that did not look like a stream client's got a stream: read it for
+        // the cluster if nobody does yet (if another node does, this hub is one more
+        // reader, of this node alone).
+        lead = remote::lead_now(rcx).await;
+    }
     let req = session.req_header();
     let (mut new, import, linger) = new_hub(rcx, route, owner, resp, req).await;
     // The cluster's history of this stream (a client that moved here resumes from it),

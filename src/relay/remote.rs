@@ -73,7 +73,7 @@ pub(super) async fn find(
     metrics: &Arc<Metrics>,
     missed: Option<Miss>,
 ) -> Clustered {
-    let Some(cluster) = rcx.cluster.clone() else {
+    let Some(cluster) = rcx.cluster.clone().filter(|_| rcx.ask_cluster_first) else {
         return Clustered::Local(missed);
     };
     let tag = cluster.tag(&rcx.key);
@@ -114,6 +114,19 @@ pub(super) async fn find(
         }
     }
     Clustered::Local(missed)
+}
+
+/// Takes the lease of `rcx`'s stream if no node holds it, without history (for a
+/// request that did not ask the cluster first, see [`ReplayCx::ask_cluster_first`]).
+pub(super) async fn lead_now(rcx: &ReplayCx) -> Option<Lead> {
+    let cluster = rcx.cluster.clone()?;
+    let tag = cluster.tag(&rcx.key);
+    let lease = cluster.acquire(&tag).await.ok()??;
+    Some(Lead {
+        cluster,
+        lease,
+        history: vec![],
+    })
 }
 
 /// Makes a hub on this node that follows another node's reader.
