@@ -604,3 +604,42 @@ fn ordinary_requests_do_not_ask_redis() {
         redis.cli(&["INFO", "commandstats"])
     );
 }
+
+/// A stream request whose upstream cannot be reached (502) gives the lease it took back
+/// at once: left held, other nodes' clients of the stream would wait to follow a reader
+/// that never reads, until the lease ran out.
+#[test]
+fn a_stream_that_never_starts_leaves_no_lease() {
+    let redis = Redis::start();
+    let dead = free_port();
+    let toml = cluster_toml(&redis, "a").replace("lease = \"2s\"", "lease = \"30s\"");
+    let gw = GatewayOptions::to_servers(vec![format!("127.0.0.1:{dead}")])
+        .replay("linger = \"30s\"\n")
+        .admin()
+        .extra(&toml)
+        .start();
+    let port = gw.admin_port.expect("admin");
+    assert!(
+        wait_for(|| admin_metric(port, "ssegate_cluster_redis_up") == 1.0),
+        "node never reached redis: {}",
+        gw.log()
+    );
+    let (_, out) = curl(&[
+        "-H",
+        HOST,
+        "-H",
+        "Accept: text/event-stream",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &gw.url(FEED),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out), "502", "{}", gw.log());
+    assert!(
+        admin_metric(port, "ssegate_cluster_leases_taken_total") >= 1.0,
+        "no lease was taken: the test proves nothing"
+    );
+    let leases = redis.cli(&["--scan", "--pattern", "*:l"]);
+    assert!(leases.trim().is_empty(), "lease left behind: {leases}");
+}

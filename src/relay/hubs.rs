@@ -226,8 +226,12 @@ pub(super) async fn start(
         opening,
         mut lead,
     } = up;
-    let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
-        return Ok(());
+    let slot = match admit_stream(session, admission, owner, stats).await {
+        Ok(Admit::Go(slot)) => slot,
+        refused_or_failed => {
+            remote::give_back(lead).await;
+            return refused_or_failed.map(|_| ());
+        }
     };
     let Some(rcx) = admission.replay.as_ref() else {
         return Error::e_explain(ErrorType::InternalError, "hub without replay settings");

@@ -138,10 +138,20 @@ async fn run(
 
     let body_done = session.as_downstream_mut().is_body_done();
     let has_body = !session.as_downstream_mut().is_body_empty();
-    let req = session.req_header();
-    let mut feed =
-        Box::new(Pooled::open(req, has_body, body_done, &client, pool, &admission.metrics).await?);
-    let (resp, end) = response_header(session, &mut feed, response_timeout).await?;
+    let opened = async {
+        let req = session.req_header();
+        let pooled = Pooled::open(req, has_body, body_done, &client, pool, &admission.metrics);
+        let mut feed = Box::new(pooled.await?);
+        let (resp, end) = response_header(session, &mut feed, response_timeout).await?;
+        Ok((feed, resp, end))
+    };
+    let (feed, resp, end) = match opened.await {
+        Ok(o) => o,
+        Err(e) => {
+            remote::give_back(up.lead.take()).await;
+            return Err(e);
+        }
+    };
     let stream = resp.status == http::StatusCode::OK && !end && is_event_stream(&resp);
     let room = admission
         .replay
@@ -158,9 +168,7 @@ async fn run(
     // Not a hub after all (an error page, a compressed stream...): the other clients of
     // a shared key must not wait for this response to finish; nor do other nodes.
     drop(up.opening);
-    if let Some(l) = up.lead {
-        l.cluster.release(&l.lease).await;
-    }
+    remote::give_back(up.lead).await;
     if !stream {
         // Not a stream: give the slot taken for one back now.
         admission.slot = None;

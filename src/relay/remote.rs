@@ -116,6 +116,14 @@ pub(super) async fn find(
     Clustered::Local(missed)
 }
 
+/// Gives a lease taken for a stream that did not start back at once: until it ran out,
+/// other nodes' clients of the stream would wait to follow a reader that does not read.
+pub(super) async fn give_back(lead: Option<Lead>) {
+    if let Some(l) = lead {
+        l.cluster.release(&l.lease).await;
+    }
+}
+
 /// Takes the lease of `rcx`'s stream if no node holds it, without history (for a
 /// request that did not ask the cluster first, see [`ReplayCx::ask_cluster_first`]).
 pub(super) async fn lead_now(rcx: &ReplayCx) -> Option<Lead> {
