@@ -168,11 +168,12 @@ impl BackgroundService for ShutdownBridge {
             });
             keep_until = Some(until.into_std());
         }
+        // Begun before it is logged: whoever reads the line finds `/readyz` at 503.
+        self.shutdown.begin();
         tracing::info!(
             active = self.shutdown.active(),
             "graceful shutdown: ending streams"
         );
-        self.shutdown.begin();
         std::thread::spawn({
             let shutdown = self.shutdown.clone();
             let pid_file = self.pid_file.clone();

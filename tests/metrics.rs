@@ -258,8 +258,10 @@ fn readyz_is_503_during_a_graceful_shutdown() {
         || admin_metric(admin, "ssegate_connections_open") >= 1.0
     ));
     gw.signal("TERM");
+    // ssegate's own line: pingora's "Broadcasting graceful shutdown" comes before the
+    // gateway has begun its shutdown.
     assert!(
-        wait_for(|| gw.log().contains("graceful shutdown")),
+        wait_for(|| gw.log().contains("graceful shutdown: ending streams")),
         "{}",
         gw.log()
     );
