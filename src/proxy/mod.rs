@@ -287,6 +287,7 @@ impl ProxyHttp for Gateway {
             metrics: self.metrics.clone(),
             replay: ReplayCx::for_request(
                 session.req_header(),
+                wants_stream,
                 &client,
                 &self.registry,
                 &self.budget,

@@ -24,7 +24,7 @@ use crate::key::{self, Audience};
 use crate::limit::ClientKey;
 use crate::metrics::Metrics;
 use crate::replay::{resume_request, Budget, MemoryRing};
-use crate::request::{accepts_event_stream, ClientInfo};
+use crate::request::ClientInfo;
 
 /// What a GET stream request needs to use hubs (replay, linger, sharing).
 pub struct ReplayCx {
@@ -56,8 +56,10 @@ impl ReplayCx {
     /// Replay context for a GET on a replay route: the stream key (see [`crate::key`]:
     /// built from the request as the upstream receives it, so only after
     /// `request::prepare_upstream_request`) and the client's last event ID.
+    /// `wants_stream`: the request accepts `text/event-stream`.
     pub fn for_request(
         req: &RequestHeader,
+        wants_stream: bool,
         client: &ClientInfo,
         registry: &Arc<Registry>,
         budget: &Arc<Budget>,
@@ -90,8 +92,7 @@ impl ReplayCx {
         // text/event-stream`; a resume carries its id. Any other GET (a page of the site)
         // goes to the upstream at once, and asks for the lease only if its response is
         // a stream.
-        let ask_cluster_first =
-            cluster.is_some() && (resume.last_event_id.is_some() || accepts_event_stream(req));
+        let ask_cluster_first = wants_stream || resume.last_event_id.is_some();
         Some(ReplayCx {
             handover: handover.cloned(),
             registry: registry.clone(),
