@@ -33,15 +33,19 @@ fn two_nodes_with_lease(php: &Php, redis: &Redis, replay: &str, lease: &str) -> 
     };
     let (a, b) = (node("a"), node("b"));
     // Both connected before the first stream (otherwise a node serves alone, by design).
-    for g in [&a, &b] {
-        let port = g.admin_port.expect("admin");
-        assert!(
-            wait_for(|| admin_metric(port, "ssegate_cluster_redis_up") == 1.0),
-            "node never reached redis: {}",
-            g.log()
-        );
-    }
+    wait_for_redis(&a);
+    wait_for_redis(&b);
     (a, b)
+}
+
+/// Waits until node `g` has reached Redis.
+fn wait_for_redis(g: &Gateway) {
+    let port = g.admin_port.expect("admin");
+    assert!(
+        wait_for(|| admin_metric(port, "ssegate_cluster_redis_up") == 1.0),
+        "node never reached redis: {}",
+        g.log()
+    );
 }
 
 fn requests_logged(php: &Php, name: &str) -> usize {
@@ -584,8 +588,7 @@ fn ordinary_requests_do_not_ask_redis() {
     for gw in [&a, &b] {
         for i in 0..10 {
             let url = gw.url(&format!("/echo.php?page={i}"));
-            let (_, out) = curl(&["-H", HOST, "-o", "/dev/null", "-w", "%{http_code}", &url]);
-            assert_eq!(String::from_utf8_lossy(&out), "200", "{}", gw.log());
+            assert_eq!(http_code(&["-H", HOST, &url]), "200", "{}", gw.log());
         }
     }
     let after = redis_calls(&redis);
@@ -618,24 +621,10 @@ fn a_stream_that_never_starts_leaves_no_lease() {
         .admin()
         .extra(&toml)
         .start();
+    wait_for_redis(&gw);
     let port = gw.admin_port.expect("admin");
-    assert!(
-        wait_for(|| admin_metric(port, "ssegate_cluster_redis_up") == 1.0),
-        "node never reached redis: {}",
-        gw.log()
-    );
-    let (_, out) = curl(&[
-        "-H",
-        HOST,
-        "-H",
-        "Accept: text/event-stream",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &gw.url(FEED),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out), "502", "{}", gw.log());
+    let out = http_code(&["-H", HOST, "-H", "Accept: text/event-stream", &gw.url(FEED)]);
+    assert_eq!(out, "502", "{}", gw.log());
     assert!(
         admin_metric(port, "ssegate_cluster_leases_taken_total") >= 1.0,
         "no lease was taken: the test proves nothing"

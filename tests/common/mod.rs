@@ -580,6 +580,13 @@ pub fn curl(args: &[&str]) -> (std::process::ExitStatus, Vec<u8>) {
     (out.status, out.stdout)
 }
 
+/// Runs curl with `args` (the URL among them) and returns the response's status code
+/// only ("000" when there was no response), the body thrown away.
+pub fn http_code(args: &[&str]) -> String {
+    let (_, out) = curl(&[args, &["-o", "/dev/null", "-w", "%{http_code}"]].concat());
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Reads everything a spawned process prints, with a time limit.
 pub fn read_all_with_limit(mut child: Child, limit: Duration) -> Vec<u8> {
     let mut out = child.stdout.take().expect("stdout");
