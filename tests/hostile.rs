@@ -288,6 +288,49 @@ fn connections_past_max_connections_are_closed_at_once() {
     .success()));
 }
 
+/// A stream goes on in a task of its own once its head is out (pingora's request task
+/// ends), but its connection still counts against `max_connections` until the stream
+/// ends: with five streams open a sixth connection is closed at once, and the count
+/// goes back to zero when the streams' clients leave.
+#[test]
+fn open_streams_count_against_max_connections() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .server("max_connections = 5\n")
+        .limits("request_rate = 0\nstream_connect_rate = 0\nmax_streams_per_client = 0\n")
+        .admin()
+        .start();
+    let admin = gw.admin_port.expect("admin");
+    let sse = ["-H", "Accept: text/event-stream"];
+    let mut streams: Vec<_> = (0..5)
+        .map(|i| curl_stream(&gw.url(&format!("/ticks.php?c={i}")), 30, &sse))
+        .collect();
+    assert!(wait_for(
+        || admin_metric(admin, "ssegate_streams_open") == 5.0
+    ));
+    assert_eq!(admin_metric(admin, "ssegate_connections_open"), 5.0);
+    let mut sixth = TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
+    sixth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    assert!(is_closed(&mut sixth), "a sixth connection was let in");
+    assert_eq!(
+        admin_metric(admin, "ssegate_refusals_total{reason=\"max_connections\"}"),
+        1.0
+    );
+    // The streams went on meanwhile.
+    assert_eq!(admin_metric(admin, "ssegate_streams_open"), 5.0);
+    for s in &mut streams {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    assert!(
+        wait_for(|| admin_metric(admin, "ssegate_connections_open") == 0.0),
+        "the streams' connections are still counted"
+    );
+    assert_eq!(admin_metric(admin, "ssegate_streams_open"), 0.0);
+}
+
 /// The request's host is normalised once, for routing, the stream key and the upstream:
 /// case, a trailing dot or a default port cannot skip a host's route (and its limits),
 /// and a request whose host is ambiguous is refused.

@@ -1,12 +1,13 @@
 //! The access line of each request or stream, and the request counters beside it.
 
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 
 use super::RequestCtx;
 use crate::metrics::Metrics;
 
 /// One access line for the request in `session`, counted by route and status, and by refusal reason when the limits refused it.
-pub(super) fn log(metrics: &Metrics, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+pub(super) fn log(metrics: &Metrics, session: &ServerSession, e: Option<&Error>, ctx: &RequestCtx) {
     let req = session.req_header();
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let ms = ctx.started.map_or(0, |s| s.elapsed().as_millis());

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::FailToProxy;
 use pingora::ErrorType;
@@ -26,7 +27,7 @@ use crate::hub::Registry;
 use crate::limit::{self, Decision};
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::relay::{self, Admission, Pool, RelayStats, ReplayCx};
+use crate::relay::{self, Admission, Pool, RelayStats, ReplayCx, Served};
 use crate::replay::Budget;
 use crate::reply::{self, refuse_malformed, respond_text};
 use crate::request::{
@@ -78,6 +79,9 @@ pub struct RequestCtx {
     refused: Option<limit::RefuseReason>,
     /// Counts this request as in flight for graceful shutdown.
     _active: Option<ActiveGuard>,
+    /// The request went on in a task of its own ([`Gateway::detach`]): this context is
+    /// a stand-in, with nothing to log.
+    detached: bool,
 }
 
 impl Gateway {
@@ -198,6 +202,34 @@ impl Gateway {
         }))
     }
 
+    /// Runs the rest of a hub stream in a task of its own that holds only what the stream
+    /// needs: the client's HTTP session, and the request's context for its access line.
+    /// pingora's request task ends now, and with it what it held for the stream's whole
+    /// life (its connection and request futures, the proxy session: half of an idle
+    /// stream's memory). pingora finishes the request on an empty stand-in session,
+    /// which writes nothing to the client and closes nothing of the client's.
+    fn detach(&self, session: &mut Session, ctx: &mut RequestCtx, stream: Box<relay::Streaming>) {
+        let stand_in = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
+        let mut client = std::mem::replace(&mut session.downstream_session, Box::new(stand_in));
+        let stand_in_ctx = RequestCtx {
+            detached: true,
+            ..RequestCtx::default()
+        };
+        let mut ctx = std::mem::replace(ctx, stand_in_ctx);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            ctx.relay = Some(stream.run(&mut client).await);
+            access::log(&metrics, &client, None, &ctx);
+            // HTTP/1: pingora's loop that would read the next request on this connection
+            // ended with the request task, so the connection closes (a reconnecting
+            // `EventSource` opens a new one anyway). HTTP/2: the stream is over (or reset
+            // as the session drops, if it ended early); the connection goes on.
+            if !client.is_http2() {
+                client.shutdown().await;
+            }
+        });
+    }
+
     fn upstream_index(live: &Live, route: &Route) -> usize {
         live.config
             .upstreams
@@ -299,8 +331,10 @@ impl ProxyHttp for Gateway {
             refusal,
         };
         let shutdown = self.shutdown.subscribe();
-        let stats = relay::serve(session, client, admission, &self.pool, shutdown).await;
-        ctx.relay = Some(stats);
+        match relay::serve(session, client, admission, &self.pool, shutdown).await {
+            Served::Done(stats) => ctx.relay = Some(stats),
+            Served::Stream(stream) => self.detach(session, ctx, stream),
+        }
         Ok(true)
     }
 
@@ -398,6 +432,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.detached {
+            return; // the stream's own task logs it when it ends
+        }
         // The next request on this connection gets its own header deadline. A body left
         // unread would be drained after this point and read as header bytes, so such a
         // connection is not reused at all.

@@ -8,13 +8,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header;
 use pingora::prelude::*;
-use tokio::sync::watch;
 
 use super::admit::{admit_stream, Admission, Admit};
 use super::pooled::{Pool, Pooled};
 use super::pump::pump;
 use super::remote::{self, stored_audience, Clustered, Lead};
-use super::stream::{HubSource, StreamMetrics, Writer};
+use super::stream::{Begun, HubSource, StreamMetrics, Writer};
 use super::RelayStats;
 use crate::cluster::{self, Cluster};
 use crate::config::{ReplaySettings, Route};
@@ -219,9 +218,8 @@ pub(super) async fn start(
     resp: &ResponseHeader,
     feed: Box<Pooled>,
     up: GoUpstream,
-    shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
-) -> Result<()> {
+) -> Result<Option<Begun>> {
     let GoUpstream {
         missed,
         opening,
@@ -231,7 +229,7 @@ pub(super) async fn start(
         Ok(Admit::Go(slot)) => slot,
         refused_or_failed => {
             remote::give_back(lead).await;
-            return refused_or_failed.map(|_| ());
+            return refused_or_failed.map(|_| None);
         }
     };
     let Some(rcx) = admission.replay.as_ref() else {
@@ -301,8 +299,9 @@ pub(super) async fn start(
         slot,
     };
     follow
-        .run(session, hub, sub, route, admission, shutdown, stats)
+        .begin(session, hub, sub, route, admission, stats)
         .await
+        .map(Some)
 }
 
 /// The cluster's writer for a new hub this node leads, given the stored form of its
@@ -422,20 +421,18 @@ pub(super) struct Follow {
 }
 
 impl Follow {
-    /// Serves one client from a hub: the response head, the replay, then live blocks
-    /// (through the stream writer). A miss is counted here, once the attach is final
-    /// (a handover may still have turned it into a hit).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn run(
+    /// Begins serving one client from a hub: the response head and the replay; the live
+    /// blocks follow through the stream writer it returns. A miss is counted here, once
+    /// the attach is final (a handover may still have turned it into a hit).
+    pub(super) async fn begin(
         self,
         session: &mut Session,
         hub: Arc<Hub>,
         mut sub: Subscription,
         route: &Route,
         admission: &Admission,
-        shutdown: &mut watch::Receiver<bool>,
         stats: &mut RelayStats,
-    ) -> Result<()> {
+    ) -> Result<Begun> {
         let Some(rcx) = admission.replay.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
         };
@@ -491,6 +488,6 @@ impl Follow {
             sub,
             skip_id: self.skip_id,
         };
-        writer.run(session, source, shutdown, stats).await
+        Ok(Begun { writer, source })
     }
 }

@@ -25,7 +25,7 @@ mod remote;
 mod stream;
 
 use pingora::prelude::*;
-use pingora::protocols::http::HttpTask;
+use pingora::protocols::http::{HttpTask, ServerSession};
 use pingora::ErrorType;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
@@ -42,7 +42,7 @@ use admit::{admit_stream, Admit};
 use byte_stream::ByteSource;
 use hubs::{Follow, Found, GoUpstream};
 use pooled::{Pooled, Up};
-use stream::{is_compressed, StreamMetrics, Writer};
+use stream::{is_compressed, Begun, StreamMetrics, Writer};
 
 /// What the relay did, for the access log.
 #[derive(Debug, Default, Clone)]
@@ -66,15 +66,50 @@ pub struct RelayStats {
     pub replayed: u64,
 }
 
-/// Serves the request in `session`. Errors are answered to the client
-/// here; the returned stats describe what happened.
+/// What the relay leaves the proxy.
+pub enum Served {
+    /// The request is over: answered, relayed to its end, or failed (and answered
+    /// with an error if nothing had been written yet).
+    Done(RelayStats),
+    /// A stream from a hub, begun: its head and replay are out, the rest runs on the
+    /// client's connection alone ([`Streaming::run`]).
+    Stream(Box<Streaming>),
+}
+
+/// The rest of a hub stream: live blocks, heartbeats and the end, through the stream
+/// writer. It needs nothing of the request but the client's HTTP session, so the proxy
+/// runs it in a task of its own and lets pingora's request task (its futures, its proxy
+/// session: about half of an idle stream's memory) end.
+pub struct Streaming {
+    begun: Begun,
+    shutdown: watch::Receiver<bool>,
+    stats: RelayStats,
+}
+
+impl Streaming {
+    /// Serves the rest of the stream on `client`; what the relay did, for the access log.
+    pub async fn run(self: Box<Self>, client: &mut ServerSession) -> RelayStats {
+        let Streaming {
+            begun: Begun { writer, source },
+            mut shutdown,
+            mut stats,
+        } = *self;
+        if let Err(e) = writer.run(client, source, &mut shutdown, &mut stats).await {
+            tracing::debug!("relay ended: {e}");
+            stats.error = Some(e.to_string());
+        }
+        stats
+    }
+}
+
+/// Serves the request in `session`. Errors are answered to the client here.
 pub async fn serve(
     session: &mut Session,
     client: ClientInfo,
     mut admission: Admission,
     pool: &Pool,
     mut shutdown: watch::Receiver<bool>,
-) -> RelayStats {
+) -> Served {
     let mut stats = RelayStats::default();
     let route = client.route.clone();
     let r = run(
@@ -86,18 +121,26 @@ pub async fn serve(
         &mut stats,
     )
     .await;
-    if let Err(e) = r {
-        tracing::debug!("relay ended: {e}");
-        if session.response_written().is_none() {
-            let code = reply::error(session, &e).await;
-            if reply::upstream_failed(&e, code) {
-                let m = &admission.metrics.upstream_errors;
-                m.with_label_values(&[route.upstream.name.as_str()]).inc();
+    match r {
+        Ok(Some(begun)) => Served::Stream(Box::new(Streaming {
+            begun,
+            shutdown,
+            stats,
+        })),
+        Ok(None) => Served::Done(stats),
+        Err(e) => {
+            tracing::debug!("relay ended: {e}");
+            if session.response_written().is_none() {
+                let code = reply::error(session, &e).await;
+                if reply::upstream_failed(&e, code) {
+                    let m = &admission.metrics.upstream_errors;
+                    m.with_label_values(&[route.upstream.name.as_str()]).inc();
+                }
             }
+            stats.error = Some(e.to_string());
+            Served::Done(stats)
         }
-        stats.error = Some(e.to_string());
     }
-    stats
 }
 
 async fn run(
@@ -107,7 +150,7 @@ async fn run(
     pool: &Pool,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
-) -> Result<()> {
+) -> Result<Option<Begun>> {
     let route = client.route.clone();
     let owner = client.key;
     let response_timeout = route.upstream.response_timeout;
@@ -118,7 +161,7 @@ async fn run(
         match hubs::find(rcx, session.req_header(), &client, pool, &admission.metrics).await {
             Found::Hub(hub, sub, how) => {
                 let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 // The live hub's upstream never saw this client's id: nothing to skip.
                 // Its head answered another request: its cookies are not this client's.
@@ -129,8 +172,9 @@ async fn run(
                     slot,
                 };
                 return follow
-                    .run(session, hub, sub, &route, admission, shutdown, stats)
-                    .await;
+                    .begin(session, hub, sub, &route, admission, stats)
+                    .await
+                    .map(Some);
             }
             Found::Upstream(u) => up = u,
         }
@@ -160,10 +204,7 @@ async fn run(
     if stream && room && !is_compressed(&resp) {
         // An event stream on a replay route: it becomes a hub that outlives this
         // client, which becomes its first subscriber.
-        return hubs::start(
-            session, admission, &route, owner, &resp, feed, up, shutdown, stats,
-        )
-        .await;
+        return hubs::start(session, admission, &route, owner, &resp, feed, up, stats).await;
     }
     // Not a hub after all (an error page, a compressed stream...): the other clients of
     // a shared key must not wait for this response to finish; nor do other nodes.
@@ -172,12 +213,13 @@ async fn run(
     if !stream {
         // Not a stream: give the slot taken for one back now.
         admission.slot = None;
-        return pass_through(session, feed, resp, end).await;
+        return pass_through(session, feed, resp, end).await.map(|_| None);
     }
     relay_bytes(
         session, admission, &route, owner, resp, feed, shutdown, stats,
     )
     .await
+    .map(|_| None)
 }
 
 /// Relays an event stream that is not a hub, byte for byte, through the stream writer.

@@ -101,6 +101,36 @@ impl Client for Session {
     }
 }
 
+/// A hub stream's client once the stream has left pingora's request task (see
+/// [`super::Streaming`]): the client's HTTP session alone, which frames what is written.
+impl Client for pingora::protocols::http::ServerSession {
+    async fn write(&mut self, bytes: Bytes) -> Result<()> {
+        self.write_response_body(bytes, false).await
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        self.write_response_body(Bytes::new(), true).await
+    }
+
+    async fn closed(&mut self) -> Result<()> {
+        self.read_body_or_idle(true)
+            .await
+            .map_err(|e| e.into_down())?;
+        Error::e_explain(ErrorType::ConnectionClosed, "client closed")
+    }
+
+    fn session(&mut self) -> Option<&mut Session> {
+        None
+    }
+}
+
+/// A hub stream whose response head and first bytes are out: the rest of it, to run
+/// wherever the client's connection now lives.
+pub(super) struct Begun {
+    pub(super) writer: Writer,
+    pub(super) source: HubSource,
+}
+
 /// What a source hands the writer.
 pub(super) enum Piece {
     /// Bytes to write as they are, in which `events` events end; `sets_retry`: the
@@ -201,8 +231,11 @@ impl Source for HubSource {
 }
 
 /// Writes one stream to its client.
-pub(super) struct Writer<'a> {
-    sse: &'a SseSettings,
+pub(super) struct Writer {
+    /// Silence after which a heartbeat goes out.
+    heartbeat_interval: Duration,
+    /// The reconnection delay of the shutdown hint.
+    shutdown_retry: Duration,
     /// The `retry:` block the gateway sends to set or override the client's delay.
     retry_block: Option<Bytes>,
     heartbeat: Bytes,
@@ -215,18 +248,18 @@ pub(super) struct Writer<'a> {
     wrote: bool,
 }
 
-impl<'a> Writer<'a> {
+impl Writer {
     /// Writes the stream's response header (fixed for intermediaries) and sets the
     /// write timeout: a client that stops reading must not hold its stream, and the
     /// hub's unread events, forever.
     pub(super) async fn start(
         session: &mut Session,
         mut resp: ResponseHeader,
-        sse: &'a SseSettings,
+        sse: &SseSettings,
         jitter: f64,
         slot: Option<StreamSlot>,
         metrics: StreamMetrics,
-    ) -> Result<Writer<'a>> {
+    ) -> Result<Writer> {
         resp.remove_header(&header::CONTENT_LENGTH);
         resp.remove_header(&header::TRANSFER_ENCODING);
         resp.insert_header(header::CACHE_CONTROL, "no-cache")?;
@@ -243,13 +276,14 @@ impl<'a> Writer<'a> {
 
     /// A writer whose response header is out.
     fn new(
-        sse: &'a SseSettings,
+        sse: &SseSettings,
         jitter: f64,
         slot: Option<StreamSlot>,
         metrics: StreamMetrics,
-    ) -> Writer<'a> {
+    ) -> Writer {
         Writer {
-            sse,
+            heartbeat_interval: sse.heartbeat_interval,
+            shutdown_retry: sse.shutdown_retry,
             retry_block: sse.retry.map(|r| {
                 Bytes::from(format!(
                     "retry: {}\n\n",
@@ -309,7 +343,7 @@ impl<'a> Writer<'a> {
     /// Ends the stream at a boundary with a short reconnection delay, so clients come
     /// back at once (to this process's successor).
     async fn end_with_hint(&mut self, client: &mut impl Client) -> Result<()> {
-        let hint = sse::shutdown_hint(self.sse.shutdown_retry.as_millis() as u64);
+        let hint = sse::shutdown_hint(self.shutdown_retry.as_millis() as u64);
         self.write(client, hint).await?;
         client.finish().await
     }
@@ -323,7 +357,7 @@ impl<'a> Writer<'a> {
         stats: &mut RelayStats,
     ) -> Result<()> {
         stats.stream = true;
-        let interval = self.sse.heartbeat_interval;
+        let interval = self.heartbeat_interval;
         // One timer and one shutdown wait for the stream's life, not one per event: with
         // thousands of streams, re-registering both on every event costs more than the
         // event (the timer and the shutdown watch are shared, locked structures). A
