@@ -32,7 +32,10 @@
 //! client on a pooled connection, read in the task that consumes it) → the hub's pump
 //! (`relay::hubs`) → `hub::Hub::feed` (cut into blocks by `sse::Parser`, recorded in the
 //! `replay` store, broadcast) → the subscriber's `relay::stream::Writer` (replay first,
-//! then live blocks, heartbeats between them) → client session. Every other request
+//! then live blocks, heartbeats between them) → client session. Once the head and the
+//! replay are out, that writer runs in a task of its own holding only the client's HTTP
+//! session (`relay::Streaming`, spawned by `proxy`): pingora's request task and what it
+//! holds end there. Every other request
 //! reaches the upstream the same way, read in the client's task; an event stream that
 //! does not become a hub (a POST, replay off) goes through the same writer byte for
 //! byte, with the parser tracking event boundaries.

@@ -5,8 +5,10 @@
 //! limits, prepares the request for the upstream and hands it to the relay, which
 //! reaches the upstream itself (on pingora's pool of upstream connections), sees the
 //! response header first and decides: an event stream is pumped with heartbeats and a
-//! clean shutdown, anything else is passed through as it comes. WebSocket upgrades skip
-//! the relay and take pingora's own proxy path (`upstream_peer` and the phases after it).
+//! clean shutdown, anything else is passed through as it comes. A hub stream, once
+//! begun, is moved out of pingora's request task with the client's HTTP session
+//! ([`Gateway::detach`]) and logged when it ends. WebSocket upgrades skip the relay and
+//! take pingora's own proxy path (`upstream_peer` and the phases after it).
 
 mod access;
 

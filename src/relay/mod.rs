@@ -5,8 +5,10 @@
 //! ([`pooled`]), read in this task. An event stream on a replay route becomes a hub ([`hubs`]: its pump feeds the hub, the
 //! client follows it); any other event stream is relayed byte for byte. Either way the
 //! client is served by the one stream writer ([`stream`]): heartbeats at event
-//! boundaries, `retry:`, the shutdown hint. A response that is not an event stream is
-//! passed through task by task.
+//! boundaries, `retry:`, the shutdown hint. A hub's client is handed back to the proxy
+//! once its head and replay are out ([`Served::Stream`]), to be served on its own
+//! connection outside pingora's request task. A response that is not an event stream
+//! is passed through task by task.
 //!
 //! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
 //! - [`pooled`]: requests over pingora's pool of upstream connections.
