@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs, in one go and under identical load, the synthetic origin direct, ssegate, nginx
 # (proxy_buffering off) and HAProxy (option http-no-delay), and prints a table: memory
-# per open stream, CPU per million delivered events, latency, lost events.
+# per open stream (HTTP/1.1, and h2c with 100 streams per connection), CPU per million
+# delivered events, latency, lost events.
 # See BENCHMARKS.md. Usage: [PROXIES="direct ssegate"] benches/compare.sh [--quick]
 #   SSEGATE_BASELINE=/path/to/an/older/ssegate adds a `baseline` column: that binary on
 #   the same config, in the same run (before/after comparisons of a change).
@@ -32,7 +33,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
 TCK=$(getconf CLK_TCK)
-ORIGIN=19100 GW=19101 NGX=19102 HAP=19103 REDIS=19104 GW2=19105
+ORIGIN=19100 GW=19101 NGX=19102 HAP=19103 REDIS=19104 GW2=19105 NGX2=19106 HAP2=19107
 
 # CPU seconds (user+system) of a process and its children alive now; `cpu PID sys`
 # counts the system (kernel) part only.
@@ -106,6 +107,18 @@ http {
       proxy_send_timeout 1h;
     }
   }
+  # h2c (prior knowledge), for the idle HTTP/2 case.
+  server {
+    listen 127.0.0.1:$NGX2 http2;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+    }
+  }
 }
 EOF
 cat > "$W/haproxy.cfg" <<EOF
@@ -123,6 +136,9 @@ defaults
   timeout tunnel 1h
 frontend fe
   bind 127.0.0.1:$HAP
+  default_backend be
+frontend fe_h2c
+  bind 127.0.0.1:$HAP2 proto h2
   default_backend be
 backend be
   server origin 127.0.0.1:$ORIGIN
@@ -175,6 +191,26 @@ for p in "${proxies[@]}"; do
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
 
+  # 1b. The same over h2c, 100 streams per connection (the origin speaks HTTP/1.1 only:
+  # no direct figure). ssegate takes h2c on its one port; nginx and HAProxy on another.
+  h2c_kib=null h2c_ok=null
+  if [ "$p" != direct ]; then
+    start_origin 1
+    start_proxy "$p"
+    h2port=$PORT; case $p in nginx) h2port=$NGX2 ;; haproxy) h2port=$HAP2 ;; esac
+    wait_port $h2port
+    base=$(rss $PPID_)
+    load $h2port /idle $IDLE $((SECS / 2 + 10)) 0 --proto h2c "${spread[@]}" > "$W/idle-h2c.json" &
+    LPID=$!
+    sleep $((SECS / 2 + 5))
+    held=$(rss $PPID_)
+    wait $LPID || true
+    h2c_kib=$(awk -v a="$base" -v b="$held" -v n="$IDLE" 'BEGIN{printf "%.2f", (b-a)/n}')
+    h2c_ok=$(python3 -c "import json;print(json.load(open('$W/idle-h2c.json'))['connected'])")
+    stop $PPID_
+    stop $OPID
+  fi
+
   # 2. 1:1 streams: CPU per delivered event, latency, loss.
   start_origin $ONE_RATE
   start_proxy "$p"
@@ -197,9 +233,9 @@ for p in "${proxies[@]}"; do
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
 
-  python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" "$k0" "$k1" >> "$RESULTS" <<'PY'
+  python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" "$k0" "$k1" "$h2c_kib" "$h2c_ok" >> "$RESULTS" <<'PY'
 import json, sys
-p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w, k0, k1 = sys.argv[1:]
+p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w, k0, k1, h2c_kib, h2c_ok = sys.argv[1:]
 one = json.load(open(f"{w}/one.json")); sh = json.load(open(f"{w}/shared.json"))
 # CPU was sampled over the load tool's measuring window (after its warm-up), and
 # `measured` counts the events delivered in that same window.
@@ -208,6 +244,7 @@ def per_m(cpu, rep):
     return 1e6 * cpu / ev if ev else float("nan")
 row = {
   "proxy": p, "idle_streams": int(idle_ok), "idle_kib_per_stream": float(idle_kib),
+  "idle_h2c_streams": json.loads(h2c_ok), "idle_h2c_kib_per_stream": json.loads(h2c_kib),
   "one_cpu_s_per_m": per_m(float(c1) - float(c0), one),
   "one_sys_s_per_m": per_m(float(k1) - float(k0), one),
   "one_p50_ms": one["latency_us"]["p50"] / 1000, "one_p99_ms": one["latency_us"]["p99"] / 1000,
@@ -227,9 +264,12 @@ print()
 print("| | " + " | ".join(r["proxy"] for r in rows) + " |")
 print("|---|" + "---|" * len(rows))
 def line(label, key, fmt):
-    print(f"| {label} | " + " | ".join(fmt.format(r[key]) for r in rows) + " |")
+    cell = lambda v: "-" if v is None else fmt.format(v)
+    print(f"| {label} | " + " | ".join(cell(r.get(key)) for r in rows) + " |")
 line("idle streams held", "idle_streams", "{}")
 line("RSS per idle stream (KiB)", "idle_kib_per_stream", "{:.2f}")
+line("h2c idle streams held (100 per connection)", "idle_h2c_streams", "{}")
+line("RSS per idle h2c stream (KiB)", "idle_h2c_kib_per_stream", "{:.2f}")
 line("1:1 CPU s per 1M events", "one_cpu_s_per_m", "{:.1f}")
 line("1:1 of which kernel (system) s", "one_sys_s_per_m", "{:.1f}")
 line("1:1 latency p50 (ms)", "one_p50_ms", "{:.2f}")
