@@ -61,6 +61,13 @@ impl<A> ConnGuard<A> {
     }
 }
 
+impl<A> ConnGuard<A> {
+    /// The guarded app.
+    pub fn app(&self) -> Arc<A> {
+        self.inner.clone()
+    }
+}
+
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnGuard<A> {
     // Written out rather than `async fn`: the guard's work is synchronous, so the

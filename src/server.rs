@@ -228,16 +228,17 @@ fn proxy_service(
     options.h2c = true;
     // An HTTP/2 connection with no stream open is closed like an idle HTTP/1 one.
     options.h2_idle_timeout = Some(config.server.request_header_timeout);
+    let app_slot = gateway.app_slot();
     let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
     app.server_options = Some(options);
     let limits = ConnLimits {
         max_connections: config.server.max_connections,
         header_timeout: config.server.request_header_timeout,
     };
-    let mut proxy = pingora::services::listening::Service::new(
-        "ssegate".to_owned(),
-        ConnGuard::new(app, limits, Some(metrics.clone())),
-    );
+    let guard = ConnGuard::new(app, limits, Some(metrics.clone()));
+    // A stream served outside pingora's loop hands its kept-alive connection back here.
+    let _ = app_slot.set(Arc::downgrade(&guard.app()));
+    let mut proxy = pingora::services::listening::Service::new("ssegate".to_owned(), guard);
     let mut certs = vec![];
     for l in &config.listeners {
         let addr = l.address.to_string();

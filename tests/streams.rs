@@ -331,6 +331,43 @@ fn upstream_end_ends_the_stream() {
     assert_eq!(last, "3");
 }
 
+/// A stream that ends (the backend's script finished) leaves its HTTP/1.1 connection to
+/// the client's next request, as any response does, though the stream was served outside
+/// pingora's request loop: curl asks for the stream, then for a page and another stream,
+/// all on its first connection.
+#[test]
+fn the_connection_is_kept_alive_after_a_stream_ends() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php).start();
+    let stream = gw.url("/legacy.php?n=3&interval=0.05");
+    let page = gw.url("/es_page.html");
+    let (status, out) = curl(&[
+        "-sS",
+        "-N",
+        "--max-time",
+        "10",
+        "-H",
+        "Accept: text/event-stream",
+        "-w",
+        "\nconnects=%{num_connects} status=%{http_code}\n",
+        &stream,
+        &page,
+        &stream,
+    ]);
+    let out = String::from_utf8_lossy(&out);
+    assert!(status.success(), "{out}");
+    let connects: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("connects="))
+        .collect();
+    assert_eq!(
+        connects,
+        ["1 status=200", "0 status=200", "0 status=200"],
+        "{out}"
+    );
+    assert_eq!(out.matches("data: ").count(), 6, "{out}");
+}
+
 #[test]
 fn sigterm_ends_streams_with_retry_and_exits_promptly() {
     let php = Php::start();

@@ -12,10 +12,11 @@
 
 mod access;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use pingora::apps::ServerApp;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -39,6 +40,9 @@ use crate::request::{
 use crate::shutdown::{ActiveGuard, Graceful};
 use arc_swap::ArcSwap;
 
+/// pingora's proxy app around the gateway: what serves a client connection's requests.
+pub type App = pingora::proxy::HttpProxy<Gateway>;
+
 /// State shared by every request of the proxy service.
 pub struct Gateway {
     /// The configuration and what is built from it; swapped by reloads.
@@ -56,6 +60,9 @@ pub struct Gateway {
     cluster: Option<Arc<Cluster>>, // with a `[cluster]`: the other nodes, through Redis
     /// Upstream connections for ordinary requests, kept across requests and reloads.
     pool: Pool,
+    /// The app this gateway runs in, set once the server is built: a stream's kept-alive
+    /// connection goes back to it for its next request ([`Gateway::detach`]).
+    app: Arc<OnceLock<Weak<App>>>,
 }
 
 /// What one request carries between phases.
@@ -106,7 +113,13 @@ impl Gateway {
             shutdown,
             handover: None,
             cluster: None,
+            app: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Where the server puts the app this gateway runs in, once built.
+    pub fn app_slot(&self) -> Arc<OnceLock<Weak<App>>> {
+        self.app.clone()
     }
 
     /// Shares replay history, leases and live streams with other nodes.
@@ -219,16 +232,13 @@ impl Gateway {
         };
         let mut ctx = std::mem::replace(ctx, stand_in_ctx);
         let metrics = self.metrics.clone();
+        let app = self.app.clone();
+        let shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
             ctx.relay = Some(stream.run(&mut client).await);
             access::log(&metrics, &client, None, &ctx);
-            // HTTP/1: pingora's loop that would read the next request on this connection
-            // ended with the request task, so the connection closes (a reconnecting
-            // `EventSource` opens a new one anyway). HTTP/2: the stream is over (or reset
-            // as the session drops, if it ended early); the connection goes on.
-            if !client.is_http2() {
-                client.shutdown().await;
-            }
+            drop(ctx); // the request is over, in-flight count included
+            next_request(client, &app, shutdown).await;
         });
     }
 
@@ -239,6 +249,37 @@ impl Gateway {
             .position(|u| Arc::ptr_eq(u, &route.upstream))
             .unwrap_or(0)
     }
+}
+
+/// After a stream served outside pingora's loop ([`Gateway::detach`]): an HTTP/1
+/// connection that may be kept alive goes back to the app for its next request, as
+/// pingora's own loop would have done; any other closes. HTTP/2: the stream is over (or
+/// reset as its session drops, if it ended early) and the connection goes on.
+async fn next_request(
+    mut client: Box<ServerSession>,
+    app: &OnceLock<Weak<App>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    if client.is_http2() {
+        return;
+    }
+    // As `logging` does for a request that ends in pingora's loop; and a connection
+    // whose stream ended for the shutdown is not kept.
+    if *shutdown.borrow() || !client.is_body_done() {
+        client.set_keepalive(None);
+    }
+    let Ok(Some(reusable)) = client.finish().await else {
+        return; // closed (not kept alive, or the client had gone)
+    };
+    let (stream, pipelined) = reusable.into_parts();
+    let Some(app) = app.get().and_then(Weak::upgrade) else {
+        return;
+    };
+    if pipelined.is_some() {
+        return; // pipelining is off: bytes read past the request are not a request here
+    }
+    crate::conn::rearm(&stream);
+    app.process_new(stream, &shutdown).await;
 }
 
 /// The request limits, then, for a stream request (an `EventSource` always says so),
