@@ -35,7 +35,8 @@
 //! then live blocks, heartbeats between them) → client session. Once the head and the
 //! replay are out, that writer runs in a task of its own holding only the client's HTTP
 //! session (`relay::Streaming`, spawned by `proxy`): pingora's request task and what it
-//! holds end there. Every other request
+//! holds end there (so does a byte-for-byte stream's, below, once the request body is
+//! all sent). Every other request
 //! reaches the upstream the same way, read in the client's task; an event stream that
 //! does not become a hub (a POST, replay off) goes through the same writer byte for
 //! byte, with the parser tracking event boundaries.

@@ -5,7 +5,7 @@
 //! limits, prepares the request for the upstream and hands it to the relay, which
 //! reaches the upstream itself (on pingora's pool of upstream connections), sees the
 //! response header first and decides: an event stream is pumped with heartbeats and a
-//! clean shutdown, anything else is passed through as it comes. A hub stream, once
+//! clean shutdown, anything else is passed through as it comes. An event stream, once
 //! begun, is moved out of pingora's request task with the client's HTTP session
 //! ([`Gateway::detach`]) and logged when it ends. WebSocket upgrades skip the relay and
 //! take pingora's own proxy path (`upstream_peer` and the phases after it).
@@ -217,7 +217,7 @@ impl Gateway {
         }))
     }
 
-    /// Runs the rest of a hub stream in a task of its own that holds only what the stream
+    /// Runs the rest of an event stream in a task of its own that holds only what the stream
     /// needs: the client's HTTP session, and the request's context for its access line.
     /// pingora's request task ends now, and with it what it held for the stream's whole
     /// life (its connection and request futures, the proxy session: half of an idle

@@ -41,8 +41,10 @@ impl ByteSource {
             ended: false,
         }
     }
+}
 
-    async fn read(&mut self, session: &mut Session, wrote: bool) -> Result<Piece> {
+impl Source for ByteSource {
+    async fn next<C: Client>(&mut self, client: &mut C, wrote: bool) -> Result<Piece> {
         if self.ended {
             return Ok(Piece::End(None));
         }
@@ -51,14 +53,27 @@ impl ByteSource {
             self.bom = Some(sse::BomStripper::default());
         }
         loop {
-            let task = match self.feed.next(session).await? {
-                Up::Task(t) => t,
-                Up::Ended => return Ok(Piece::End(None)),
-                Up::Failed(e) => {
-                    // The header is out: all that is left is to end the response.
-                    tracing::debug!("upstream failed mid-response: {e}");
-                    return Ok(Piece::End(None));
-                }
+            let task = match client.session() {
+                // The request body may still be on its way: pingora's session reads it
+                // for the upstream (and sees the client leave).
+                Some(session) => match self.feed.next(session).await? {
+                    Up::Task(t) => Some(t),
+                    Up::Ended => None,
+                    Up::Failed(e) => Some(HttpTask::Failed(e)),
+                },
+                // The body is all sent (the stream left pingora's request task): only
+                // the client's leaving can come from its side.
+                None => tokio::select! {
+                    biased;
+                    t = self.feed.next_task() => t,
+                    r = client.closed() => {
+                        r?;
+                        return Error::e_explain(ErrorType::ConnectionClosed, "client closed");
+                    }
+                },
+            };
+            let Some(task) = task else {
+                return Ok(Piece::End(None));
             };
             let (bytes, end) = match task {
                 HttpTask::Body(Some(bytes), end) => (bytes, end),
@@ -66,7 +81,8 @@ impl ByteSource {
                     continue
                 }
                 HttpTask::Failed(e) => {
-                    tracing::debug!("upstream stream failed: {e}");
+                    // The header is out: all that is left is to end the response.
+                    tracing::debug!("upstream failed mid-response: {e}");
                     return Ok(Piece::End(None));
                 }
                 HttpTask::Body(None, true) | HttpTask::Done | HttpTask::Trailer(_) => {
@@ -107,15 +123,6 @@ impl ByteSource {
                 events,
                 sets_retry,
             });
-        }
-    }
-}
-
-impl Source for ByteSource {
-    async fn next<C: Client>(&mut self, client: &mut C, wrote: bool) -> Result<Piece> {
-        match client.session() {
-            Some(session) => self.read(session, wrote).await,
-            None => Error::e_explain(ErrorType::InternalError, "a byte source needs a session"),
         }
     }
 

@@ -219,7 +219,7 @@ pub(super) async fn start(
     feed: Box<Pooled>,
     up: GoUpstream,
     stats: &mut RelayStats,
-) -> Result<Option<Begun>> {
+) -> Result<Option<Begun<HubSource>>> {
     let GoUpstream {
         missed,
         opening,
@@ -432,7 +432,7 @@ impl Follow {
         route: &Route,
         admission: &Admission,
         stats: &mut RelayStats,
-    ) -> Result<Begun> {
+    ) -> Result<Begun<HubSource>> {
         let Some(rcx) = admission.replay.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "hub without replay settings");
         };

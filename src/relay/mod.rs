@@ -2,13 +2,14 @@
 //! the client.
 //!
 //! One event's path through here: the response arrives on a pooled upstream connection
-//! ([`pooled`]), read in this task. An event stream on a replay route becomes a hub ([`hubs`]: its pump feeds the hub, the
-//! client follows it); any other event stream is relayed byte for byte. Either way the
-//! client is served by the one stream writer ([`stream`]): heartbeats at event
-//! boundaries, `retry:`, the shutdown hint. A hub's client is handed back to the proxy
-//! once its head and replay are out ([`Served::Stream`]), to be served on its own
-//! connection outside pingora's request task. A response that is not an event stream
-//! is passed through task by task.
+//! ([`pooled`]), read in this task. An event stream on a replay route becomes a hub
+//! ([`hubs`]: its pump feeds the hub, the client follows it); any other event stream is
+//! relayed byte for byte. Either way the client is served by the one stream writer
+//! ([`stream`]): heartbeats at event boundaries, `retry:`, the shutdown hint. Once its
+//! head (and a hub's replay) are out and the request body is all sent, a stream is
+//! handed back to the proxy ([`Served::Stream`]) to be served on its own connection
+//! outside pingora's request task. A response that is not an event stream is passed
+//! through task by task.
 //!
 //! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
 //! - [`pooled`]: requests over pingora's pool of upstream connections.
@@ -44,7 +45,7 @@ use admit::{admit_stream, Admit};
 use byte_stream::ByteSource;
 use hubs::{Follow, Found, GoUpstream};
 use pooled::{Pooled, Up};
-use stream::{is_compressed, Begun, StreamMetrics, Writer};
+use stream::{is_compressed, Begun, HubSource, StreamMetrics, Writer};
 
 /// What the relay did, for the access log.
 #[derive(Debug, Default, Clone)]
@@ -73,30 +74,48 @@ pub enum Served {
     /// The request is over: answered, relayed to its end, or failed (and answered
     /// with an error if nothing had been written yet).
     Done(RelayStats),
-    /// A stream from a hub, begun: its head and replay are out, the rest runs on the
-    /// client's connection alone ([`Streaming::run`]).
+    /// An event stream, begun: its head (and a hub's replay) are out, the rest runs on
+    /// the client's connection alone ([`Streaming::run`]).
     Stream(Box<Streaming>),
 }
 
-/// The rest of a hub stream: live blocks, heartbeats and the end, through the stream
-/// writer. It needs nothing of the request but the client's HTTP session, so the proxy
-/// runs it in a task of its own and lets pingora's request task (its futures, its proxy
-/// session: about half of an idle stream's memory) end.
+/// The rest of an event stream: live events, heartbeats and the end, through the
+/// stream writer. It needs nothing of the request but the client's HTTP session, so the
+/// proxy runs it in a task of its own and lets pingora's request task (its futures, its
+/// proxy session: about half of an idle stream's memory) end.
 pub struct Streaming {
-    begun: Begun,
+    rest: Rest,
     shutdown: watch::Receiver<bool>,
     stats: RelayStats,
+}
+
+/// A begun stream, by where its events come from.
+enum Rest {
+    Hub(Begun<HubSource>),
+    Bytes(Begun<ByteSource>),
 }
 
 impl Streaming {
     /// Serves the rest of the stream on `client`; what the relay did, for the access log.
     pub async fn run(self: Box<Self>, client: &mut ServerSession) -> RelayStats {
         let Streaming {
-            begun: Begun { writer, source },
+            rest,
             mut shutdown,
             mut stats,
         } = *self;
-        if let Err(e) = writer.run(client, source, &mut shutdown, &mut stats).await {
+        let r = match rest {
+            Rest::Hub(b) => {
+                b.writer
+                    .run(client, b.source, &mut shutdown, &mut stats)
+                    .await
+            }
+            Rest::Bytes(b) => {
+                b.writer
+                    .run(client, b.source, &mut shutdown, &mut stats)
+                    .await
+            }
+        };
+        if let Err(e) = r {
             tracing::debug!("relay ended: {e}");
             stats.error = Some(e.to_string());
         }
@@ -124,8 +143,8 @@ pub async fn serve(
     )
     .await;
     match r {
-        Ok(Some(begun)) => Served::Stream(Box::new(Streaming {
-            begun,
+        Ok(Some(rest)) => Served::Stream(Box::new(Streaming {
+            rest,
             shutdown,
             stats,
         })),
@@ -152,7 +171,7 @@ async fn run(
     pool: &Pool,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
-) -> Result<Option<Begun>> {
+) -> Result<Option<Rest>> {
     let route = client.route.clone();
     let owner = client.key;
     let response_timeout = route.upstream.response_timeout;
@@ -173,10 +192,8 @@ async fn run(
                     own_head: false,
                     slot,
                 };
-                return follow
-                    .begin(session, hub, sub, &route, admission, stats)
-                    .await
-                    .map(Some);
+                let begun = follow.begin(session, hub, sub, &route, admission, stats);
+                return begun.await.map(|b| Some(Rest::Hub(b)));
             }
             Found::Upstream(u) => up = u,
         }
@@ -206,7 +223,8 @@ async fn run(
     if stream && room && !is_compressed(&resp) {
         // An event stream on a replay route: it becomes a hub that outlives this
         // client, which becomes its first subscriber.
-        return hubs::start(session, admission, &route, owner, &resp, feed, up, stats).await;
+        let begun = hubs::start(session, admission, &route, owner, &resp, feed, up, stats);
+        return Ok(begun.await?.map(Rest::Hub));
     }
     // Not a hub after all (an error page, a compressed stream...): the other clients of
     // a shared key must not wait for this response to finish; nor do other nodes.
@@ -221,10 +239,12 @@ async fn run(
         session, admission, &route, owner, resp, feed, shutdown, stats,
     )
     .await
-    .map(|_| None)
 }
 
-/// Relays an event stream that is not a hub, byte for byte, through the stream writer.
+/// Relays an event stream that is not a hub, byte for byte, through the stream writer:
+/// begun here and handed back to run on its own once the request body is all sent (the
+/// common case: a GET); until then pingora's session carries that body, so a stream
+/// whose body is still coming runs here to its end.
 #[allow(clippy::too_many_arguments)]
 async fn relay_bytes(
     session: &mut Session,
@@ -235,10 +255,10 @@ async fn relay_bytes(
     feed: Box<Pooled>,
     shutdown: &mut watch::Receiver<bool>,
     stats: &mut RelayStats,
-) -> Result<()> {
+) -> Result<Option<Rest>> {
     // Announced as a stream or not, it is admitted now that it turned out to be one.
     let Admit::Go(slot) = admit_stream(session, admission, owner, stats).await? else {
-        return Ok(());
+        return Ok(None);
     };
     let metrics = StreamMetrics::new(&admission.metrics, &route.name, session);
     let opaque = is_compressed(&resp);
@@ -246,7 +266,11 @@ async fn relay_bytes(
     let mut writer = Writer::start(session, *resp, &route.sse, jitter, slot, metrics).await?;
     writer.first(session, None, &[], stats).await?;
     let source = ByteSource::new(feed, route.sse.max_event_bytes, opaque);
-    writer.run(session, source, shutdown, stats).await
+    if source.feed.body_sent() {
+        return Ok(Some(Rest::Bytes(Begun { writer, source })));
+    }
+    writer.run(session, source, shutdown, stats).await?;
+    Ok(None)
 }
 
 /// Waits for the upstream's final response header (within `timeout`), passing

@@ -160,6 +160,12 @@ impl Pooled {
         }
     }
 
+    /// The client's request body has all gone to the upstream (or there was none): the
+    /// response can be read without the client's session.
+    pub(super) fn body_sent(&self) -> bool {
+        self.body_done
+    }
+
     /// The final response header of `req` (sent by [`Pooled::open`]), for a caller
     /// without a client session to watch (a cluster node taking a stream over);
     /// informational ones are skipped, having nobody to go to.

@@ -101,7 +101,7 @@ impl Client for Session {
     }
 }
 
-/// A hub stream's client once the stream has left pingora's request task (see
+/// A stream's client once the stream has left pingora's request task (see
 /// [`super::Streaming`]): the client's HTTP session alone, which frames what is written.
 impl Client for pingora::protocols::http::ServerSession {
     async fn write(&mut self, bytes: Bytes) -> Result<()> {
@@ -124,11 +124,11 @@ impl Client for pingora::protocols::http::ServerSession {
     }
 }
 
-/// A hub stream whose response head and first bytes are out: the rest of it, to run
+/// A stream whose response head and first bytes are out: the rest of it, to run
 /// wherever the client's connection now lives.
-pub(super) struct Begun {
+pub(super) struct Begun<S> {
     pub(super) writer: Writer,
-    pub(super) source: HubSource,
+    pub(super) source: S,
 }
 
 /// What a source hands the writer.
