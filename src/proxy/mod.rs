@@ -238,7 +238,9 @@ impl Gateway {
             ctx.relay = Some(stream.run(&mut client).await);
             access::log(&metrics, &client, None, &ctx);
             drop(ctx); // the request is over, in-flight count included
-            next_request(client, &app, shutdown).await;
+                       // Boxed: pingora's finish and keep-alive futures are large and needed only
+                       // once the stream is over; inline they would size the task for its whole life.
+            Box::pin(next_request(client, &app, shutdown)).await;
         });
     }
 
