@@ -222,15 +222,26 @@ fn wait_streams_open(admin: u16, n: f64) {
 
 #[test]
 fn client_disconnect_closes_the_upstream() {
+    // Through a hub, and relayed byte for byte (replay off): either way the stream runs
+    // outside pingora's request task, watching the client's session for its close.
+    for (r, replay) in ["linger = \"0s\"\n", "enabled = false\n"]
+        .iter()
+        .enumerate()
+    {
+        client_disconnect_closes_the_upstream_with(r, replay);
+    }
+}
+
+fn client_disconnect_closes_the_upstream_with(r: usize, replay: &str) {
     let php = Php::start();
-    let gw = GatewayOptions::to(&php).admin().start();
+    let gw = GatewayOptions::to(&php).replay(replay).admin().start();
     let admin = gw.admin_port.expect("admin");
-    // Without and with `Accept: text/event-stream` (a pass-through and a hub).
+    // Without and with `Accept: text/event-stream`.
     for (i, extra) in [&[][..], &["-H", "Accept: text/event-stream"][..]]
         .into_iter()
         .enumerate()
     {
-        let log = php.file(&format!("abort{i}.log"));
+        let log = php.file(&format!("abort{r}-{i}.log"));
         let url = gw.url(&format!("/ticks.php?interval=0.1&log={}", log.display()));
         let mut child = curl_stream(&url, 30, extra);
         wait_streams_open(admin, 1.0);
@@ -245,6 +256,26 @@ fn client_disconnect_closes_the_upstream() {
             delay < 1.0,
             "upstream noticed {delay:.3}s after the client left ({extra:?})"
         );
+        wait_streams_open(admin, 0.0);
+    }
+}
+
+/// A client that leaves a quiet stream is noticed at once, not at the next heartbeat
+/// (15 s by default): the stream, running outside pingora's request task, watches the
+/// client's connection while it waits for the upstream. Through a hub and relayed byte
+/// for byte.
+#[test]
+fn a_client_leaving_a_quiet_stream_is_noticed_at_once() {
+    for replay in ["linger = \"0s\"\n", "enabled = false\n"] {
+        let php = Php::start();
+        let gw = GatewayOptions::to(&php).replay(replay).admin().start();
+        let admin = gw.admin_port.expect("admin");
+        let url = gw.url("/quiet.php?quiet=30");
+        let mut child = curl_stream(&url, 40, &["-H", "Accept: text/event-stream"]);
+        wait_streams_open(admin, 1.0);
+        let _ = child.kill();
+        let _ = child.wait();
+        // `wait_for` gives it 5 s, a third of the heartbeat interval.
         wait_streams_open(admin, 0.0);
     }
 }
