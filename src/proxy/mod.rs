@@ -265,11 +265,10 @@ async fn next_request(
     if client.is_http2() {
         return;
     }
-    // As `logging` does for a request that ends in pingora's loop; and a connection
-    // whose stream ended for the shutdown is not kept.
-    if *shutdown.borrow() || !client.is_body_done() {
-        client.set_keepalive(None);
+    if *shutdown.borrow() {
+        client.set_keepalive(None); // the stream ended for the shutdown
     }
+    end_request(&mut client);
     let Ok(Some(reusable)) = client.finish().await else {
         return; // closed (not kept alive, or the client had gone)
     };
@@ -280,8 +279,19 @@ async fn next_request(
     if pipelined.is_some() {
         return; // pipelining is off: bytes read past the request are not a request here
     }
-    crate::conn::rearm(&stream);
     app.process_new(stream, &shutdown).await;
+}
+
+/// As a request ends, in pingora's loop (`logging`) or after a stream outside it
+/// (`next_request`): the next request on this connection gets its own header deadline.
+/// A body left unread would be drained after this point and read as header bytes, so
+/// such a connection is not reused at all.
+fn end_request(session: &mut ServerSession) {
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    } else if let Some(stream) = session.stream() {
+        crate::conn::rearm(stream);
+    }
 }
 
 /// The request limits, then, for a stream request (an `EventSource` always says so),
@@ -480,14 +490,7 @@ impl ProxyHttp for Gateway {
         if ctx.detached {
             return; // the stream's own task logs it when it ends
         }
-        // The next request on this connection gets its own header deadline. A body left
-        // unread would be drained after this point and read as header bytes, so such a
-        // connection is not reused at all.
-        if !session.as_downstream_mut().is_body_done() {
-            session.set_keepalive(None);
-        } else if let Some(stream) = session.as_downstream().stream() {
-            crate::conn::rearm(stream);
-        }
+        end_request(session.as_downstream_mut());
         access::log(&self.metrics, session, e, ctx);
     }
 }
