@@ -458,6 +458,14 @@ impl Gateway {
         for p in ports {
             wait_port(p, &mut child, "ssegate");
         }
+        // Those probes were connections too: a test that counts connections starts once
+        // the gateway has counted them out (on a busy machine it may not have yet).
+        if let Some(a) = admin_port {
+            assert!(
+                wait_for(|| admin_metric(a, "ssegate_connections_open") == 0.0),
+                "the start-up probes' connections are still counted"
+            );
+        }
         Some(Gateway {
             port,
             admin_port,
