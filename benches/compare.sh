@@ -83,6 +83,15 @@ for n in a b; do
   printf '[cluster]\nredis = "redis://127.0.0.1:%s/"\nkey_secret = "benchmark secret of enough bytes"\nnode_id = "%s"\n' \
     "$REDIS" "$n" >> "$W/node-$n.toml"
 done
+# One location for both nginx servers (HTTP/1.1 and h2c).
+NGX_LOCATION='    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+    }'
 cat > "$W/nginx.conf" <<EOF
 daemon off;
 worker_processes 2;
@@ -98,26 +107,12 @@ http {
   upstream origin { server 127.0.0.1:$ORIGIN; }
   server {
     listen 127.0.0.1:$NGX reuseport backlog=4096;
-    location / {
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_read_timeout 1h;
-      proxy_send_timeout 1h;
-    }
+$NGX_LOCATION
   }
   # h2c (prior knowledge), for the idle HTTP/2 case.
   server {
     listen 127.0.0.1:$NGX2 http2;
-    location / {
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_read_timeout 1h;
-      proxy_send_timeout 1h;
-    }
+$NGX_LOCATION
   }
 }
 EOF
