@@ -194,6 +194,41 @@ fn access_log_as_json() {
     assert_eq!(v["kind"], "request", "{v}");
 }
 
+/// A stream's access line, written when the stream ends, reports what its client was
+/// sent: over HTTP/1.1 (where the stream ends on the bare connection, its pingora
+/// session let go once the head was out) and over h2c.
+#[test]
+fn a_streams_access_line_counts_what_its_client_got() {
+    let php = Php::start();
+    let gw = GatewayOptions::to(&php)
+        .server("log_format = \"json\"\n")
+        .start();
+    for (i, proto) in ["--http1.1", "--http2-prior-knowledge"].iter().enumerate() {
+        // Three events, then only comment lines (which end no event): nothing more is
+        // written until the client leaves.
+        let path = format!("/big.php?size=10&n=3&c={i}");
+        let accept = "Accept: text/event-stream";
+        let (_, body) = curl(&["--max-time", "2", "-H", accept, proto, &gw.url(&path)]);
+        let text = String::from_utf8_lossy(&body).into_owned();
+        assert!(text.contains("id: 3\n"), "{proto}: {text}");
+        let line = || {
+            gw.log()
+                .lines()
+                .find(|l| l.contains("ssegate::access") && l.contains(&path))
+                .map(str::to_owned)
+        };
+        assert!(wait_for(|| line().is_some()), "{proto}: no access line");
+        let line = line().unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["kind"], "stream", "{proto}: {v}");
+        assert_eq!(v["status"], 200, "{proto}: {v}");
+        assert_eq!(v["method"], "GET", "{proto}: {v}");
+        assert_eq!(v["events"], 3, "{proto}: {v}");
+        assert_eq!(v["bytes"], body.len(), "{proto}: {v}");
+    }
+}
+
 #[test]
 fn tls_handshakes_are_counted() {
     let php = Php::start();

@@ -5,11 +5,45 @@ use pingora::protocols::http::ServerSession;
 
 use super::RequestCtx;
 use crate::metrics::Metrics;
+use crate::relay::Exchange;
 
-/// One access line for the request in `session`, counted by route and status, and by refusal reason when the limits refused it.
-pub(super) fn log(metrics: &Metrics, session: &ServerSession, e: Option<&Error>, ctx: &RequestCtx) {
-    let req = session.req_header();
-    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+/// What an access line says of the exchange itself.
+pub(super) struct Line<'a> {
+    method: &'a http::Method,
+    uri: &'a dyn std::fmt::Display,
+    status: u16,
+    bytes: usize,
+}
+
+impl<'a> Line<'a> {
+    /// The exchange in a client's session.
+    pub(super) fn of(session: &'a ServerSession) -> Line<'a> {
+        let req = session.req_header();
+        Line {
+            method: &req.method,
+            uri: &req.uri,
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            bytes: session.body_bytes_sent(),
+        }
+    }
+}
+
+impl<'a> From<&'a Exchange> for Line<'a> {
+    /// A stream's exchange, kept when its session was let go (see [`crate::relay::H1Stream`]).
+    fn from(x: &'a Exchange) -> Line<'a> {
+        Line {
+            method: &x.method,
+            uri: &x.uri,
+            status: x.status,
+            bytes: x.bytes,
+        }
+    }
+}
+
+/// One access line, counted by route and status, and by refusal reason when the
+/// limits refused the request.
+pub(super) fn log(metrics: &Metrics, line: &Line, e: Option<&Error>, ctx: &RequestCtx) {
+    let status = line.status;
     let ms = ctx.started.map_or(0, |s| s.elapsed().as_millis());
     let route = ctx.route.as_ref().map_or("-", |r| r.name.as_str());
     let client = ctx
@@ -32,12 +66,12 @@ pub(super) fn log(metrics: &Metrics, session: &ServerSession, e: Option<&Error>,
     tracing::info!(
         target: "ssegate::access",
         client,
-        method = %req.method,
-        path = %req.uri,
+        method = %line.method,
+        path = %line.uri,
         route,
         status,
         duration_ms = ms as u64,
-        bytes = session.body_bytes_sent(),
+        bytes = line.bytes,
         kind,
         events,
         heartbeats,

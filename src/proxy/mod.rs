@@ -225,7 +225,7 @@ impl Gateway {
     /// which writes nothing to the client and closes nothing of the client's.
     fn detach(&self, session: &mut Session, ctx: &mut RequestCtx, stream: Box<relay::Streaming>) {
         let stand_in = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
-        let mut client = std::mem::replace(&mut session.downstream_session, Box::new(stand_in));
+        let client = std::mem::replace(&mut session.downstream_session, Box::new(stand_in));
         let stand_in_ctx = RequestCtx {
             detached: true,
             ..RequestCtx::default()
@@ -235,8 +235,16 @@ impl Gateway {
         let app = self.app.clone();
         let shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
+            let mut client = match relay::H1Stream::take(client) {
+                Ok(h1) => {
+                    // Boxed for the same reason as `next_request` below.
+                    Box::pin(serve_h1(h1, stream, ctx, &metrics, &app, shutdown)).await;
+                    return;
+                }
+                Err(h2) => h2,
+            };
             ctx.relay = Some(stream.run(&mut client).await);
-            access::log(&metrics, &client, None, &ctx);
+            access::log(&metrics, &access::Line::of(&client), None, &ctx);
             drop(ctx); // the request is over, in-flight count included
                        // Boxed: pingora's finish and keep-alive futures are large and needed only
                        // once the stream is over; inline they would size the task for its whole life.
@@ -251,6 +259,29 @@ impl Gateway {
             .position(|u| Arc::ptr_eq(u, &route.upstream))
             .unwrap_or(0)
     }
+}
+
+/// An HTTP/1.x stream outside pingora's loop, on its bare connection; then the
+/// connection goes back to the app for its next request if it may be kept alive.
+async fn serve_h1(
+    mut client: relay::H1Stream,
+    stream: Box<relay::Streaming>,
+    mut ctx: RequestCtx,
+    metrics: &Metrics,
+    app: &OnceLock<Weak<App>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    ctx.relay = Some(stream.run_h1(&mut client).await);
+    access::log(metrics, &access::Line::from(&client.exchange), None, &ctx);
+    drop(ctx); // the request is over, in-flight count included
+    let Some(conn) = client.reusable(*shutdown.borrow()) else {
+        return;
+    };
+    let Some(app) = app.get().and_then(Weak::upgrade) else {
+        return;
+    };
+    crate::conn::rearm(&conn);
+    app.process_new(conn, &shutdown).await;
 }
 
 /// After a stream served outside pingora's loop ([`Gateway::detach`]): an HTTP/1
@@ -491,6 +522,6 @@ impl ProxyHttp for Gateway {
             return; // the stream's own task logs it when it ends
         }
         end_request(session.as_downstream_mut());
-        access::log(&self.metrics, session, e, ctx);
+        access::log(&self.metrics, &access::Line::of(session), e, ctx);
     }
 }

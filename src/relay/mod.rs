@@ -8,8 +8,8 @@
 //! ([`stream`]): heartbeats at event boundaries, `retry:`, the shutdown hint. Once its
 //! head (and a hub's replay) are out and the request body is all sent, a stream is
 //! handed back to the proxy ([`Served::Stream`]) to be served on its own connection
-//! outside pingora's request task. A response that is not an event stream is passed
-//! through task by task.
+//! outside pingora's request task (over HTTP/1.x on the bare connection, [`h1`]). A
+//! response that is not an event stream is passed through task by task.
 //!
 //! - [`admit`]: whether a stream may start, and refusals an `EventSource` survives.
 //! - [`pooled`]: requests over pingora's pool of upstream connections.
@@ -18,9 +18,11 @@
 //! - [`remote`]: the cluster's part: following another node's reader, or leading.
 //! - [`stream`]: the stream writer, and a hub's blocks as its source.
 //! - [`byte_stream`]: an upstream's bytes as its other source.
+//! - [`h1`]: an HTTP/1.x stream's client once its head is out: the bare connection.
 
 mod admit;
 mod byte_stream;
+mod h1;
 mod hubs;
 mod pooled;
 mod pump;
@@ -34,6 +36,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 pub use admit::{refuse, Admission, Refusal};
+pub use h1::{Exchange, H1Stream};
 pub use hubs::ReplayCx;
 pub use pooled::Pool;
 pub use stream::is_event_stream;
@@ -96,8 +99,18 @@ enum Rest {
 }
 
 impl Streaming {
-    /// Serves the rest of the stream on `client`; what the relay did, for the access log.
+    /// Serves the rest of the stream on an HTTP/2 session; what the relay did, for the
+    /// access log.
     pub async fn run(self: Box<Self>, client: &mut ServerSession) -> RelayStats {
+        self.run_on(client).await
+    }
+
+    /// Serves the rest of the stream on an HTTP/1.x connection.
+    pub async fn run_h1(self: Box<Self>, client: &mut H1Stream) -> RelayStats {
+        self.run_on(client).await
+    }
+
+    async fn run_on<C: stream::Client>(self: Box<Self>, client: &mut C) -> RelayStats {
         let Streaming {
             rest,
             mut shutdown,
