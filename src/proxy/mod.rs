@@ -218,7 +218,8 @@ impl Gateway {
     }
 
     /// Runs the rest of an event stream in a task of its own that holds only what the stream
-    /// needs: the client's HTTP session, and the request's context for its access line.
+    /// needs: the client's connection (HTTP/1.x: bare, see [`relay::H1Stream`]; HTTP/2:
+    /// its stream's session), and the request's context for its access line.
     /// pingora's request task ends now, and with it what it held for the stream's whole
     /// life (its connection and request futures, the proxy session: half of an idle
     /// stream's memory). pingora finishes the request on an empty stand-in session,
@@ -235,20 +236,15 @@ impl Gateway {
         let app = self.app.clone();
         let shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
-            let mut client = match relay::H1Stream::take(client) {
-                Ok(h1) => {
-                    // Boxed for the same reason as `next_request` below.
-                    Box::pin(serve_h1(h1, stream, ctx, &metrics, &app, shutdown)).await;
-                    return;
+            match relay::H1Stream::take(client) {
+                Ok(h1) => serve_h1(h1, stream, ctx, &metrics, &app, shutdown).await,
+                Err(mut h2) => {
+                    // HTTP/2: the stream is over (or reset as its session drops, if it
+                    // ended early) and the connection goes on.
+                    ctx.relay = Some(stream.run(&mut h2).await);
+                    access::log(&metrics, &access::Line::of(&h2), None, &ctx);
                 }
-                Err(h2) => h2,
-            };
-            ctx.relay = Some(stream.run(&mut client).await);
-            access::log(&metrics, &access::Line::of(&client), None, &ctx);
-            drop(ctx); // the request is over, in-flight count included
-                       // Boxed: pingora's finish and keep-alive futures are large and needed only
-                       // once the stream is over; inline they would size the task for its whole life.
-            Box::pin(next_request(client, &app, shutdown)).await;
+            }
         });
     }
 
@@ -281,40 +277,13 @@ async fn serve_h1(
         return;
     };
     crate::conn::rearm(&conn);
-    app.process_new(conn, &shutdown).await;
+    // Boxed: pingora's request futures are large and needed only once the stream is
+    // over; inline they would size the stream's task for its whole life.
+    Box::pin(app.process_new(conn, &shutdown)).await;
 }
 
-/// After a stream served outside pingora's loop ([`Gateway::detach`]): an HTTP/1
-/// connection that may be kept alive goes back to the app for its next request, as
-/// pingora's own loop would have done; any other closes. HTTP/2: the stream is over (or
-/// reset as its session drops, if it ended early) and the connection goes on.
-async fn next_request(
-    mut client: Box<ServerSession>,
-    app: &OnceLock<Weak<App>>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    if client.is_http2() {
-        return;
-    }
-    if *shutdown.borrow() {
-        client.set_keepalive(None); // the stream ended for the shutdown
-    }
-    end_request(&mut client);
-    let Ok(Some(reusable)) = client.finish().await else {
-        return; // closed (not kept alive, or the client had gone)
-    };
-    let (stream, pipelined) = reusable.into_parts();
-    let Some(app) = app.get().and_then(Weak::upgrade) else {
-        return;
-    };
-    if pipelined.is_some() {
-        return; // pipelining is off: bytes read past the request are not a request here
-    }
-    app.process_new(stream, &shutdown).await;
-}
-
-/// As a request ends, in pingora's loop (`logging`) or after a stream outside it
-/// (`next_request`): the next request on this connection gets its own header deadline.
+/// As a request ends in pingora's loop (`logging`): the next request on this
+/// connection gets its own header deadline.
 /// A body left unread would be drained after this point and read as header bytes, so
 /// such a connection is not reused at all.
 fn end_request(session: &mut ServerSession) {

@@ -6,7 +6,11 @@
 //! (its raw bytes and header map), the response head it wrote and its own state for the
 //! stream's whole life, about a fifth of an idle stream's memory; none of it is needed
 //! to write chunks. So the stream keeps the connection alone ([`H1Stream`]), and hands
-//! it back to pingora for the next request when the stream ends.
+//! it back to pingora for the next request when the stream ends. (Bytes a client
+//! pipelined behind its stream request, which pingora does not serve either with
+//! pipelining off, are not carried over: that request is never answered, and the
+//! connection closes at the next request's header deadline. An `EventSource` never
+//! pipelines.)
 
 use bytes::Bytes;
 use http::header;
@@ -43,7 +47,7 @@ impl H1Stream {
     /// Takes the connection out of an HTTP/1.x session whose response head is written;
     /// gives the session back otherwise (HTTP/2, or nothing written yet).
     pub fn take(session: Box<ServerSession>) -> Result<H1Stream, Box<ServerSession>> {
-        let ServerSession::H1(s) = *session else {
+        let ServerSession::H1(mut s) = *session else {
             return Err(session);
         };
         let Some(resp) = s.response_written() else {
@@ -60,9 +64,8 @@ impl H1Stream {
             status: resp.status.as_u16(),
             bytes: s.body_bytes_sent(),
         };
-        // A body left unread, or pipelined bytes read past the request, would be read
-        // as the next request's header: such a connection is not reused.
-        let mut s = s;
+        // A body left unread would be read as the next request's header: such a
+        // connection is not reused.
         let keepalive = chunked && s.will_keepalive() && s.is_body_done();
         let write_timeout = s.get_write_timeout();
         Ok(H1Stream {
