@@ -221,16 +221,17 @@ for p in "${proxies[@]}"; do
   path=/stream; case $p in ssegate|baseline|cluster) path=/shared/stream ;; esac
   start_origin $SHARED_RATE
   start_proxy "$p"
+  shared_base=$(rss $PPID_)
   load $PORT $path $SHARED $((SECS + WARM + 10)) $((WARM + 10)) "${spread[@]}" > "$W/shared.json" &
   LPID=$!
-  sleep $((WARM + 10)); s0=$(cpu $PPID_); o0=$(cpu $OPID); sleep $SECS; s1=$(cpu $PPID_); o1=$(cpu $OPID)
+  sleep $((WARM + 10)); s0=$(cpu $PPID_); o0=$(cpu $OPID); sleep $SECS; s1=$(cpu $PPID_); o1=$(cpu $OPID); shared_held=$(rss $PPID_)
   wait $LPID || true
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
 
-  python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" "$k0" "$k1" "$h2c_kib" "$h2c_ok" >> "$RESULTS" <<'PY'
+  python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" "$k0" "$k1" "$h2c_kib" "$h2c_ok" "$shared_base" "$shared_held" >> "$RESULTS" <<'PY'
 import json, sys
-p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w, k0, k1, h2c_kib, h2c_ok = sys.argv[1:]
+p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w, k0, k1, h2c_kib, h2c_ok, sh_base, sh_held = sys.argv[1:]
 one = json.load(open(f"{w}/one.json")); sh = json.load(open(f"{w}/shared.json"))
 # CPU was sampled over the load tool's measuring window (after its warm-up), and
 # `measured` counts the events delivered in that same window.
@@ -245,6 +246,9 @@ row = {
   "one_p50_ms": one["latency_us"]["p50"] / 1000, "one_p99_ms": one["latency_us"]["p99"] / 1000,
   "one_lost": one["lost"], "one_errors": one["errors"], "one_events": one["events"],
   "shared_clients": sh["connected"],
+  # The proxy's own memory per client while the feed runs (the others hold one upstream
+  # connection per client; ssegate one for them all).
+  "shared_kib_per_client": (float(sh_held) - float(sh_base)) / sh["connected"] if sh["connected"] else None,
   "shared_total_cpu_s_per_m": per_m((float(s1) - float(s0)) + (0 if p == "direct" else float(o1) - float(o0)), sh),
   "shared_p99_ms": sh["latency_us"]["p99"] / 1000, "shared_lost": sh["lost"],
 }
@@ -271,6 +275,7 @@ line("1:1 latency p50 (ms)", "one_p50_ms", "{:.2f}")
 line("1:1 latency p99 (ms)", "one_p99_ms", "{:.2f}")
 line("1:1 events lost", "one_lost", "{}")
 line("many clients: streams", "shared_clients", "{}")
+line("many clients: proxy RSS per client (KiB)", "shared_kib_per_client", "{:.2f}")
 line("many clients: CPU s (proxy+origin) per 1M events", "shared_total_cpu_s_per_m", "{:.1f}")
 line("many clients: latency p99 (ms)", "shared_p99_ms", "{:.2f}")
 line("many clients: events lost", "shared_lost", "{}")
