@@ -4,8 +4,8 @@
 //! After the head, an event stream's response is body bytes only: chunks, or bytes
 //! until the close. pingora's HTTP/1 session would go on holding the request it parsed
 //! (its raw bytes and header map), the response head it wrote and its own state for the
-//! stream's whole life, about a fifth of an idle stream's memory; none of it is needed
-//! to write chunks. So the stream keeps the connection alone ([`H1Stream`]), and hands
+//! stream's whole life, several KiB of every idle stream; none of it is needed to
+//! write chunks. So the stream keeps the connection alone ([`H1Stream`]), and hands
 //! it back to pingora for the next request when the stream ends. (Bytes a client
 //! pipelined behind its stream request, which pingora does not serve either with
 //! pipelining off, are not carried over: that request is never answered, and the
@@ -24,8 +24,11 @@ use super::stream::Client;
 
 /// What the access line reports of a request whose session is gone.
 pub struct Exchange {
+    /// The request's method.
     pub method: http::Method,
+    /// The request's target, as the client sent it.
     pub uri: String,
+    /// The response's status.
     pub status: u16,
     /// Body bytes written (framing not counted, as pingora counts them).
     pub bytes: usize,
@@ -34,7 +37,8 @@ pub struct Exchange {
 /// An HTTP/1.x event stream's connection after its response head.
 pub struct H1Stream {
     stream: Stream,
-    /// Chunked framing (an HTTP/1.1 client); else the body ends with the connection.
+    /// The head said chunked (an HTTP/1.1 client); else the body ends with the
+    /// connection.
     chunked: bool,
     write_timeout: Option<std::time::Duration>,
     /// The connection may carry another request once the stream has ended properly.
