@@ -11,6 +11,7 @@ set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: $0 BUILD_A BUILD_B [ROUNDS]" >&2; exit 2; }
 A=$(realpath "$1") B=$(realpath "$2") ROUNDS=${3:-2} N=${N:-500} SECS=${SECS:-30} WARM=8
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 cargo build --release --locked --example sse_origin --example sse_load 2>&1 | tail -1
 
 ORIGIN=19120 P1=19121 P2=19122
@@ -18,33 +19,7 @@ W=$(mktemp -d /tmp/ssegate-ab.XXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
-TCK=$(getconf CLK_TCK)
-cpu() { awk -v k="$TCK" '{s=$0; sub(/^.*\) /,"",s); split(s,f," "); print (f[12]+f[13])/k}' /proc/"$1"/stat; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
-
-# The config of compare.sh's 1:1 case, one per listener.
-for p in $P1 $P2; do cat > "$W/$p.toml" <<EOC
-[server]
-threads = 2
-log_level = "warn"
-max_connections = 19500
-upgrade_sock = "$W/$p.sock"
-[[listeners]]
-address = "127.0.0.1:$p"
-[limits]
-request_rate = 0
-stream_connect_rate = 0
-max_streams_per_client = 0
-max_streams = 19000
-[replay]
-linger = "0s"
-[[upstreams]]
-name = "origin"
-servers = ["127.0.0.1:$ORIGIN"]
-[[routes]]
-upstream = "origin"
-EOC
-done
+for p in $P1 $P2; do gateway_conf $p "$W/$p.sock" $ORIGIN > "$W/$p.toml"; done
 
 target/release/examples/sse_origin --port $ORIGIN --rate 10 --size 200 2>/dev/null & PIDS+=($!)
 wait_port $ORIGIN

@@ -16,6 +16,7 @@
 # Loopback only; every run is bounded in clients and seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 
 IDLE=9000 ONE=1000 ONE_RATE=10 SHARED=9000 SHARED_RATE=5 SECS=30 WARM=8
 if [ "${1:-}" = --quick ]; then IDLE=1000 ONE=200 SHARED=1000 SECS=10 WARM=4; fi
@@ -32,54 +33,17 @@ W=$(mktemp -d /tmp/ssegate-bench.XXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
-TCK=$(getconf CLK_TCK)
 ORIGIN=19100 GW=19101 NGX=19102 HAP=19103 REDIS=19104 GW2=19105 NGX2=19106 HAP2=19107
-
-# CPU seconds (user+system) of a process and its children alive now; `cpu PID sys`
-# counts the system (kernel) part only.
-cpu() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do
-  t=$(awk -v t="$t" -v k="$TCK" -v only="${2:-}" '{s=$0; sub(/^.*\) /,"",s); split(s,f," ");
-      print t+((only == "sys" ? 0 : f[12])+f[13])/k}' /proc/"$p"/stat); done; echo "$t"; }
-# Resident memory in KiB of a process and its children.
-rss() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do
-  t=$((t + $(awk '/^VmRSS/{print $2}' /proc/"$p"/status))); done; echo "$t"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 start_origin() { # rate
   target/release/examples/sse_origin --port $ORIGIN --rate "$1" --size 200 2>/dev/null & OPID=$!; PIDS+=($OPID); wait_port $ORIGIN; }
 stop() { pkill -P "$1" 2>/dev/null || true; kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-cat > "$W/ssegate.toml" <<EOF
-[server]
-threads = 2
-log_level = "warn"
-max_connections = 19500
-upgrade_sock = "$W/upgrade.sock"
-[[listeners]]
-address = "127.0.0.1:$GW"
-[limits]
-request_rate = 0
-stream_connect_rate = 0
-max_streams_per_client = 0
-max_streams = 19000
-[replay]
-linger = "0s"
-[[upstreams]]
-name = "origin"
-servers = ["127.0.0.1:$ORIGIN"]
-[[routes]]
-name = "shared"
-path_prefix = "/shared"
-upstream = "origin"
-replay = { shared = true }
-[[routes]]
-upstream = "origin"
-EOF
+gateway_conf $GW "$W/upgrade.sock" $ORIGIN > "$W/ssegate.toml"
 # The cluster column: the same config on two nodes, plus Redis.
 for n in a b; do
   port=$GW; [ $n = b ] && port=$GW2
-  sed -e "s/127.0.0.1:$GW\"/127.0.0.1:$port\"/" -e "s#$W/upgrade.sock#$W/upgrade-$n.sock#" \
-    "$W/ssegate.toml" > "$W/node-$n.toml"
+  gateway_conf $port "$W/upgrade-$n.sock" $ORIGIN > "$W/node-$n.toml"
   printf '[cluster]\nredis = "redis://127.0.0.1:%s/"\nkey_secret = "benchmark secret of enough bytes"\nnode_id = "%s"\n' \
     "$REDIS" "$n" >> "$W/node-$n.toml"
 done

@@ -14,6 +14,7 @@
 # missing. Loopback only; every load is bounded in connections and seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 SECS=${SECS:-8} CONNS=${CONNS:-50}
 
 need=()
@@ -35,7 +36,6 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
 ORIGIN=19200 H1=19201 H2C=19202 TLS=19203 ADMIN=19204
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 # The origin's two bodies and a certificate every TLS listener uses.
 mkdir -p "$W/www"
