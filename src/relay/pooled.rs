@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use http::{header, Version};
+use bytes::BytesMut;
+use http::{header, HeaderValue, Version};
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::prelude::*;
@@ -260,7 +261,14 @@ impl Pooled {
 /// upstream) without hop-by-hop fields, with `Host` for an HTTP/2 request, and framed
 /// for its body (`Content-Length` as the client sent it, else chunked).
 fn upstream_head(req: &RequestHeader, has_body: bool) -> Result<RequestHeader> {
-    let mut head = req.clone();
+    // A stream client's request is copied, any other cloned: the copy costs ~0.4 µs more
+    // (0.7 against 0.3), which every page of the site would pay for nothing. An
+    // `EventSource` always sends `Accept: text/event-stream`; a resume carries its id.
+    let mut head =
+        match request::accepts_event_stream(req) || req.headers.contains_key("last-event-id") {
+            true => owned_copy(req)?,
+            false => req.clone(),
+        };
     head.set_version(Version::HTTP_11);
     // Most requests carry none of these: look before removing each by name.
     let hop = |n: &header::HeaderName| {
@@ -279,7 +287,7 @@ fn upstream_head(req: &RequestHeader, has_body: bool) -> Result<RequestHeader> {
         head.remove_header("http2-settings");
     }
     if head.headers.get(header::HOST).is_none() {
-        if let Some(authority) = head.uri.authority().map(|a| a.to_string()) {
+        if let Some(authority) = req.uri.authority().map(|a| a.to_string()) {
             head.insert_header(header::HOST, authority)?;
         }
     }
@@ -287,4 +295,127 @@ fn upstream_head(req: &RequestHeader, has_body: bool) -> Result<RequestHeader> {
         head.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     Ok(head)
+}
+
+/// `req` with its header names and values copied into one buffer of its own. The ones
+/// pingora parsed are slices of the client connection's 4 KiB read buffer, and the
+/// upstream session keeps the head it wrote for as long as the response lasts, which for
+/// a stream is its whole life: copied, they hold a few hundred bytes instead.
+fn owned_copy(req: &RequestHeader) -> Result<RequestHeader> {
+    // The client's spelling of each name where pingora kept it (HTTP/1.x), in the
+    // header map's order.
+    let fields = || {
+        let mut case = req.case_header_iter().map(|(c, _)| c.as_slice());
+        req.headers
+            .iter()
+            .map(move |(n, v)| (case.next().unwrap_or(n.as_str().as_bytes()), v))
+    };
+    let mut copy = BytesMut::with_capacity(fields().map(|(n, v)| n.len() + v.len()).sum());
+    for (n, v) in fields() {
+        copy.extend_from_slice(n);
+        copy.extend_from_slice(v.as_bytes());
+    }
+    let copy = copy.freeze();
+    let size = Some(req.headers.len());
+    let mut head = match req.has_case() {
+        true => RequestHeader::build(req.method.clone(), req.raw_path(), size)?,
+        false => RequestHeader::build_no_case(req.method.clone(), req.raw_path(), size)?,
+    };
+    let mut at = 0;
+    for (n, v) in fields() {
+        let name = copy.slice(at..at + n.len());
+        at += n.len();
+        let mut value = HeaderValue::from_maybe_shared(copy.slice(at..at + v.len()))
+            .or_err(ErrorType::InvalidHTTPHeader, "copying a request header")?;
+        at += v.len();
+        value.set_sensitive(v.is_sensitive());
+        head.append_header(name, value)?;
+    }
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// A head as pingora's HTTP/1 server parses one: names and values are slices of the
+    /// connection's read buffer, and the client's spelling is kept.
+    fn parsed(buf: &Bytes, fields: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/feed?x=1", None).unwrap();
+        for (n, v) in fields {
+            let at = |s: &str| {
+                let i = buf
+                    .windows(s.len())
+                    .position(|w| w == s.as_bytes())
+                    .unwrap();
+                buf.slice(i..i + s.len())
+            };
+            let value = HeaderValue::from_maybe_shared(at(v)).unwrap();
+            req.append_header(at(n), value).unwrap();
+        }
+        req
+    }
+
+    #[test]
+    fn the_upstream_head_keeps_no_slice_of_the_clients_buffer() {
+        let buf = Bytes::from(
+            "Host: example.test\r\nAccept: text/event-stream\r\nX-Mixed-Case: One\r\n\
+             X-Mixed-Case: Two\r\nCookie: sid=secret\r\nConnection: keep-alive, X-Hop\r\n\
+             X-Hop: hidden\r\nTE: trailers\r\n"
+                .repeat(20),
+        );
+        let mut req = parsed(
+            &buf,
+            &[
+                ("Host", "example.test"),
+                ("Accept", "text/event-stream"),
+                ("X-Mixed-Case", "One"),
+                ("Cookie", "sid=secret"),
+                ("X-Mixed-Case", "Two"),
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "hidden"),
+                ("TE", "trailers"),
+            ],
+        );
+        let mut sensitive = req.headers.get("cookie").unwrap().clone();
+        sensitive.set_sensitive(true);
+        req.insert_header("Cookie", sensitive).unwrap();
+
+        let head = upstream_head(&req, true).unwrap();
+
+        let mut wire = Vec::new();
+        head.header_to_h1_wire(&mut wire);
+        assert_eq!(
+            String::from_utf8(wire).unwrap(),
+            "Host: example.test\r\nAccept: text/event-stream\r\nX-Mixed-Case: One\r\n\
+             X-Mixed-Case: Two\r\nCookie: sid=secret\r\nTransfer-Encoding: chunked\r\n",
+            "spelling, order (pingora groups repeated fields) kept; hop-by-hop ones dropped"
+        );
+        assert_eq!(head.raw_path(), b"/feed?x=1");
+        assert_eq!(head.version, Version::HTTP_11);
+        assert!(head.headers.get("cookie").unwrap().is_sensitive());
+        let client = buf.as_ptr_range();
+        for ((_, v), (n, _)) in head.headers.iter().zip(head.case_header_iter()) {
+            for p in [v.as_bytes().as_ptr(), n.as_slice().as_ptr()] {
+                assert!(
+                    !client.contains(&p),
+                    "the head still holds the client's buffer"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_http2_request_gets_its_host_from_the_authority() {
+        let mut req = RequestHeader::build_no_case("GET", b"/feed", None).unwrap();
+        req.set_uri("http://example.test:8080/feed".parse().unwrap());
+        req.set_version(Version::HTTP_2);
+        req.append_header("accept", "text/event-stream").unwrap();
+        let head = upstream_head(&req, false).unwrap();
+        assert_eq!(head.headers["host"], "example.test:8080");
+        assert_eq!(head.raw_path(), b"/feed");
+        assert_eq!(head.version, Version::HTTP_11);
+        assert!(head.headers.get(header::TRANSFER_ENCODING).is_none());
+    }
 }
