@@ -15,7 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -156,7 +156,26 @@ pub struct Deadline {
     tail: [u8; 3],
     /// Bytes read by `try_peek`, handed out again by the next reads.
     peeked: Vec<u8>,
+    /// Writes held until the next flush (plaintext connections).
+    held: Held,
     _counted: Counted,
+}
+
+/// Most bytes held for the next flush; a larger write goes out directly.
+const HELD_MAX: usize = 4096;
+
+/// Writes held until the next flush on a plaintext connection, where pingora's own write
+/// buffer is off (`server::client_buffers`): a small response's header and body leave in
+/// one send, as they did through pingora's. Unlike pingora's, which is allocated at
+/// accept and kept for the connection's life (4 KiB of every open stream), this is
+/// allocated at the first write and given back at each flush: a stream between events
+/// or a kept-alive connection between requests holds none.
+#[derive(Default)]
+struct Held {
+    on: bool,
+    bytes: Vec<u8>,
+    /// How much of `bytes` has gone out.
+    sent: usize,
 }
 
 impl std::fmt::Debug for Deadline {
@@ -171,7 +190,6 @@ impl std::fmt::Debug for Deadline {
 impl Deadline {
     fn new(inner: Stream, timeout: Duration, counted: Counted) -> Deadline {
         Deadline {
-            inner,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
             armed: true,
@@ -179,6 +197,12 @@ impl Deadline {
             idle: false,
             tail: [0; 3],
             peeked: Vec::new(),
+            // A TLS stream buffers beneath rustls (see `server::client_buffers`).
+            held: Held {
+                on: inner.get_ssl_digest().is_none(),
+                ..Held::default()
+            },
+            inner,
             _counted: counted,
         }
     }
@@ -273,6 +297,46 @@ impl Deadline {
     }
 }
 
+impl Deadline {
+    /// Writes out what is held. The buffer is kept for the writes that follow.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let held = &mut self.held;
+        while held.sent < held.bytes.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &held.bytes[held.sent..])) {
+                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => held.sent += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        held.bytes.clear();
+        held.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Holds `bufs` (together `len` bytes) for the next flush, or writes them when they
+    /// are too many to hold.
+    fn poll_hold(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+        len: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        if self.held.bytes.len() + len > HELD_MAX {
+            ready!(self.poll_send_held(cx))?;
+        }
+        if len >= HELD_MAX {
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        }
+        if self.held.bytes.capacity() == 0 {
+            self.held.bytes.reserve_exact(HELD_MAX);
+        }
+        for b in bufs {
+            self.held.bytes.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
+    }
+}
+
 impl AsyncWrite for Deadline {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -280,7 +344,10 @@ impl AsyncWrite for Deadline {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        let r = match this.held.on {
+            true => this.poll_hold(cx, &[std::io::IoSlice::new(buf)], buf.len()),
+            false => Pin::new(&mut this.inner).poll_write(cx, buf),
+        };
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.armed = false;
         }
@@ -288,11 +355,17 @@ impl AsyncWrite for Deadline {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_held(cx))?;
+        // Given back: the next write may be an event minutes away.
+        this.held.bytes = Vec::new();
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_held(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -301,7 +374,13 @@ impl AsyncWrite for Deadline {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        let r = match this.held.on {
+            true => {
+                let len = bufs.iter().map(|b| b.len()).sum();
+                this.poll_hold(cx, bufs, len)
+            }
+            false => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+        };
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.armed = false;
         }
@@ -309,13 +388,15 @@ impl AsyncWrite for Deadline {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.held.on || self.inner.is_write_vectored()
     }
 }
 
 #[async_trait]
 impl Shutdown for Deadline {
     async fn shutdown(&mut self) {
+        // What is held goes first, as pingora's buffer's did.
+        let _ = std::future::poll_fn(|cx| self.poll_send_held(cx)).await;
         self.inner.shutdown().await
     }
 }
@@ -410,5 +491,79 @@ impl Peek for Deadline {
         buf[..n].copy_from_slice(&self.peeked[..n]);
         buf[n..].fill(0);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A plaintext connection as a listener hands it over, and its peer.
+    async fn pair() -> (Deadline, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap());
+        let (peer, accepted) = tokio::join!(peer, listener.accept());
+        let counted = Counted {
+            open: Arc::new(AtomicUsize::new(1)),
+            metrics: None,
+        };
+        let inner: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(
+            accepted.unwrap().0,
+        ));
+        let d = Deadline::new(inner, Duration::from_secs(10), counted);
+        (d, peer.unwrap())
+    }
+
+    /// What the peer has received within a short wait.
+    async fn received(peer: &mut TcpStream) -> Vec<u8> {
+        let mut got = vec![0; 64 * 1024];
+        let mut n = 0;
+        while let Ok(Ok(m)) =
+            tokio::time::timeout(Duration::from_millis(100), peer.read(&mut got[n..])).await
+        {
+            if m == 0 {
+                break;
+            }
+            n += m;
+        }
+        got.truncate(n);
+        got
+    }
+
+    #[tokio::test]
+    async fn small_writes_leave_together_at_the_flush_and_the_buffer_is_given_back() {
+        let (mut d, mut peer) = pair().await;
+        assert!(d.held.on, "a plaintext connection holds its writes");
+        d.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        d.write_all(b"body").await.unwrap();
+        assert_eq!(received(&mut peer).await, b"", "sent before the flush");
+        d.flush().await.unwrap();
+        assert_eq!(received(&mut peer).await, b"HTTP/1.1 200 OK\r\n\r\nbody");
+        assert_eq!(
+            d.held.bytes.capacity(),
+            0,
+            "an idle connection holds a buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_write_goes_out_after_what_is_held() {
+        let (mut d, mut peer) = pair().await;
+        d.write_all(b"head;").await.unwrap();
+        let big = vec![b'x'; HELD_MAX * 3];
+        let slices = [
+            std::io::IoSlice::new(b"chunk;"),
+            std::io::IoSlice::new(&big),
+        ];
+        // Loopback takes 12 KiB at once: no partial write to resume.
+        let n = d.write_vectored(&slices).await.unwrap();
+        assert_eq!(n, 6 + big.len());
+        d.flush().await.unwrap();
+        let got = received(&mut peer).await;
+        assert_eq!(got.len(), 5 + 6 + big.len());
+        assert!(got.starts_with(b"head;chunk;x"), "out of order");
     }
 }
