@@ -445,7 +445,13 @@ impl Follow {
             }
             Attach::Fresh => "fresh",
         });
-        let mut resp = ResponseHeader::build(hub.head.status, Some(hub.head.headers.len() + 4))?;
+        // An HTTP/2 session keeps the head it wrote for the stream's life; without a
+        // map of names' spelling, which HTTP/2 does not carry, it is half the size.
+        let size = Some(hub.head.headers.len() + 4);
+        let mut resp = match session.is_http2() {
+            true => ResponseHeader::build_no_case(hub.head.status, size)?,
+            false => ResponseHeader::build(hub.head.status, size)?,
+        };
         for (name, value) in &hub.head.headers {
             resp.append_header(name.clone(), value.clone())?;
         }
