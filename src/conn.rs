@@ -337,6 +337,18 @@ impl Deadline {
     }
 }
 
+impl Drop for Deadline {
+    /// What is held goes out if the socket takes it now, as pingora's stream does with
+    /// its buffer when dropped (an error page written just before the connection is let
+    /// go, say).
+    fn drop(&mut self) {
+        if self.held.sent < self.held.bytes.len() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let _ = self.poll_send_held(&mut cx);
+        }
+    }
+}
+
 impl AsyncWrite for Deadline {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -546,6 +558,19 @@ mod tests {
             d.held.bytes.capacity(),
             0,
             "an idle connection holds a buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_is_held_goes_out_when_the_connection_is_dropped() {
+        let (mut d, mut peer) = pair().await;
+        d.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap();
+        drop(d);
+        assert_eq!(
+            received(&mut peer).await,
+            b"HTTP/1.1 400 Bad Request\r\n\r\n"
         );
     }
 
