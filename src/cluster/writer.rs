@@ -7,13 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast::{
-    self,
-    error::{RecvError, TryRecvError},
-};
-
 use super::{Cluster, Lease};
-use crate::hub::{Hub, HubMsg};
+use crate::hub::{self, Hub, HubMsg, RecvError, TryRecvError};
 use crate::replay::{RingBounds, StoredEvent};
 
 /// Most blocks sent in one append.
@@ -36,7 +31,7 @@ pub struct Writer {
 /// `first` and the blocks ready behind it (up to a batch), and whether the hub ended;
 /// a lag (the tap fell behind) means nothing after `prev` can be vouched for.
 fn gather(
-    rx: &mut broadcast::Receiver<HubMsg>,
+    rx: &mut hub::Receiver,
     first: Arc<StoredEvent>,
     prev: &mut Option<u64>,
 ) -> (Vec<Arc<StoredEvent>>, bool) {

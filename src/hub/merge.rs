@@ -34,7 +34,7 @@ impl Inner {
         let shared = Arc::new(block);
         self.store.push(StoredEvent::clone(&shared));
         // No receiver is fine: the hub is lingering and only records.
-        let _ = self.tx.send(HubMsg::Block(shared));
+        self.tx.send(HubMsg::Block(shared));
     }
 
     /// Whether the old feed is still wanted.

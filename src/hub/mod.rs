@@ -15,10 +15,12 @@
 //! - `registry`: finding, creating and charging hubs; the counters metrics export.
 //! - `counters`: what the registry counts, and why a resume missed.
 //! - `merge`: merging the old process's feed with a new upstream after an upgrade.
+//! - `fanout`: how the blocks reach each reader at its own pace.
 //!
 //! Knows nothing of pingora: only tokio's sync primitives and the `http` header types.
 
 mod counters;
+mod fanout;
 mod merge;
 mod registry;
 
@@ -26,10 +28,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 
 pub use crate::key::StreamKey;
 pub use counters::{Miss, ReplayCounters};
+pub use fanout::{Receiver, RecvError, TryRecvError};
 pub use registry::{NewHub, Registry, Seed, Viewer};
 
 use crate::key::Audience;
@@ -41,8 +44,8 @@ use merge::Merge;
 /// A message from a hub to its subscribers.
 #[derive(Debug, Clone)]
 pub enum HubMsg {
-    /// A block to forward as is. Shared: the channel preallocates a slot per
-    /// `lag_blocks` for every hub, idle or not, so slots stay pointer-sized.
+    /// A block to forward as is. Shared: a shared hub's ring preallocates a slot per
+    /// `lag_blocks`, so slots stay pointer-sized.
     Block(Arc<StoredEvent>),
     /// The upstream stream ended (or failed): end the client's stream.
     End,
@@ -64,7 +67,7 @@ pub struct Subscription {
     /// Blocks to send first (the replay).
     pub replay: Vec<StoredEvent>,
     /// Then these, live.
-    pub rx: broadcast::Receiver<HubMsg>,
+    pub rx: Receiver,
     /// The subscriber asked to resume after an id and the replay starts right after it.
     pub resumed: bool,
     /// Keeps the subscriber counted; dropping it lets the hub linger.
@@ -90,7 +93,7 @@ struct Inner {
     /// Recent blocks.
     store: Box<dyn ReplayStore>,
     /// Live blocks to subscribers.
-    tx: broadcast::Sender<HubMsg>,
+    tx: fanout::Sender,
     /// No more blocks will come.
     ended: bool,
     /// Set while blocks handed over by the process this one replaced are merged with
@@ -235,10 +238,7 @@ impl Hub {
     /// (the cluster's writer: it must not keep the hub from lingering out), and, taken
     /// under the same lock so nothing slips between, the blocks it holds after the one
     /// that carried `after` (`None` when it holds no such block).
-    pub fn tap_after(
-        &self,
-        after: Option<&str>,
-    ) -> (Option<Vec<StoredEvent>>, broadcast::Receiver<HubMsg>) {
+    pub fn tap_after(&self, after: Option<&str>) -> (Option<Vec<StoredEvent>>, Receiver) {
         let mut inner = self.lock();
         let held = match after {
             Some(id) => match inner.store.after(id) {
@@ -273,7 +273,7 @@ impl Hub {
     fn finish(&self, mut inner: MutexGuard<'_, Inner>) {
         if !inner.ended {
             inner.ended = true;
-            let _ = inner.tx.send(HubMsg::End);
+            inner.tx.send(HubMsg::End);
         }
         drop(inner);
         self.changed.notify_waiters();

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 
 use super::counters::{Miss, ReplayCounters};
 use super::{merge::Merge, Hub, Inner, Start, StreamKey, Subscription};
@@ -268,7 +268,7 @@ impl Registry {
                 return (h, s, false);
             }
         }
-        let (tx, _) = broadcast::channel(self.lag_blocks);
+        let tx = super::fanout::Sender::new(shared, self.lag_blocks);
         let mut merge = None;
         let mut replay = None;
         if let Some(seed) = seed {

@@ -14,12 +14,12 @@ use bytes::{Bytes, BytesMut};
 use http::{header, Version};
 use pingora::prelude::*;
 use pingora::ErrorType;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use super::RelayStats;
 use crate::config::SseSettings;
-use crate::hub::{HubMsg, Subscription};
+use crate::hub::{HubMsg, RecvError, Subscription};
 use crate::limit::{self, StreamSlot};
 use crate::metrics::Metrics;
 use crate::sse;
@@ -215,8 +215,8 @@ impl Source for HubSource {
                         sets_retry: b.sets_retry,
                     }
                 }
-                Ok(HubMsg::End) | Err(broadcast::error::RecvError::Closed) => Piece::End(None),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
+                Ok(HubMsg::End) | Err(RecvError::Closed) => Piece::End(None),
+                Err(RecvError::Lagged(n)) => {
                     // Too slow a reader: it comes back with Last-Event-ID and resumes
                     // from the store, instead of holding memory here.
                     tracing::warn!(
