@@ -10,12 +10,17 @@
 //! response ([`rearm`], called by the proxy as a request ends), so the next request's
 //! header gets the same time, and an idle keep-alive connection is closed quietly after
 //! it (an idle close is not a late header: it is not counted as one).
+//!
+//! - `held`: on plaintext connections, the writes `Deadline` passes on are held until
+//!   the flush, in a buffer that exists only between the two.
+
+mod held;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
+use held::Held;
 
 /// The limits a [`ConnGuard`] applies.
 #[derive(Debug, Clone, Copy)]
@@ -156,26 +162,9 @@ pub struct Deadline {
     tail: [u8; 3],
     /// Bytes read by `try_peek`, handed out again by the next reads.
     peeked: Vec<u8>,
-    /// Writes held until the next flush (plaintext connections).
+    /// Writes held until the next flush (plaintext connections, see [`held`]).
     held: Held,
     _counted: Counted,
-}
-
-/// Most bytes held for the next flush; a larger write goes out directly.
-const HELD_MAX: usize = 4096;
-
-/// Writes held until the next flush on a plaintext connection, where pingora's own write
-/// buffer is off (`server::client_buffers`): a small response's header and body leave in
-/// one send, as they did through pingora's. Unlike pingora's, which is allocated at
-/// accept and kept for the connection's life (4 KiB of every open stream), this is
-/// allocated at the first write and given back at each flush: a stream between events
-/// or a kept-alive connection between requests holds none.
-#[derive(Default)]
-struct Held {
-    on: bool,
-    bytes: Vec<u8>,
-    /// How much of `bytes` has gone out.
-    sent: usize,
 }
 
 impl std::fmt::Debug for Deadline {
@@ -198,10 +187,7 @@ impl Deadline {
             tail: [0; 3],
             peeked: Vec::new(),
             // A TLS stream buffers beneath rustls (see `server::client_buffers`).
-            held: Held {
-                on: inner.get_ssl_digest().is_none(),
-                ..Held::default()
-            },
+            held: Held::new(inner.get_ssl_digest().is_none()),
             inner,
             _counted: counted,
         }
@@ -297,54 +283,14 @@ impl Deadline {
     }
 }
 
-impl Deadline {
-    /// Writes out what is held. The buffer is kept for the writes that follow.
-    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let held = &mut self.held;
-        while held.sent < held.bytes.len() {
-            match ready!(Pin::new(&mut self.inner).poll_write(cx, &held.bytes[held.sent..])) {
-                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => held.sent += n,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        held.bytes.clear();
-        held.sent = 0;
-        Poll::Ready(Ok(()))
-    }
-
-    /// Holds `bufs` (together `len` bytes) for the next flush, or writes them when they
-    /// are too many to hold.
-    fn poll_hold(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-        len: usize,
-    ) -> Poll<std::io::Result<usize>> {
-        if self.held.bytes.len() + len > HELD_MAX {
-            ready!(self.poll_send_held(cx))?;
-        }
-        if len >= HELD_MAX {
-            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        }
-        if self.held.bytes.capacity() == 0 {
-            self.held.bytes.reserve_exact(HELD_MAX);
-        }
-        for b in bufs {
-            self.held.bytes.extend_from_slice(b);
-        }
-        Poll::Ready(Ok(len))
-    }
-}
-
 impl Drop for Deadline {
     /// What is held goes out if the socket takes it now, as pingora's stream does with
     /// its buffer when dropped (an error page written just before the connection is let
     /// go, say).
     fn drop(&mut self) {
-        if self.held.sent < self.held.bytes.len() {
+        if self.held.unsent() {
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            let _ = self.poll_send_held(&mut cx);
+            let _ = self.held.poll_send(&mut self.inner, &mut cx);
         }
     }
 }
@@ -356,28 +302,19 @@ impl AsyncWrite for Deadline {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let r = match this.held.on {
-            true => this.poll_hold(cx, &[std::io::IoSlice::new(buf)], buf.len()),
-            false => Pin::new(&mut this.inner).poll_write(cx, buf),
-        };
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.armed = false;
-        }
+        let r = this.held.poll_write(&mut this.inner, cx, buf);
+        this.wrote(&r);
         r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send_held(cx))?;
-        // Given back: the next write may be an event minutes away.
-        this.held.bytes = Vec::new();
-        Pin::new(&mut this.inner).poll_flush(cx)
+        this.held.poll_flush(&mut this.inner, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send_held(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        this.held.poll_shutdown(&mut this.inner, cx)
     }
 
     fn poll_write_vectored(
@@ -386,21 +323,22 @@ impl AsyncWrite for Deadline {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let r = match this.held.on {
-            true => {
-                let len = bufs.iter().map(|b| b.len()).sum();
-                this.poll_hold(cx, bufs, len)
-            }
-            false => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
-        };
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.armed = false;
-        }
+        let r = this.held.poll_write_vectored(&mut this.inner, cx, bufs);
+        this.wrote(&r);
         r
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.held.on || self.inner.is_write_vectored()
+        self.held.is_write_vectored(&self.inner)
+    }
+}
+
+impl Deadline {
+    /// A response is being written: its request's header was complete.
+    fn wrote(&mut self, r: &Poll<std::io::Result<usize>>) {
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.armed = false;
+        }
     }
 }
 
@@ -408,7 +346,7 @@ impl AsyncWrite for Deadline {
 impl Shutdown for Deadline {
     async fn shutdown(&mut self) {
         // What is held goes first, as pingora's buffer's did.
-        let _ = std::future::poll_fn(|cx| self.poll_send_held(cx)).await;
+        let _ = std::future::poll_fn(|cx| self.held.poll_send(&mut self.inner, cx)).await;
         self.inner.shutdown().await
     }
 }
@@ -508,6 +446,7 @@ impl Peek for Deadline {
 
 #[cfg(test)]
 mod tests {
+    use super::held::HELD_MAX;
     use super::*;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
