@@ -196,6 +196,13 @@ mod tests {
         }
     }
 
+    fn queue(tx: &Sender) -> &async_broadcast::Sender<HubMsg> {
+        match tx {
+            Sender::Queue { tx, .. } => tx,
+            Sender::Ring(_) => panic!("a private hub's fan-out is a queue"),
+        }
+    }
+
     #[test]
     fn a_private_queue_grows_only_as_far_as_its_reader_lags() {
         let mut tx = Sender::new(false, 128);
@@ -204,9 +211,7 @@ mod tests {
             tx.send(block(i));
             assert!(rx.try_recv().is_ok());
         }
-        let Sender::Queue { tx: q, .. } = &tx else {
-            panic!("a private hub's fan-out is a queue");
-        };
+        let q = queue(&tx);
         assert_eq!(q.capacity(), 1, "a caught-up reader needs one slot");
         for i in 0..100 {
             tx.send(block(i));
