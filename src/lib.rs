@@ -26,7 +26,7 @@
 //! - `relay`: one response from upstream to client (admission, pooled upstream
 //!   connections, hubs, the one stream writer).
 //! - `live`, `reply`, `conn`, `tls`, `metrics`: config-derived state, the gateway's own
-//!   answers, the connection guard, certificates, Prometheus metrics.
+//!   answers, the connection guard (and its held writes), certificates, Prometheus metrics.
 //!
 //! One event's path: upstream socket → `relay::pooled::Pooled` (pingora's HTTP/1.1
 //! client on a pooled connection, read in the task that consumes it) → the hub's pump
