@@ -7,6 +7,8 @@
 #   SSEGATE_BASELINE=/path/to/an/older/ssegate adds a `baseline` column: that binary on
 #   the same config, in the same run (before/after comparisons of a change).
 #   --quick: smaller runs (a minute or two), to check the script itself.
+#   CASES="one" runs only those of the four cases (idle h2c one shared); ROUNDS=3 runs
+#   every proxy that many times, in alternating order (one row per run), to see a spread.
 #   A `cluster` column (when redis-server is installed, or PROXIES names it): two ssegate
 #   nodes sharing one Redis, clients spread over both with the same Host, one stream
 #   key per client in the 1:1 case; CPU and memory are both nodes' and Redis's.
@@ -128,15 +130,26 @@ command -v redis-server >/dev/null && proxies+=(cluster)
 # PROXIES="direct ssegate" runs only those.
 [ -z "${PROXIES:-}" ] || read -ra proxies <<< "$PROXIES"
 RESULTS="$W/results"; : > "$RESULTS"
+CASES=" ${CASES:-idle h2c one shared} "
+has() { [[ "$CASES" == *" $1 "* ]]; }
+# ROUNDS=N: the proxies N times over, every other round in reverse order.
+order=()
+for r in $(seq "${ROUNDS:-1}"); do
+  if [ $((r % 2)) = 1 ]; then order+=("${proxies[@]}"); else
+    for ((i = ${#proxies[@]} - 1; i >= 0; i--)); do order+=("${proxies[$i]}"); done; fi
+done
 
 load() { # port path clients secs warm [more sse_load flags] -> json
   target/release/examples/sse_load --url "http://127.0.0.1:$1$2" --clients "$3" --duration "$4" --warmup "$5" --ramp 3000 --sources 32 "${@:6}"
 }
 
-for p in "${proxies[@]}"; do
+for p in "${order[@]}"; do
   spread=(); one=()
   [ "$p" = cluster ] && spread=(--nodes $GW2) && one=(--distinct)
+  idle_kib=null idle_ok=null h2c_kib=null h2c_ok=null c0=0 c1=0 k0=0 k1=0 s0=0 s1=0 o0=0 o1=0
+  shared_base=0 shared_held=0; rm -f "$W/one.json" "$W/shared.json"
   # 1. Idle streams: memory per open stream.
+  if has idle; then
   start_origin 1
   start_proxy "$p"
   base=$(rss $PPID_)
@@ -149,11 +162,11 @@ for p in "${proxies[@]}"; do
   idle_ok=$(python3 -c "import json;print(json.load(open('$W/idle.json'))['connected'])")
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
+  fi
 
   # 1b. The same over h2c, 100 streams per connection (the origin speaks HTTP/1.1 only:
   # no direct figure). ssegate takes h2c on its one port; nginx and HAProxy on another.
-  h2c_kib=null h2c_ok=null
-  if [ "$p" != direct ]; then
+  if [ "$p" != direct ] && has h2c; then
     start_origin 1
     start_proxy "$p"
     h2port=$PORT; case $p in nginx) h2port=$NGX2 ;; haproxy) h2port=$HAP2 ;; esac
@@ -171,6 +184,7 @@ for p in "${proxies[@]}"; do
   fi
 
   # 2. 1:1 streams: CPU per delivered event, latency, loss.
+  if has one; then
   start_origin $ONE_RATE
   start_proxy "$p"
   load $PORT /stream $ONE $((SECS + WARM)) $WARM "${spread[@]}" "${one[@]}" > "$W/one.json" &
@@ -179,9 +193,11 @@ for p in "${proxies[@]}"; do
   wait $LPID || true
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
+  fi
 
   # 3. Many clients of one feed: total CPU (proxy + origin) per delivered event. Only
   # ssegate shares one upstream stream (a shared route); the others proxy 1:1.
+  if has shared; then
   path=/stream; case $p in ssegate|baseline|cluster) path=/shared/stream ;; esac
   start_origin $SHARED_RATE
   start_proxy "$p"
@@ -192,30 +208,39 @@ for p in "${proxies[@]}"; do
   wait $LPID || true
   [ "$p" = direct ] || stop $PPID_
   stop $OPID
+  fi
 
   python3 - "$p" "$idle_kib" "$idle_ok" "$c0" "$c1" "$s0" "$s1" "$o0" "$o1" "$SECS" "$W" "$k0" "$k1" "$h2c_kib" "$h2c_ok" "$shared_base" "$shared_held" >> "$RESULTS" <<'PY'
 import json, sys
 p, idle_kib, idle_ok, c0, c1, s0, s1, o0, o1, secs, w, k0, k1, h2c_kib, h2c_ok, sh_base, sh_held = sys.argv[1:]
-one = json.load(open(f"{w}/one.json")); sh = json.load(open(f"{w}/shared.json"))
+import os
+def report(name):  # a case that did not run (CASES) leaves its cells empty
+    f = f"{w}/{name}.json"
+    return json.load(open(f)) if os.path.exists(f) else None
+one, sh = report("one"), report("shared")
 # CPU was sampled over the load tool's measuring window (after its warm-up), and
 # `measured` counts the events delivered in that same window.
 def per_m(cpu, rep):
     ev = rep["measured"]
     return 1e6 * cpu / ev if ev else float("nan")
-row = {
-  "proxy": p, "idle_streams": int(idle_ok), "idle_kib_per_stream": float(idle_kib),
-  "idle_h2c_streams": json.loads(h2c_ok), "idle_h2c_kib_per_stream": json.loads(h2c_kib),
-  "one_cpu_s_per_m": per_m(float(c1) - float(c0), one),
-  "one_sys_s_per_m": per_m(float(k1) - float(k0), one),
-  "one_p50_ms": one["latency_us"]["p50"] / 1000, "one_p99_ms": one["latency_us"]["p99"] / 1000,
-  "one_lost": one["lost"], "one_errors": one["errors"], "one_events": one["events"],
-  "shared_clients": sh["connected"],
-  # The proxy's own memory per client while the feed runs (the others hold one upstream
-  # connection per client; ssegate one for them all).
-  "shared_kib_per_client": (float(sh_held) - float(sh_base)) / sh["connected"] if sh["connected"] else None,
-  "shared_total_cpu_s_per_m": per_m((float(s1) - float(s0)) + (0 if p == "direct" else float(o1) - float(o0)), sh),
-  "shared_p99_ms": sh["latency_us"]["p99"] / 1000, "shared_lost": sh["lost"],
-}
+row = {"proxy": p, "idle_streams": json.loads(idle_ok), "idle_kib_per_stream": json.loads(idle_kib),
+       "idle_h2c_streams": json.loads(h2c_ok), "idle_h2c_kib_per_stream": json.loads(h2c_kib)}
+if one:
+    row.update({
+      "one_cpu_s_per_m": per_m(float(c1) - float(c0), one),
+      "one_sys_s_per_m": per_m(float(k1) - float(k0), one),
+      "one_p50_ms": one["latency_us"]["p50"] / 1000, "one_p99_ms": one["latency_us"]["p99"] / 1000,
+      "one_lost": one["lost"], "one_errors": one["errors"], "one_events": one["events"],
+    })
+if sh:
+    row.update({
+      "shared_clients": sh["connected"],
+      # The proxy's own memory per client while the feed runs (the others hold one upstream
+      # connection per client; ssegate one for them all).
+      "shared_kib_per_client": (float(sh_held) - float(sh_base)) / sh["connected"] if sh["connected"] else None,
+      "shared_total_cpu_s_per_m": per_m((float(s1) - float(s0)) + (0 if p == "direct" else float(o1) - float(o0)), sh),
+      "shared_p99_ms": sh["latency_us"]["p99"] / 1000, "shared_lost": sh["lost"],
+    })
 print(json.dumps(row))
 PY
 done
@@ -246,8 +271,9 @@ line("many clients: events lost", "shared_lost", "{}")
 PY
 
 # The run's rows and its charts (BENCHMARKS.md embeds benches/charts/*.svg): CHARTS=DIR
-# draws them elsewhere, CHARTS= (empty) skips them.
+# draws them elsewhere, CHARTS= (empty) skips them; so does a run of some cases or rounds.
 CHARTS=${CHARTS-benches/charts}
+[ "$CASES" = " idle h2c one shared " ] && [ "${ROUNDS:-1}" = 1 ] || CHARTS=
 if [ -n "$CHARTS" ] && command -v gnuplot >/dev/null; then
   mkdir -p "$CHARTS" && cp "$RESULTS" "$CHARTS/results.jsonl"
   benches/charts.sh "$RESULTS" "$CHARTS"
