@@ -270,7 +270,7 @@ pub(super) async fn start(
             .as_ref()
             .map(|w| (w.cluster.clone(), w.lease.tag.clone()));
         if let Some(w) = writer {
-            tokio::spawn(w.run(hub.clone()));
+            w.cluster.clone().spawn(w.run(hub.clone()));
         }
         let registry = rcx.registry.clone();
         tokio::spawn(pump(hub.clone(), registry, feed, linger, watch));

@@ -484,7 +484,7 @@ impl Follower {
                 head: cluster::encode_head(&self.hub.head),
                 audience,
             };
-            tokio::spawn(writer.run(self.hub.clone()));
+            self.cluster.spawn(writer.run(self.hub.clone()));
         }
         super::pump::pump(self.hub, self.registry, feed, self.linger, watch).await;
         true
