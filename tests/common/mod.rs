@@ -894,10 +894,13 @@ pub fn browser_stats(page: &str, want: usize, timeout_ms: u64) -> serde_json::Va
         .args([page, &want.to_string(), &timeout_ms.to_string()])
         .output()
         .expect("run node");
+    // Node's stderr too: without `tests/node/node_modules` (scripts/test installs them)
+    // the script dies before printing, and stdout alone says nothing of why.
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "browser output ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
+            "browser output ({e}): {}\nnode's stderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         )
     })
 }
