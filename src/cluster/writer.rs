@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Cluster, Lease};
-use crate::hub::{self, Hub, HubMsg, RecvError, TryRecvError};
+use crate::hub::Hub;
 use crate::replay::{RingBounds, StoredEvent};
 
 /// Most blocks sent in one append.
@@ -26,25 +26,6 @@ pub struct Writer {
     pub head: Vec<u8>,
     /// The audience fingerprint, private flag first (see `relay::remote`).
     pub audience: Vec<u8>,
-}
-
-/// `first` and the blocks ready behind it (up to a batch), and whether the hub ended;
-/// a lag (the tap fell behind) means nothing after `prev` can be vouched for.
-fn gather(
-    rx: &mut hub::Receiver,
-    first: Arc<StoredEvent>,
-    prev: &mut Option<u64>,
-) -> (Vec<Arc<StoredEvent>>, bool) {
-    let mut batch = vec![first];
-    while batch.len() < BATCH {
-        match rx.try_recv() {
-            Ok(HubMsg::Block(b)) => batch.push(b),
-            Ok(HubMsg::End) | Err(TryRecvError::Closed) => return (batch, true),
-            Err(TryRecvError::Lagged(_)) => *prev = None,
-            Err(TryRecvError::Empty) => break,
-        }
-    }
-    (batch, false)
 }
 
 /// How long an exiting reader goes on once another node follows its stream: the
@@ -90,7 +71,7 @@ impl Writer {
         // What this hub holds past the history's newest block (a follower that read
         // the upstream beside the old reader for a while) is written first.
         let last = Some(self.lease.last_id.as_str()).filter(|id| !id.is_empty());
-        let (held, mut rx) = hub.tap_after(last);
+        let (held, mut tap) = hub.tap_after(last);
         c.counters.leases_held.fetch_add(1, Ordering::Relaxed);
         // Continue the history where it stands, unless there is none yet or this hub
         // cannot vouch for what follows its newest block.
@@ -109,27 +90,25 @@ impl Writer {
         let every = self.cluster.settings.lease / 3;
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut fenced = false;
+        let mut batch = Vec::new();
         loop {
             if !opened {
                 opened = self.open().await;
             }
             tokio::select! {
                 biased;
-                msg = rx.recv(), if catch_up.is_empty() => {
-                    let first = match msg {
-                        Ok(HubMsg::Block(b)) => b,
-                        Ok(HubMsg::End) | Err(RecvError::Closed) => break,
-                        Err(RecvError::Lagged(_)) => {
-                            prev = None;
-                            continue;
-                        }
-                    };
-                    let (batch, ended) = gather(&mut rx, first, &mut prev);
-                    if !self.write(&mut prev, &mut epoch, &batch).await {
-                        fenced = true;
-                        break;
+                n = tap.recv_many(&mut batch, BATCH), if catch_up.is_empty() => {
+                    if n == 0 {
+                        break; // the hub ended
                     }
-                    if ended {
+                    if tap.lagged() {
+                        // Blocks were dropped before these (the tap fell behind).
+                        prev = None;
+                    }
+                    let written = self.write(&mut prev, &mut epoch, &batch).await;
+                    batch.clear();
+                    if !written {
+                        fenced = true;
                         break;
                     }
                 }

@@ -8,10 +8,18 @@
 //! `lag_blocks` slots (4.9 KiB of every idle private stream at 128): there the queue is
 //! `async-broadcast`'s, which starts at one slot and grows, up to `lag_blocks`, only as
 //! far as its slowest reader falls behind.
+//!
+//! The cluster's writer reads through a [`Tap`] of its own instead: it runs on another
+//! thread, at a lower priority, and sharing the clients' queue would make the hub's
+//! thread take a lock that thread may hold while it waits for a core.
 
-use tokio::sync::broadcast;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
 
 use super::HubMsg;
+use crate::replay::StoredEvent;
 
 /// Why a receive gave no block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +144,62 @@ impl Receiver {
     }
 }
 
+/// The hub's side of a [`Tap`].
+pub(super) struct TapSender {
+    tx: mpsc::Sender<Arc<StoredEvent>>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// Every block a hub publishes, for a reader that is not a subscriber (the cluster's
+/// writer): its own bounded queue, so the hub's send takes no lock its reader holds,
+/// and a reader `lag_blocks` behind has the next blocks dropped and is told so.
+pub struct Tap {
+    rx: mpsc::Receiver<Arc<StoredEvent>>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl TapSender {
+    /// A tap of `lag_blocks` slots.
+    pub(super) fn new(lag_blocks: usize) -> (TapSender, Tap) {
+        let (tx, rx) = mpsc::channel(lag_blocks.max(1));
+        let lagged = Arc::new(AtomicBool::new(false));
+        let tap = Tap {
+            rx,
+            lagged: lagged.clone(),
+        };
+        (TapSender { tx, lagged }, tap)
+    }
+
+    /// Sends `block`, or marks the reader lagged when its queue is full; `false` once
+    /// the reader is gone.
+    pub(super) fn send(&self, block: &Arc<StoredEvent>) -> bool {
+        match self.tx.try_send(block.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Set before any later block is sent: a reader that sees that block and
+                // then checks the flag sees it set.
+                self.lagged.store(true, Ordering::Release);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+impl Tap {
+    /// Waits for blocks and moves up to `max` of those ready into `into`; 0 when the
+    /// hub has ended and every block was taken. Cancel-safe.
+    pub async fn recv_many(&mut self, into: &mut Vec<Arc<StoredEvent>>, max: usize) -> usize {
+        self.rx.recv_many(into, max).await
+    }
+
+    /// Whether blocks were dropped since the last call (before some of those taken
+    /// since, or about to be): nothing after the last block written can be vouched for.
+    pub fn lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +289,33 @@ mod tests {
             "grown to what the reader is behind, within the bound"
         );
         assert_eq!(q.len(), 100);
+    }
+
+    /// A tap that falls behind loses the blocks past its bound and is told so once;
+    /// the hub's end closes it after the blocks it holds.
+    #[tokio::test]
+    async fn a_tap_behind_its_bound_is_told_and_closes_after_the_last_block() {
+        let (tx, mut tap) = TapSender::new(2);
+        for i in 1..=3 {
+            let HubMsg::Block(b) = block(i) else {
+                unreachable!()
+            };
+            assert!(tx.send(&b));
+        }
+        let mut got = vec![];
+        assert_eq!(tap.recv_many(&mut got, 8).await, 2);
+        assert!(tap.lagged(), "the third block did not fit");
+        assert!(!tap.lagged(), "told once");
+        drop(tx);
+        assert_eq!(tap.recv_many(&mut got, 8).await, 0);
+        let ids: Vec<_> = got.iter().map(|b| b.id.to_string()).collect();
+        assert_eq!(ids, ["1", "2"]);
+        let (tx, tap) = TapSender::new(2);
+        drop(tap);
+        let HubMsg::Block(b) = block(1) else {
+            unreachable!()
+        };
+        assert!(!tx.send(&b), "a reader that left is reported gone");
     }
 
     #[tokio::test]

@@ -34,7 +34,8 @@ impl Inner {
         let shared = Arc::new(block);
         self.store.push(StoredEvent::clone(&shared));
         // No receiver is fine: the hub is lingering and only records.
-        self.tx.send(HubMsg::Block(shared));
+        self.tx.send(HubMsg::Block(shared.clone()));
+        self.taps.retain(|t| t.send(&shared));
     }
 
     /// Whether the old feed is still wanted.

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 
 pub use crate::key::StreamKey;
 pub use counters::{Miss, ReplayCounters};
-pub use fanout::{Receiver, RecvError, TryRecvError};
+pub use fanout::{Receiver, RecvError, Tap, TryRecvError};
 pub use registry::{NewHub, Registry, Seed, Viewer};
 
 use crate::key::Audience;
@@ -94,6 +94,8 @@ struct Inner {
     store: Box<dyn ReplayStore>,
     /// Live blocks to subscribers.
     tx: fanout::Sender,
+    /// Live blocks to readers that are not subscribers (the cluster's writer).
+    taps: Vec<fanout::TapSender>,
     /// No more blocks will come.
     ended: bool,
     /// Set while blocks handed over by the process this one replaced are merged with
@@ -238,7 +240,8 @@ impl Hub {
     /// (the cluster's writer: it must not keep the hub from lingering out), and, taken
     /// under the same lock so nothing slips between, the blocks it holds after the one
     /// that carried `after` (`None` when it holds no such block).
-    pub fn tap_after(&self, after: Option<&str>) -> (Option<Vec<StoredEvent>>, Receiver) {
+    /// Its queue holds `lag_blocks`, as a subscriber's does; it closes when the hub ends.
+    pub fn tap_after(&self, after: Option<&str>) -> (Option<Vec<StoredEvent>>, Tap) {
         let mut inner = self.lock();
         let held = match after {
             Some(id) => match inner.store.after(id) {
@@ -247,7 +250,14 @@ impl Hub {
             },
             None => None,
         };
-        (held, inner.tx.subscribe())
+        let (tx, tap) = fanout::TapSender::new(inner.max_pending);
+        if inner.ended {
+            // Closed at once: the reader sees the end after what is held.
+            drop(tx);
+        } else {
+            inner.taps.push(tx);
+        }
+        (held, tap)
     }
 
     /// Whether blocks handed over are still wanted.
@@ -274,6 +284,7 @@ impl Hub {
         if !inner.ended {
             inner.ended = true;
             inner.tx.send(HubMsg::End);
+            inner.taps.clear();
         }
         drop(inner);
         self.changed.notify_waiters();

@@ -301,6 +301,7 @@ impl Registry {
                 parser: sse::Parser::boundaries_only(max_event_bytes),
                 store,
                 tx,
+                taps: Vec::new(),
                 ended: false,
                 merge,
                 max_pending: self.lag_blocks,
