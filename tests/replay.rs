@@ -329,10 +329,24 @@ fn a_client_that_cannot_keep_up_is_cut_after_a_bounded_lag_and_resumes() {
     // HTTP/1.0: the body is the bare stream (no chunk framing) up to the close. The
     // `Host` is curl's, so the resume below asks for the same stream.
     let req = format!(
-        "GET /big.php?size=100000&n=400 HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nAccept: text/event-stream\r\n\r\n",
+        "GET /big.php?size=100000&n=400&pause=300 HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nAccept: text/event-stream\r\n\r\n",
         gw.port
     );
     s.write_all(req.as_bytes()).expect("request");
+    // Read the head and the first whole event (the backend pauses after it), so the
+    // client has an id to come back with: without the pause, on a busy machine the
+    // pump could read 16 blocks before the client's writer first ran, and the client
+    // was cut before its first event.
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while !first_event_in(&got) {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
     // Do not read while 40 MB go by (the hub has stored them all): the socket fills up
     // and the client falls behind. It is cut when its writer next takes a block.
     assert!(
@@ -340,9 +354,6 @@ fn a_client_that_cannot_keep_up_is_cut_after_a_bounded_lag_and_resumes() {
         "the hub stored {} bytes",
         admin_metric(admin, "ssegate_replay_bytes")
     );
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
     let body = got
         .windows(4)
@@ -351,8 +362,9 @@ fn a_client_that_cannot_keep_up_is_cut_after_a_bounded_lag_and_resumes() {
     let (events, _) = parse_stream(body);
     assert!(
         !events.is_empty() && events.len() < 400,
-        "a stalled client got {} whole events",
-        events.len()
+        "a stalled client got {} whole events; log:\n{}",
+        events.len(),
+        gw.log()
     );
     assert!(
         wait_for(|| gw.log().contains("fell behind")),
@@ -361,12 +373,19 @@ fn a_client_that_cannot_keep_up_is_cut_after_a_bounded_lag_and_resumes() {
     // It comes back with the id of its last whole event and resumes from the store.
     let last: u64 = events.last().and_then(|e| e.0.parse().ok()).expect("an id");
     let back = sse(
-        &gw.url("/big.php?size=100000&n=400"),
+        &gw.url("/big.php?size=100000&n=400&pause=300"),
         &[&format!("Last-Event-ID: {last}")],
         2.0,
     );
     assert!(back.replay_header().starts_with("hit"), "{}", back.head);
     assert_eq!(back.ids().first(), Some(&(last + 1)), "{}", back.head);
+}
+
+/// Whether `got` (a response read so far) holds its head and a whole event.
+fn first_event_in(got: &[u8]) -> bool {
+    got.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .is_some_and(|i| got[i + 4..].windows(2).any(|w| w == b"\n\n"))
 }
 
 /// Without a hub (replay off) nothing else cuts a client that stops reading: the write
