@@ -1,7 +1,8 @@
 //! The reader's side: every block its hub publishes is appended to the shared history,
 //! in order, each append fenced by the lease in the same atomic step. The hub's own
-//! clients never wait for Redis: the writer is a tap on the hub's broadcast, and what
-//! it could not write in order (Redis away, the tap lagged) starts a new epoch.
+//! clients never wait for Redis: the writer reads the hub through a tap of its own
+//! ([`crate::hub::Tap`]), and what it could not write in order (Redis away, the tap
+//! lagged) starts a new epoch.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
-//! How a hub's blocks reach its readers (clients, the cluster's writer, an upgrade's
-//! handover), each at its own pace, a reader that falls `lag_blocks` behind being told
+//! How a hub's blocks reach its readers (clients, an upgrade's handover, the cluster's
+//! writer), each at its own pace, a reader that falls `lag_blocks` behind being told
 //! so instead of holding more.
 //!
 //! A shared hub has thousands of readers: tokio's broadcast ring serves them without a
