@@ -255,7 +255,7 @@ impl Cluster {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::*;
@@ -265,9 +265,9 @@ mod tests {
 
     /// Debian's `redis-server` on a free loopback port, killed when dropped (its
     /// directory, the last field, with it).
-    struct Server(
+    pub(in crate::cluster) struct Server(
         std::process::Child,
-        u16,
+        pub(in crate::cluster) u16,
         #[allow(dead_code)] tempfile::TempDir,
     );
 
@@ -278,7 +278,7 @@ mod tests {
         }
     }
 
-    fn redis() -> Server {
+    pub(in crate::cluster) fn redis() -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -307,7 +307,7 @@ mod tests {
         Server(child, port, dir)
     }
 
-    async fn node(port: u16, name: &str) -> Arc<Cluster> {
+    pub(in crate::cluster) async fn node(port: u16, name: &str) -> Arc<Cluster> {
         let c = Cluster::new(config::Cluster {
             redis: format!("redis://127.0.0.1:{port}/"),
             password: None,

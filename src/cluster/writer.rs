@@ -215,3 +215,106 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::batch::tests::{node, redis};
+    use crate::hub::{NewHub, Registry, Viewer};
+    use crate::key::{Audience, StreamKey};
+    use crate::replay::{Budget, MemoryRing};
+
+    fn events(ids: std::ops::RangeInclusive<u32>) -> Vec<u8> {
+        ids.flat_map(|i| format!("id: {i}\ndata: {i}\n\n").into_bytes())
+            .collect()
+    }
+
+    /// A writer whose tap fell behind cannot vouch for what it missed: what it writes
+    /// next starts a new epoch (a resume from before the hole is a miss), never a
+    /// history that silently skips the dropped blocks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_writer_that_fell_behind_starts_a_new_epoch() {
+        let server = redis();
+        let c = node(server.1, "a").await;
+        let bounds = RingBounds {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+        };
+        let key = StreamKey::new([&b"lagging"[..]]);
+        let tag = c.tag(&key);
+        let lease = c.acquire(&tag).await.unwrap().expect("a free lease");
+        // Taps hold 4 blocks, as the clients' queues do.
+        let registry = Registry::new(4, 10);
+        let head = http::Response::new(()).into_parts().0;
+        let no_headers = http::HeaderMap::new();
+        let (hub, _client, _) = registry.create(
+            NewHub {
+                key: key.clone(),
+                aliases: vec![],
+                shared: false,
+                audience: Audience::of(&head.headers, &no_headers, &[], false),
+                head,
+                store: Box::new(MemoryRing::new(bounds, Budget::new(1 << 20))),
+                max_event_bytes: 1 << 16,
+                seed: None,
+                owner: None,
+            },
+            Viewer {
+                headers: &no_headers,
+                has_identity: false,
+            },
+        );
+        let writer = Writer {
+            cluster: c.clone(),
+            lease,
+            bounds,
+            head: b"head".to_vec(),
+            audience: b"audience".to_vec(),
+        };
+        let task = tokio::spawn(writer.run(hub.clone()));
+        let history = |entries: bool| {
+            let (c, tag) = (c.clone(), tag.clone());
+            async move { c.peek(&tag, entries).await.unwrap() }
+        };
+        let wait_top = |top: u64| async move {
+            for _ in 0..100 {
+                if history(false).await.offset >= top {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("the history did not reach offset {top}");
+        };
+        // The writer has tapped the hub once it recorded the head.
+        for _ in 0..100 {
+            if !history(false).await.head.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Within the tap's bound: one history.
+        hub.feed(&events(1..=3)).unwrap();
+        wait_top(3).await;
+        let first = history(false).await.epoch;
+        // Twelve blocks at once while the writer cannot run (this runtime has one
+        // thread): the tap keeps four, drops eight, and says so.
+        hub.feed(&events(4..=15)).unwrap();
+        wait_top(7).await;
+        let after = history(true).await;
+        let ids: Vec<String> = after
+            .entries
+            .iter()
+            .map(|e| e.block.id.to_string())
+            .collect();
+        assert_ne!(after.epoch, first, "the hole was crossed in the same epoch");
+        assert_eq!(
+            ids,
+            ["4", "5", "6", "7"],
+            "what the tap kept, in a history of its own"
+        );
+        assert_eq!(c.counters.epoch_resets.load(Ordering::Relaxed), 1);
+        hub.end();
+        task.await.unwrap();
+    }
+}
