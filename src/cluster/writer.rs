@@ -100,13 +100,27 @@ impl Writer {
                 biased;
                 n = tap.recv_many(&mut batch, BATCH), if catch_up.is_empty() => {
                     if n == 0 {
-                        break; // the hub ended
+                        // The hub ended. Blocks dropped after the last one written: the
+                        // history cannot vouch for its end (a new epoch, empty).
+                        if tap.dropped_at_end() {
+                            prev = None;
+                            fenced = !self.write(&mut prev, &mut epoch, &[]).await;
+                        }
+                        break;
                     }
-                    if tap.lagged() {
-                        // Blocks were dropped before these (the tap fell behind).
-                        prev = None;
+                    // Each run with no hole inside; after a hole (the tap fell behind)
+                    // the history cannot continue: a new epoch.
+                    let mut written = true;
+                    for run in batch.chunk_by(|_, next| !next.after_gap) {
+                        if run[0].after_gap {
+                            prev = None;
+                        }
+                        let blocks: Vec<_> = run.iter().map(|t| t.block.clone()).collect();
+                        written = self.write(&mut prev, &mut epoch, &blocks).await;
+                        if !written {
+                            break;
+                        }
                     }
-                    let written = self.write(&mut prev, &mut epoch, &batch).await;
                     batch.clear();
                     if !written {
                         fenced = true;
@@ -298,23 +312,31 @@ mod tests {
         wait_top(3).await;
         let first = history(false).await.epoch;
         // Twelve blocks at once while the writer cannot run (this runtime has one
-        // thread): the tap keeps four, drops eight, and says so.
+        // thread): the tap keeps four and drops eight. The four continue the history.
         hub.feed(&events(4..=15)).unwrap();
         wait_top(7).await;
+        assert_eq!(history(false).await.epoch, first);
+        // The next block comes after the hole: a new epoch, holding only what follows.
+        hub.feed(&events(16..=16)).unwrap();
+        wait_top(8).await;
         let after = history(true).await;
-        let ids: Vec<String> = after
-            .entries
-            .iter()
-            .map(|e| e.block.id.to_string())
-            .collect();
+        let ids = |entries: &[crate::cluster::Entry]| -> Vec<String> {
+            entries
+                .iter()
+                .filter(|e| !e.end && !e.handoff)
+                .map(|e| e.block.id.to_string())
+                .collect()
+        };
         assert_ne!(after.epoch, first, "the hole was crossed in the same epoch");
-        assert_eq!(
-            ids,
-            ["4", "5", "6", "7"],
-            "what the tap kept, in a history of its own"
-        );
+        assert_eq!(ids(&after.entries), ["16"]);
         assert_eq!(c.counters.epoch_resets.load(Ordering::Relaxed), 1);
+        // Blocks dropped just before the hub ends: the history cannot vouch for its end.
+        hub.feed(&events(17..=30)).unwrap();
         hub.end();
         task.await.unwrap();
+        let end = history(true).await;
+        assert_ne!(end.epoch, after.epoch, "a hole at the end went unsignalled");
+        assert!(ids(&end.entries).is_empty(), "{:?}", ids(&end.entries));
+        assert_eq!(c.counters.epoch_resets.load(Ordering::Relaxed), 2);
     }
 }

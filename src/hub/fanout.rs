@@ -146,39 +146,62 @@ impl Receiver {
 
 /// The hub's side of a [`Tap`].
 pub(super) struct TapSender {
-    tx: mpsc::Sender<Arc<StoredEvent>>,
-    lagged: Arc<AtomicBool>,
+    tx: mpsc::Sender<Tapped>,
+    /// Blocks were dropped since the last one sent: the next one sent says so.
+    dropped: bool,
+    /// Set when the hub ends with blocks dropped after the last one sent.
+    dropped_at_end: Arc<AtomicBool>,
+}
+
+/// A block from a [`Tap`], and whether blocks were dropped just before it (the reader
+/// was `lag_blocks` behind): nothing before it can be vouched to continue into it.
+pub struct Tapped {
+    /// The block.
+    pub block: Arc<StoredEvent>,
+    /// Blocks were dropped between the one before and this one.
+    pub after_gap: bool,
 }
 
 /// Every block a hub publishes, for a reader that is not a subscriber (the cluster's
-/// writer): its own bounded queue, so the hub's send takes no lock its reader holds,
-/// and a reader `lag_blocks` behind has the next blocks dropped and is told so.
+/// writer): its own bounded queue, so the hub's send takes no lock its reader holds.
+/// A reader `lag_blocks` behind has the next blocks dropped, and learns where: on the
+/// next block that fits, or at the end.
 pub struct Tap {
-    rx: mpsc::Receiver<Arc<StoredEvent>>,
-    lagged: Arc<AtomicBool>,
+    rx: mpsc::Receiver<Tapped>,
+    dropped_at_end: Arc<AtomicBool>,
 }
 
 impl TapSender {
     /// A tap of `lag_blocks` slots.
     pub(super) fn new(lag_blocks: usize) -> (TapSender, Tap) {
         let (tx, rx) = mpsc::channel(lag_blocks.max(1));
-        let lagged = Arc::new(AtomicBool::new(false));
+        let dropped_at_end = Arc::new(AtomicBool::new(false));
         let tap = Tap {
             rx,
-            lagged: lagged.clone(),
+            dropped_at_end: dropped_at_end.clone(),
         };
-        (TapSender { tx, lagged }, tap)
+        let tx = TapSender {
+            tx,
+            dropped: false,
+            dropped_at_end,
+        };
+        (tx, tap)
     }
 
-    /// Sends `block`, or marks the reader lagged when its queue is full; `false` once
-    /// the reader is gone.
-    pub(super) fn send(&self, block: &Arc<StoredEvent>) -> bool {
-        match self.tx.try_send(block.clone()) {
-            Ok(()) => true,
+    /// Sends `block`, or drops it when the reader's queue is full; `false` once the
+    /// reader is gone.
+    pub(super) fn send(&mut self, block: &Arc<StoredEvent>) -> bool {
+        let tapped = Tapped {
+            block: block.clone(),
+            after_gap: self.dropped,
+        };
+        match self.tx.try_send(tapped) {
+            Ok(()) => {
+                self.dropped = false;
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                // Set before any later block is sent: a reader that sees that block and
-                // then checks the flag sees it set.
-                self.lagged.store(true, Ordering::Release);
+                self.dropped = true;
                 true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -186,17 +209,27 @@ impl TapSender {
     }
 }
 
+impl Drop for TapSender {
+    fn drop(&mut self) {
+        // Before the queue closes (the fields drop after this): a reader that sees the
+        // end sees this too.
+        if self.dropped {
+            self.dropped_at_end.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 impl Tap {
     /// Waits for blocks and moves up to `max` of those ready into `into`; 0 when the
     /// hub has ended and every block was taken. Cancel-safe.
-    pub async fn recv_many(&mut self, into: &mut Vec<Arc<StoredEvent>>, max: usize) -> usize {
+    pub async fn recv_many(&mut self, into: &mut Vec<Tapped>, max: usize) -> usize {
         self.rx.recv_many(into, max).await
     }
 
-    /// Whether blocks were dropped since the last call (before some of those taken
-    /// since, or about to be): nothing after the last block written can be vouched for.
-    pub fn lagged(&self) -> bool {
-        self.lagged.swap(false, Ordering::AcqRel)
+    /// Once [`Tap::recv_many`] gave 0: whether blocks were dropped after the last one
+    /// taken.
+    pub fn dropped_at_end(&self) -> bool {
+        self.dropped_at_end.load(Ordering::SeqCst)
     }
 }
 
@@ -291,31 +324,39 @@ mod tests {
         assert_eq!(q.len(), 100);
     }
 
-    /// A tap that falls behind loses the blocks past its bound and is told so once;
-    /// the hub's end closes it after the blocks it holds.
+    /// A tap that falls behind loses the blocks past its bound and learns where: on
+    /// the next block that fits, or at the end.
     #[tokio::test]
-    async fn a_tap_behind_its_bound_is_told_and_closes_after_the_last_block() {
-        let (tx, mut tap) = TapSender::new(2);
+    async fn a_tap_behind_its_bound_learns_where_blocks_were_dropped() {
+        let arc = |i| match block(i) {
+            HubMsg::Block(b) => b,
+            HubMsg::End => unreachable!(),
+        };
+        let (mut tx, mut tap) = TapSender::new(2);
         for i in 1..=3 {
-            let HubMsg::Block(b) = block(i) else {
-                unreachable!()
-            };
-            assert!(tx.send(&b));
+            assert!(tx.send(&arc(i)));
         }
         let mut got = vec![];
         assert_eq!(tap.recv_many(&mut got, 8).await, 2);
-        assert!(tap.lagged(), "the third block did not fit");
-        assert!(!tap.lagged(), "told once");
+        assert!(tx.send(&arc(4)));
+        assert!(tx.send(&arc(5)));
+        assert!(tx.send(&arc(6)), "full: dropped");
+        assert_eq!(tap.recv_many(&mut got, 8).await, 2);
         drop(tx);
         assert_eq!(tap.recv_many(&mut got, 8).await, 0);
-        let ids: Vec<_> = got.iter().map(|b| b.id.to_string()).collect();
-        assert_eq!(ids, ["1", "2"]);
-        let (tx, tap) = TapSender::new(2);
+        let seen: Vec<_> = got
+            .iter()
+            .map(|t| (t.block.id.to_string(), t.after_gap))
+            .collect();
+        let want = [("1", false), ("2", false), ("4", true), ("5", false)];
+        assert_eq!(seen, want.map(|(i, g)| (i.to_string(), g)));
+        assert!(
+            tap.dropped_at_end(),
+            "6 was dropped after the last block taken"
+        );
+        let (mut tx, tap) = TapSender::new(2);
         drop(tap);
-        let HubMsg::Block(b) = block(1) else {
-            unreachable!()
-        };
-        assert!(!tx.send(&b), "a reader that left is reported gone");
+        assert!(!tx.send(&arc(1)), "a reader that left is reported gone");
     }
 
     #[tokio::test]

@@ -35,7 +35,7 @@ impl Inner {
         self.store.push(StoredEvent::clone(&shared));
         // No receiver is fine: the hub is lingering and only records.
         self.tx.send(HubMsg::Block(shared.clone()));
-        self.taps.retain(|t| t.send(&shared));
+        self.taps.retain_mut(|t| t.send(&shared));
     }
 
     /// Whether the old feed is still wanted.

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 
 pub use crate::key::StreamKey;
 pub use counters::{Miss, ReplayCounters};
-pub use fanout::{Receiver, RecvError, Tap, TryRecvError};
+pub use fanout::{Receiver, RecvError, Tap, Tapped, TryRecvError};
 pub use registry::{NewHub, Registry, Seed, Viewer};
 
 use crate::key::Audience;
