@@ -33,9 +33,9 @@ impl Inner {
     pub(super) fn publish(&mut self, block: StoredEvent) {
         let shared = Arc::new(block);
         self.store.push(StoredEvent::clone(&shared));
-        // No receiver is fine: the hub is lingering and only records.
-        self.tx.send(HubMsg::Block(shared.clone()));
         self.taps.retain_mut(|t| t.send(&shared));
+        // No receiver is fine: the hub is lingering and only records.
+        self.tx.send(HubMsg::Block(shared));
     }
 
     /// Whether the old feed is still wanted.
