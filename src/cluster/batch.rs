@@ -165,15 +165,15 @@ fn decode(v: Value) -> Result<Option<(u64, String)>, Down> {
 impl Cluster {
     /// Appends `blocks` after offset `prev` (`None`: continuity unknown, start a new
     /// epoch). `None` when fenced: another node holds the lease now.
-    pub async fn append(
+    pub async fn append<'a>(
         &self,
         lease: &Lease,
         prev: Option<u64>,
         bounds: RingBounds,
-        blocks: &[Arc<StoredEvent>],
+        blocks: impl IntoIterator<Item = &'a Arc<StoredEvent>>,
     ) -> Result<Option<(u64, String)>, Down> {
         let entries: Vec<(&str, u8, &[u8])> = blocks
-            .iter()
+            .into_iter()
             .map(|b| (&*b.id, flags(b), &b.raw[..]))
             .collect();
         self.append_entries(lease, prev, bounds, &entries).await

@@ -115,8 +115,8 @@ impl Writer {
                         if run[0].after_gap {
                             prev = None;
                         }
-                        let blocks: Vec<_> = run.iter().map(|t| t.block.clone()).collect();
-                        written = self.write(&mut prev, &mut epoch, &blocks).await;
+                        let blocks = run.iter().map(|t| &t.block);
+                        written = self.write(&mut prev, &mut epoch, blocks).await;
                         if !written {
                             break;
                         }
@@ -171,16 +171,19 @@ impl Writer {
 
     /// Appends `batch` after `prev` (updated), taking the lease again if it ran out
     /// while no other node took it; `false` when another node holds it (fenced).
-    async fn write(
+    async fn write<'a, I>(
         &mut self,
         prev: &mut Option<u64>,
         epoch: &mut Option<String>,
-        batch: &[Arc<StoredEvent>],
-    ) -> bool {
+        batch: I,
+    ) -> bool
+    where
+        I: IntoIterator<Item = &'a Arc<StoredEvent>> + Clone,
+    {
         loop {
             match self
                 .cluster
-                .append(&self.lease, *prev, self.bounds, batch)
+                .append(&self.lease, *prev, self.bounds, batch.clone())
                 .await
             {
                 Ok(Some((offset, e))) => {
