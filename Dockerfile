@@ -6,6 +6,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The patched pingora-core that Cargo.toml's [patch.crates-io] builds.
+COPY vendor ./vendor
 COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --locked --bin ssegate
