@@ -522,3 +522,70 @@ fn a_request_on_a_pooled_connection_the_backend_just_closed_goes_again() {
     );
     assert!(connections.load(Ordering::SeqCst) >= 6);
 }
+
+/// Response heads as pingora reads them, since the gateway builds a patched pingora-core
+/// (`vendor/README.md`: a response keeps an exact-size copy of what was read with its
+/// head): an informational head, the final head and the first event arriving in one
+/// read; and a head larger than the 4 KiB first read. A raw TCP backend of the test's
+/// own: how a backend's bytes fall into reads cannot be chosen with Apache.
+#[test]
+fn heads_read_together_with_a_1xx_or_larger_than_one_read_are_parsed_whole() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let stream_head =
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n";
+                let first: Vec<u8> = if head.starts_with("GET /early") {
+                    // 103, then the stream's head and its first event: one write.
+                    format!(
+                        "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+                         {stream_head}\r\n11\r\nid: 1\ndata: one\n\n\r\n"
+                    )
+                    .into_bytes()
+                } else {
+                    // A 6 KB header: more than pingora's first 4 KiB read.
+                    format!(
+                        "{stream_head}X-Big: {}\r\n\r\n11\r\nid: 1\ndata: one\n\n\r\n",
+                        "b".repeat(6000)
+                    )
+                    .into_bytes()
+                };
+                if conn.write_all(&first).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let _ = conn.write_all(b"11\r\nid: 2\ndata: two\n\n\r\n0\r\n\r\n");
+                let _ = conn.read(&mut chunk);
+            });
+        }
+    });
+    let gw = Gateway::start(GatewayOptions::to_servers(vec![format!(
+        "127.0.0.1:{port}"
+    )]));
+    for path in ["/early", "/big"] {
+        let seen = sse(&gw.url(path), &[], 5.0);
+        assert_eq!(seen.ids(), vec![1, 2], "{path}: {}", gw.log());
+        if path == "/big" {
+            // The large header reached the client whole.
+            let big = format!("x-big: {}", "b".repeat(6000));
+            assert!(
+                seen.head.to_ascii_lowercase().contains(&big),
+                "{}",
+                seen.head
+            );
+        }
+    }
+}
