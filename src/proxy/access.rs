@@ -29,7 +29,8 @@ impl<'a> Line<'a> {
 }
 
 impl<'a> From<&'a Exchange> for Line<'a> {
-    /// A stream's exchange, kept when its session was let go (see [`crate::relay::H1Stream`]).
+    /// A stream's exchange, kept when its session was let go (see [`crate::relay::H1Stream`],
+    /// [`crate::relay::H2Stream`]).
     fn from(x: &'a Exchange) -> Line<'a> {
         Line {
             method: &x.method,

@@ -219,7 +219,8 @@ impl Gateway {
 
     /// Runs the rest of an event stream in a task of its own that holds only what the stream
     /// needs: the client's connection (HTTP/1.x: bare, see [`relay::H1Stream`]; HTTP/2:
-    /// its stream's session), and the request's context for its access line.
+    /// its stream's body writer, [`relay::H2Stream`]), and the request's context for its
+    /// access line.
     /// pingora's request task ends now, and with it what it held for the stream's whole
     /// life (its connection and request futures, the proxy session: half of an idle
     /// stream's memory). pingora finishes the request on an empty stand-in session,
@@ -238,12 +239,18 @@ impl Gateway {
         tokio::spawn(async move {
             match relay::H1Stream::take(client) {
                 Ok(h1) => serve_h1(h1, stream, ctx, &metrics, &app, shutdown).await,
-                Err(mut h2) => {
-                    // HTTP/2: the stream is over (or reset as its session drops, if it
-                    // ended early) and the connection goes on.
-                    ctx.relay = Some(stream.run(&mut h2).await);
-                    access::log(&metrics, &access::Line::of(&h2), None, &ctx);
-                }
+                // HTTP/2: the stream is over (or reset as its writer drops, if it ended
+                // early) and the connection goes on.
+                Err(client) => match relay::H2Stream::take(client) {
+                    Ok(mut h2) => {
+                        ctx.relay = Some(stream.run_h2(&mut h2).await);
+                        access::log(&metrics, &access::Line::from(&h2.exchange), None, &ctx);
+                    }
+                    Err(mut session) => {
+                        ctx.relay = Some(stream.run(&mut session).await);
+                        access::log(&metrics, &access::Line::of(&session), None, &ctx);
+                    }
+                },
             }
         });
     }

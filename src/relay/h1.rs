@@ -21,18 +21,7 @@ use pingora::ErrorType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::stream::Client;
-
-/// What the access line reports of a request whose session is gone.
-pub struct Exchange {
-    /// The request's method.
-    pub method: http::Method,
-    /// The request's target, as the client sent it.
-    pub uri: String,
-    /// The response's status.
-    pub status: u16,
-    /// Body bytes written (framing not counted, as pingora counts them).
-    pub bytes: usize,
-}
+use super::Exchange;
 
 /// An HTTP/1.x event stream's connection after its response head.
 pub struct H1Stream {

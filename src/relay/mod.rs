@@ -23,6 +23,7 @@
 mod admit;
 mod byte_stream;
 mod h1;
+mod h2;
 mod hubs;
 mod pooled;
 mod pump;
@@ -36,7 +37,8 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 pub use admit::{refuse, Admission, Refusal};
-pub use h1::{Exchange, H1Stream};
+pub use h1::H1Stream;
+pub use h2::H2Stream;
 pub use hubs::ReplayCx;
 pub use pooled::Pool;
 pub use stream::is_event_stream;
@@ -82,6 +84,19 @@ pub enum Served {
     Stream(Box<Streaming>),
 }
 
+/// What the access line reports of a stream whose client session was let go
+/// ([`H1Stream`], [`H2Stream`]).
+pub struct Exchange {
+    /// The request's method.
+    pub method: http::Method,
+    /// The request's target, as the client sent it.
+    pub uri: String,
+    /// The response's status.
+    pub status: u16,
+    /// Body bytes written (framing not counted, as pingora counts them).
+    pub bytes: usize,
+}
+
 /// The rest of an event stream: live events, heartbeats and the end, through the
 /// stream writer. It needs nothing of the request but the client's HTTP session, so the
 /// proxy runs it in a task of its own and lets pingora's request task (its futures, its
@@ -99,14 +114,19 @@ enum Rest {
 }
 
 impl Streaming {
-    /// Serves the rest of the stream on an HTTP/2 session; what the relay did, for the
-    /// access log.
+    /// Serves the rest of the stream on the client's session (one that neither
+    /// [`H1Stream`] nor [`H2Stream`] could take); what the relay did, for the access log.
     pub async fn run(self: Box<Self>, client: &mut ServerSession) -> RelayStats {
         self.run_on(client).await
     }
 
     /// Serves the rest of the stream on an HTTP/1.x connection.
     pub async fn run_h1(self: Box<Self>, client: &mut H1Stream) -> RelayStats {
+        self.run_on(client).await
+    }
+
+    /// Serves the rest of the stream on its HTTP/2 body writer.
+    pub async fn run_h2(self: Box<Self>, client: &mut H2Stream) -> RelayStats {
         self.run_on(client).await
     }
 
