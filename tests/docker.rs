@@ -92,6 +92,35 @@ fn dockerfile_is_multi_stage_small_and_non_root() {
             assert!(repo().join(src).exists(), "COPY source {src} missing");
         }
     }
+    // Every patched crate Cargo.toml builds from a path (vendor/) is copied too, or the
+    // image's `cargo build --locked` fails.
+    let manifest: toml::Table = std::fs::read_to_string(repo().join("Cargo.toml"))
+        .expect("Cargo.toml")
+        .parse()
+        .expect("Cargo.toml is TOML");
+    let patched = manifest
+        .get("patch")
+        .and_then(|p| p.get("crates-io"))
+        .and_then(|p| p.as_table())
+        .cloned()
+        .unwrap_or_default();
+    let copied: Vec<&str> = d
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[1..parts.len() - 1].to_vec()
+        })
+        .collect();
+    for (name, spec) in &patched {
+        let path = spec.get("path").and_then(|p| p.as_str()).expect("a path");
+        assert!(
+            copied
+                .iter()
+                .any(|c| std::path::Path::new(path).starts_with(c)),
+            "the Dockerfile does not copy {path} (patched {name})"
+        );
+    }
     // Hygiene a linter would ask for.
     for l in d.lines().filter(|l| l.contains("apt-get install")) {
         assert!(
