@@ -472,22 +472,17 @@ fn a_request_on_a_pooled_connection_the_backend_just_closed_goes_again() {
             counted.fetch_add(1, Ordering::SeqCst);
             std::thread::spawn(move || {
                 // Answers the connection's first request; at the next one, closes.
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                let Some(head) = read_request_head(&mut conn) else {
+                    return;
+                };
+                let head = head.to_ascii_lowercase();
                 let reply: &[u8] = if head.contains("accept: text/event-stream") {
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 16\r\n\r\nid: 1\ndata: hi\n\n"
                 } else {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
                 };
                 let _ = conn.write_all(reply);
-                let _ = conn.read(&mut chunk);
+                let _ = conn.read(&mut [0u8; 4096]);
             });
         }
     });
@@ -537,15 +532,9 @@ fn heads_read_together_with_a_1xx_or_larger_than_one_read_are_parsed_whole() {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_string();
+                let Some(head) = read_request_head(&mut conn) else {
+                    return;
+                };
                 let stream_head =
                     "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n";
                 let first: Vec<u8> = if head.starts_with("GET /early") {
@@ -568,7 +557,7 @@ fn heads_read_together_with_a_1xx_or_larger_than_one_read_are_parsed_whole() {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 let _ = conn.write_all(b"11\r\nid: 2\ndata: two\n\n\r\n0\r\n\r\n");
-                let _ = conn.read(&mut chunk);
+                let _ = conn.read(&mut [0u8; 4096]);
             });
         }
     });

@@ -50,13 +50,7 @@ impl H1Stream {
             .headers
             .get(header::TRANSFER_ENCODING)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
-        let req = s.req_header();
-        let exchange = Exchange {
-            method: req.method.clone(),
-            uri: req.uri.to_string(),
-            status: resp.status.as_u16(),
-            bytes: s.body_bytes_sent(),
-        };
+        let exchange = Exchange::of(s.req_header(), resp.status.as_u16(), s.body_bytes_sent());
         // A body left unread would be read as the next request's header: such a
         // connection is not reused.
         let keepalive = chunked && s.will_keepalive() && s.is_body_done();

@@ -40,13 +40,7 @@ impl H2Stream {
             // The head ended the stream: there is no body to write.
             return Err(Box::new(ServerSession::H2(s)));
         };
-        let req = s.req_header();
-        let exchange = Exchange {
-            method: req.method.clone(),
-            uri: req.uri.to_string(),
-            status,
-            bytes: s.body_bytes_sent(),
-        };
+        let exchange = Exchange::of(s.req_header(), status, s.body_bytes_sent());
         Ok(H2Stream {
             body,
             write_timeout: s.get_write_timeout(),

@@ -97,6 +97,18 @@ pub struct Exchange {
     pub bytes: usize,
 }
 
+impl Exchange {
+    /// The exchange of `req`, answered with `status`, `bytes` of its body written.
+    fn of(req: &pingora::http::RequestHeader, status: u16, bytes: usize) -> Exchange {
+        Exchange {
+            method: req.method.clone(),
+            uri: req.uri.to_string(),
+            status,
+            bytes,
+        }
+    }
+}
+
 /// The rest of an event stream: live events, heartbeats and the end, through the
 /// stream writer. It needs nothing of the request but the client's HTTP session, so the
 /// proxy runs it in a task of its own and lets pingora's request task (its futures, its

@@ -949,3 +949,17 @@ pub async fn h2c_connect(port: u16) -> h2::client::SendRequest<bytes::Bytes> {
     });
     client
 }
+
+/// For a raw backend of a test's own: reads a request's head from `conn` (up to and
+/// including its blank line); `None` if the connection ends first.
+pub fn read_request_head(conn: &mut impl Read) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
