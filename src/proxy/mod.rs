@@ -7,16 +7,16 @@
 //! response header first and decides: an event stream is pumped with heartbeats and a
 //! clean shutdown, anything else is passed through as it comes. An event stream, once
 //! begun, is moved out of pingora's request task with the client's HTTP session
-//! ([`Gateway::detach`]) and logged when it ends. WebSocket upgrades skip the relay and
+//! ([`Gateway::detach`], [`detached`]) and logged when it ends. WebSocket upgrades skip the relay and
 //! take pingora's own proxy path (`upstream_peer` and the phases after it).
 
 mod access;
+mod detached;
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -232,27 +232,11 @@ impl Gateway {
             detached: true,
             ..RequestCtx::default()
         };
-        let mut ctx = std::mem::replace(ctx, stand_in_ctx);
+        let ctx = std::mem::replace(ctx, stand_in_ctx);
         let metrics = self.metrics.clone();
         let app = self.app.clone();
         let shutdown = self.shutdown.subscribe();
-        tokio::spawn(async move {
-            match relay::H1Stream::take(client) {
-                Ok(h1) => serve_h1(h1, stream, ctx, &metrics, &app, shutdown).await,
-                // HTTP/2: the stream is over (or reset as its writer drops, if it ended
-                // early) and the connection goes on.
-                Err(client) => match relay::H2Stream::take(client) {
-                    Ok(mut h2) => {
-                        ctx.relay = Some(stream.run_h2(&mut h2).await);
-                        access::log(&metrics, &access::Line::from(&h2.exchange), None, &ctx);
-                    }
-                    Err(mut session) => {
-                        ctx.relay = Some(stream.run(&mut session).await);
-                        access::log(&metrics, &access::Line::of(&session), None, &ctx);
-                    }
-                },
-            }
-        });
+        tokio::spawn(detached::serve(client, stream, ctx, metrics, app, shutdown));
     }
 
     fn upstream_index(live: &Live, route: &Route) -> usize {
@@ -262,31 +246,6 @@ impl Gateway {
             .position(|u| Arc::ptr_eq(u, &route.upstream))
             .unwrap_or(0)
     }
-}
-
-/// An HTTP/1.x stream outside pingora's loop, on its bare connection; then the
-/// connection goes back to the app for its next request if it may be kept alive.
-async fn serve_h1(
-    mut client: relay::H1Stream,
-    stream: Box<relay::Streaming>,
-    mut ctx: RequestCtx,
-    metrics: &Metrics,
-    app: &OnceLock<Weak<App>>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    ctx.relay = Some(stream.run_h1(&mut client).await);
-    access::log(metrics, &access::Line::from(&client.exchange), None, &ctx);
-    drop(ctx); // the request is over, in-flight count included
-    let Some(conn) = client.reusable(*shutdown.borrow()) else {
-        return;
-    };
-    let Some(app) = app.get().and_then(Weak::upgrade) else {
-        return;
-    };
-    crate::conn::rearm(&conn);
-    // Boxed: pingora's request futures are large and needed only once the stream is
-    // over; inline they would size the stream's task for its whole life.
-    Box::pin(app.process_new(conn, &shutdown)).await;
 }
 
 /// As a request ends in pingora's loop (`logging`): the next request on this
