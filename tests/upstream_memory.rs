@@ -5,12 +5,16 @@
 //! The upstream is a raw TCP server of the test's own: what is measured is pingora's
 //! client session reading a head, so the backend only has to write one.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read, Write};
 
 use pingora::http::RequestHeader;
 use pingora::protocols::http::v1::client::HttpSession;
+
+use common::read_request_head;
 
 /// Counts the bytes allocated and not yet freed by the current thread.
 struct PerThread;
@@ -56,18 +60,13 @@ async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
     // A small head (~100 bytes) and no body, written in one go.
     let server = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("accept");
-        let mut buf = [0u8; 4096];
-        let mut seen = Vec::new();
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
+        if read_request_head(&mut conn).is_none() {
+            return;
         }
         let _ = conn.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\nX-Test: a\r\n\r\n",
         );
-        let _ = conn.read(&mut buf);
+        let _ = conn.read(&mut [0u8; 4096]);
     });
 
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
