@@ -476,7 +476,13 @@ fn a_browser_behind_a_balancer_sees_no_gap_when_its_node_restarts() {
             .into_iter()
             .find(|g| admin_metric(g.admin_port.unwrap(), "ssegate_cluster_leases_held") > 0.0)
     };
-    std::thread::sleep(Duration::from_millis(3000));
+    // Chromium's start and the page's first event: a few seconds, more on a busy
+    // machine (a fixed 3 s once fell short in a full run); then some events flow.
+    let t0 = std::time::Instant::now();
+    while reader().is_none() && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
     let serving = reader().expect("no node reads the browser's stream");
     serving.signal("TERM");
     let stats = browser.join().expect("browser");
