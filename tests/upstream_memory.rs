@@ -98,3 +98,51 @@ async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
     drop(session);
     let _ = server.join();
 }
+
+/// pingora reads a response body through a 64 KiB buffer the response holds to its end.
+/// An event stream, read for hours an event at a time, asks for a smaller one
+/// (`set_body_buffer_size`, the second change of the patch): the 64 KiB go, and the
+/// bytes already read with the head (the stream's first event) stay readable.
+#[tokio::test(flavor = "current_thread")]
+async fn a_smaller_body_buffer_replaces_the_64_kib_one_and_keeps_what_it_holds() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        if read_request_head(&mut conn).is_none() {
+            return;
+        }
+        // The head and the first event in one write, so that the event is read with it.
+        let _ = conn.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+              Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n",
+        );
+        let _ = conn.read(&mut [0u8; 4096]);
+    });
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let stream = pingora::protocols::l4::stream::Stream::from(tcp);
+    let mut session = HttpSession::new(Box::new(stream));
+    let mut req = RequestHeader::build("GET", b"/", None).expect("request");
+    req.insert_header("Host", "localhost").expect("host");
+    session
+        .write_request_header(Box::new(req))
+        .await
+        .expect("write head");
+    session.read_response().await.expect("read head");
+    assert!(!session.is_body_done(), "a chunked body follows");
+
+    let before = live();
+    session.set_body_buffer_size(5 * 1024);
+    let freed = before - live();
+    println!("freed by the smaller buffer: {freed} bytes");
+    assert!(
+        freed > 50 * 1024,
+        "the 64 KiB buffer goes (freed {freed} bytes)"
+    );
+    assert_eq!(session.body_buffer_size(), 5 * 1024);
+    let first = session.read_body_bytes().await.expect("read the event");
+    assert_eq!(first.as_deref(), Some(&b"data: 1\n\n"[..]));
+    drop(session);
+    let _ = server.join();
+}

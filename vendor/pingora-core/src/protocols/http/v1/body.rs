@@ -219,6 +219,21 @@ impl BodyReader {
         }
     }
 
+    /// Reads from here on take at most `size` bytes at a time. A larger buffer already
+    /// allocated is swapped for one of that size, keeping what it holds (the parse state's
+    /// offsets into it stay valid).
+    pub fn set_body_buf_size(&mut self, size: usize) {
+        self.body_buf_size = size;
+        if let Some(buf) = self.body_buf.as_mut() {
+            let cap = size.max(buf.len());
+            if buf.capacity() > cap {
+                let mut smaller = BytesMut::with_capacity(cap);
+                smaller.extend_from_slice(buf);
+                *buf = smaller;
+            }
+        }
+    }
+
     pub fn init_chunked(&mut self, buf_to_rewind: &[u8]) {
         self.body_state = PS::Chunked(0, 0, 0, 0);
         self.prepare_buf(buf_to_rewind);

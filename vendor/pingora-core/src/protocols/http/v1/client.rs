@@ -522,6 +522,18 @@ impl HttpSession {
         self.body_reader.body_done()
     }
 
+    /// Reads of the response body from here on take at most `size` bytes at a time (64 KiB
+    /// by default). A response read a few bytes at a time for a long while (an event
+    /// stream) then need not keep a 64 KiB buffer for its whole life.
+    pub fn set_body_buffer_size(&mut self, size: usize) {
+        self.body_reader.set_body_buf_size(size);
+    }
+
+    /// The most a read of the response body takes at a time.
+    pub fn body_buffer_size(&self) -> usize {
+        self.body_reader.body_buf_size
+    }
+
     pub fn set_allow_h1_response_invalid_content_length(&mut self, allow: bool) {
         self.allow_h1_response_invalid_content_length = allow;
     }
