@@ -37,6 +37,13 @@ impl Pool {
     }
 }
 
+/// The most an event stream's body read takes at a time, in a buffer it holds for its
+/// life: pingora's 64 KiB suits a download, not a stream of small events (nginx's
+/// `proxy_buffer_size` is a page or two). Measured per idle stream (BENCHMARKS.md): 5 KiB
+/// beat 8 (2 KiB more over h2c) and 4 (4 KiB more over HTTP/1.1: the allocator's 4 KiB
+/// class is the one every request's head buffer passes through, and shares its pages).
+const STREAM_READ_BUFFER: usize = 5 * 1024;
+
 /// What the upstream side produced.
 pub(super) enum Up {
     /// A piece of the response.
@@ -204,6 +211,12 @@ impl Pooled {
                     self.resendable = false;
                 }
                 request::strip_hop_by_hop(&mut resp);
+                if !end && super::is_event_stream(&resp) {
+                    // A stream is read for hours, an event at a time: a 64 KiB buffer
+                    // (pingora's default) would be held all that while, mostly unused,
+                    // and often on pages left resident by memory freed just before.
+                    self.http.set_body_buffer_size(STREAM_READ_BUFFER);
+                }
                 self.response_done |= end;
                 Up::Task(HttpTask::Header(resp, end))
             }
@@ -404,6 +417,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A response's head and first bytes from a raw loopback server (a real socket: the
+    /// test is about what pingora's client session keeps while it reads).
+    async fn read_head_of(response: &'static [u8]) -> (Pooled, Up) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut conn, _) = listener.accept().unwrap();
+            let _ = conn.read(&mut [0u8; 1024]);
+            let _ = conn.write_all(response);
+            let _ = conn.read(&mut [0u8; 1024]);
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let stream = pingora::protocols::l4::stream::Stream::from(tcp);
+        let conf = pingora::server::configuration::ServerConf::default();
+        let mut pooled = Pooled {
+            http: H1::new(Box::new(stream)),
+            peer: HttpPeer::new(addr, false, String::new()),
+            pool: Pool::new(&conf),
+            reused: false,
+            resendable: false,
+            body_done: true,
+            response_done: false,
+        };
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("Host", "localhost").unwrap();
+        pooled
+            .http
+            .write_request_header(Box::new(req))
+            .await
+            .unwrap();
+        let head = pooled.next_task().await;
+        let head = head.map(Up::Task).unwrap_or(Up::Ended);
+        (pooled, head)
+    }
+
+    #[tokio::test]
+    async fn an_event_stream_is_read_through_a_small_buffer() {
+        // The head and the first event in one write: the event is in the buffer that
+        // gets swapped for the smaller one, and must come out whole.
+        let (mut stream, head) = read_head_of(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+              Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n",
+        )
+        .await;
+        assert!(matches!(head, Up::Task(HttpTask::Header(_, false))));
+        assert_eq!(stream.http.body_buffer_size(), STREAM_READ_BUFFER);
+        match stream.next_task().await {
+            Some(HttpTask::Body(Some(b), false)) => assert_eq!(&b[..], b"data: 1\n\n"),
+            _ => panic!("the first event"),
+        }
+
+        let (page, _) = read_head_of(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        .await;
+        assert_eq!(
+            page.http.body_buffer_size(),
+            64 * 1024,
+            "any other response keeps pingora's buffer, made for downloads"
+        );
     }
 
     #[test]
