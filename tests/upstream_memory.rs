@@ -50,22 +50,19 @@ fn live() -> isize {
     LIVE.with(|l| l.get())
 }
 
-/// pingora reads a response head into a buffer of at least 4 KiB. A session that kept
-/// that buffer for the response's life made every open event stream hold it (3.9 KiB of
-/// an idle stream's 18.4). The session now keeps what it read in an exact-size copy.
-#[tokio::test(flavor = "current_thread")]
-async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
+/// A pingora client session to a raw loopback server that answers a request with
+/// `response` in one write, the request already sent.
+async fn session_answered_with(
+    response: &'static [u8],
+) -> (HttpSession, std::thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    // A small head (~100 bytes) and no body, written in one go.
     let server = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("accept");
         if read_request_head(&mut conn).is_none() {
             return;
         }
-        let _ = conn.write_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\nX-Test: a\r\n\r\n",
-        );
+        let _ = conn.write_all(response);
         let _ = conn.read(&mut [0u8; 4096]);
     });
 
@@ -78,6 +75,19 @@ async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
         .write_request_header(Box::new(req))
         .await
         .expect("write head");
+    (session, server)
+}
+
+/// pingora reads a response head into a buffer of at least 4 KiB. A session that kept
+/// that buffer for the response's life made every open event stream hold it (3.9 KiB of
+/// an idle stream's 18.4). The session now keeps what it read in an exact-size copy.
+#[tokio::test(flavor = "current_thread")]
+async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
+    // A small head (~100 bytes) and no body.
+    let (mut session, server) = session_answered_with(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\nX-Test: a\r\n\r\n",
+    )
+    .await;
 
     let before = live();
     session.read_response().await.expect("read head");
@@ -105,30 +115,12 @@ async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
 /// bytes already read with the head (the stream's first event) stay readable.
 #[tokio::test(flavor = "current_thread")]
 async fn a_smaller_body_buffer_replaces_the_64_kib_one_and_keeps_what_it_holds() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().expect("accept");
-        if read_request_head(&mut conn).is_none() {
-            return;
-        }
-        // The head and the first event in one write, so that the event is read with it.
-        let _ = conn.write_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
-              Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n",
-        );
-        let _ = conn.read(&mut [0u8; 4096]);
-    });
-
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let stream = pingora::protocols::l4::stream::Stream::from(tcp);
-    let mut session = HttpSession::new(Box::new(stream));
-    let mut req = RequestHeader::build("GET", b"/", None).expect("request");
-    req.insert_header("Host", "localhost").expect("host");
-    session
-        .write_request_header(Box::new(req))
-        .await
-        .expect("write head");
+    // The head and the first event in one write, so that the event is read with it.
+    let (mut session, server) = session_answered_with(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+          Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n",
+    )
+    .await;
     session.read_response().await.expect("read head");
     assert!(!session.is_body_done(), "a chunked body follows");
 
