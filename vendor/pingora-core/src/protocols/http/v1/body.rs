@@ -550,8 +550,13 @@ impl BodyReader {
                         self.body_state = self
                             .body_state
                             .partial_chunk_head(expecting_from_io, expecting_from_io);
+                        // Room for the rest of the head even when the buffer was set
+                        // smaller than a head may be (`set_body_buf_size`): a partial head
+                        // is at most PARTIAL_CHUNK_HEAD_LIMIT, so this is never 0.
+                        let room = self.body_buf_size.max(PARTIAL_CHUNK_HEAD_LIMIT + 1)
+                            - expecting_from_io;
                         let new_bytes = stream
-                            .take((self.body_buf_size - expecting_from_io) as u64)
+                            .take(room as u64)
                             .read_buf(body_buf)
                             .await
                             .or_err(ReadError, "when reading body")?;
