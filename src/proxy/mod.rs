@@ -7,8 +7,8 @@
 //! response header first and decides: an event stream is pumped with heartbeats and a
 //! clean shutdown, anything else is passed through as it comes. An event stream, once
 //! begun, is moved out of pingora's request task with the client's HTTP session
-//! ([`Gateway::detach`], [`detached`]) and logged when it ends. WebSocket upgrades skip the relay and
-//! take pingora's own proxy path (`upstream_peer` and the phases after it).
+//! ([`Gateway::detach`], [`detached`]) and logged when it ends. WebSocket upgrades skip
+//! the relay and take pingora's own proxy path (`upstream_peer` and the phases after it).
 
 mod access;
 mod detached;
