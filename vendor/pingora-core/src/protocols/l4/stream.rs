@@ -463,6 +463,14 @@ impl BufferedStream {
         self.writer_mut().get_mut()
     }
 
+    /// Bytes already read from the socket and not yet handed out.
+    fn has_buffered_read(&self) -> bool {
+        match self {
+            BufferedStream::UnbufferedRead(_) => false,
+            BufferedStream::BufferedRead(reader) => !reader.buffer().is_empty(),
+        }
+    }
+
     /// Return the raw stream. Anything left in either buffer is lost.
     fn into_inner(self) -> RawStreamWrapper {
         match self {
@@ -620,6 +628,21 @@ impl Stream {
     pub fn rewind(&mut self, data: &[u8]) {
         if !data.is_empty() {
             self.rewind_read_buf.push(data.to_vec());
+        }
+    }
+
+    /// Waits until a read would not block (bytes or the end of the stream on the socket,
+    /// or bytes already buffered), taking no buffer: a reader that waits long between
+    /// reads can wait holding none. A virtual socket returns at once.
+    pub async fn readable(&self) -> io::Result<()> {
+        if !self.rewind_read_buf.is_empty() || self.stream().has_buffered_read() {
+            return Ok(());
+        }
+        match &self.stream().get_ref().stream {
+            RawStream::Tcp(s) => s.readable().await,
+            #[cfg(unix)]
+            RawStream::Unix(s) => s.readable().await,
+            RawStream::Virtual(_) => Ok(()),
         }
     }
 

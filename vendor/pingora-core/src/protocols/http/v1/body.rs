@@ -234,6 +234,23 @@ impl BodyReader {
         }
     }
 
+    /// Lets the body buffer go if the next read starts from an empty one anyway (every
+    /// byte read so far was handed out): a reader that waits long between reads then
+    /// holds no buffer while it waits, and the next read takes a new one. Returns
+    /// whether it did; if not, the next read has bytes buffered already (or no body
+    /// left to read) and must not wait for the connection.
+    pub fn release_idle_buf(&mut self) -> bool {
+        let idle = self.rewind_buf_len == 0
+            && matches!(
+                self.body_state,
+                PS::Partial(..) | PS::UntilClose(_) | PS::Chunked(_, 0, 0, _)
+            );
+        if idle {
+            self.body_buf = None;
+        }
+        idle
+    }
+
     pub fn init_chunked(&mut self, buf_to_rewind: &[u8]) {
         self.body_state = PS::Chunked(0, 0, 0, 0);
         self.prepare_buf(buf_to_rewind);

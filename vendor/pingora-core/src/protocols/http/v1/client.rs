@@ -529,6 +529,25 @@ impl HttpSession {
         self.body_reader.set_body_buf_size(size);
     }
 
+    /// Waits until the connection has more of the response to read, holding no body
+    /// buffer meanwhile when none is needed (see [`BodyReader::release_idle_buf`]). For
+    /// a response read a little at a time with long waits between (an event stream).
+    /// Returns at once when bytes of the body are buffered already, and over a
+    /// connection it cannot wait on without reading (TLS).
+    pub async fn wait_body_readable(&mut self) -> std::io::Result<()> {
+        if !self.body_reader.release_idle_buf() {
+            return Ok(());
+        }
+        match self
+            .underlying_stream
+            .as_any()
+            .downcast_ref::<crate::protocols::l4::stream::Stream>()
+        {
+            Some(s) => s.readable().await,
+            None => Ok(()),
+        }
+    }
+
     /// The most a read of the response body takes at a time.
     pub fn body_buffer_size(&self) -> usize {
         self.body_reader.body_buf_size
