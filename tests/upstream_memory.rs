@@ -179,3 +179,58 @@ async fn a_partial_chunk_head_longer_than_the_buffer_is_read_whole() {
     drop(session);
     let _ = server.join();
 }
+
+/// An event stream spends most of its life waiting for its next event. Waiting through
+/// `wait_body_readable` (the third change of the patch) lets the body buffer go when it
+/// holds nothing unread, and returns at once when it does (two events read in one go),
+/// so that no event waits on a socket that has nothing more to give.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stream_waiting_for_its_next_event_holds_no_body_buffer() {
+    use futures::FutureExt;
+    let (mut session, server) = session_answered_with(vec![
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+          Transfer-Encoding: chunked\r\n\r\n"
+            .to_vec(),
+        b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n".to_vec(),
+        b"9\r\ndata: 3\n\n\r\n".to_vec(),
+    ])
+    .await;
+    session.read_response().await.expect("read head");
+    session.set_body_buffer_size(5 * 1024);
+    let bound = std::time::Duration::from_secs(10);
+    let next = async |session: &mut HttpSession| {
+        tokio::time::timeout(bound, session.wait_body_readable())
+            .await
+            .expect("the next event arrives")
+            .expect("readable");
+        session.read_body_bytes().await.expect("read an event")
+    };
+
+    // Events 1 and 2 come in one write: one read takes both.
+    assert_eq!(
+        next(&mut session).await.as_deref(),
+        Some(&b"data: 1\n\n"[..])
+    );
+    assert!(
+        session.wait_body_readable().now_or_never().is_some(),
+        "event 2 is buffered already: the wait returns at once"
+    );
+    let second = session.read_body_bytes().await.expect("read event 2");
+    assert_eq!(second.as_deref(), Some(&b"data: 2\n\n"[..]));
+
+    // Nothing unread now: the wait holds no buffer (whether or not event 3 is in yet).
+    let before = live();
+    let _ = session.wait_body_readable().now_or_never();
+    let freed = before - live();
+    println!("freed for the wait: {freed} bytes");
+    assert!(
+        freed >= 5 * 1024,
+        "the body buffer goes for the wait (freed {freed} bytes)"
+    );
+    assert_eq!(
+        next(&mut session).await.as_deref(),
+        Some(&b"data: 3\n\n"[..])
+    );
+    drop(session);
+    let _ = server.join();
+}
