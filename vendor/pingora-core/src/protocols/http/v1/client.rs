@@ -548,6 +548,28 @@ impl HttpSession {
         }
     }
 
+    /// Keeps of the written request head only what the session still reads once the
+    /// response head is in (the method, the version, `Connection` and `Upgrade`), letting
+    /// the rest (the path, every other header and the maps that hold them) go: a response
+    /// read for hours (an event stream) need not hold its whole request.
+    pub fn shrink_request_header(&mut self) {
+        let Some(req) = self.request_written.as_deref() else {
+            return;
+        };
+        let Ok(mut small) = RequestHeader::build_no_case(req.method.clone(), b"/", Some(2)) else {
+            return;
+        };
+        small.set_version(req.version);
+        for name in [header::CONNECTION, header::UPGRADE] {
+            for value in req.headers.get_all(&name) {
+                if small.append_header(name.clone(), value.clone()).is_err() {
+                    return;
+                }
+            }
+        }
+        self.request_written = Some(Box::new(small));
+    }
+
     /// The most a read of the response body takes at a time.
     pub fn body_buffer_size(&self) -> usize {
         self.body_reader.body_buf_size
