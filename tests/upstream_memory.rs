@@ -51,9 +51,11 @@ fn live() -> isize {
 }
 
 /// A pingora client session to a raw loopback server that answers a request with
-/// `response`, one write per part, 200 ms apart; the request already sent.
+/// `response`, one write per part, 200 ms apart; the request (`GET /`, `Host` and
+/// `headers`) already sent.
 async fn session_answered_with(
     response: Vec<Vec<u8>>,
+    headers: &[(&'static str, &'static str)],
 ) -> (HttpSession, std::thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -76,6 +78,9 @@ async fn session_answered_with(
     let mut session = HttpSession::new(Box::new(stream));
     let mut req = RequestHeader::build("GET", b"/", None).expect("request");
     req.insert_header("Host", "localhost").expect("host");
+    for (name, value) in headers {
+        req.append_header(*name, *value).expect("header");
+    }
     session
         .write_request_header(Box::new(req))
         .await
@@ -91,7 +96,7 @@ async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
     // A small head (~100 bytes) and no body.
     let (mut session, server) = session_answered_with(vec![
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\nX-Test: a\r\n\r\n".to_vec(),
-    ])
+    ], &[])
     .await;
 
     let before = live();
@@ -121,10 +126,13 @@ async fn a_read_response_head_does_not_keep_the_4_kib_read_buffer() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_smaller_body_buffer_replaces_the_64_kib_one_and_keeps_what_it_holds() {
     // The head and the first event in one write, so that the event is read with it.
-    let (mut session, server) = session_answered_with(vec![b"HTTP/1.1 200 OK\r\n\
+    let (mut session, server) = session_answered_with(
+        vec![b"HTTP/1.1 200 OK\r\n\
         Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n\
         9\r\ndata: 1\n\n\r\n"
-        .to_vec()])
+            .to_vec()],
+        &[],
+    )
     .await;
     session.read_response().await.expect("read head");
     assert!(!session.is_body_done(), "a chunked body follows");
@@ -158,8 +166,11 @@ async fn a_partial_chunk_head_longer_than_the_buffer_is_read_whole() {
         "p".repeat(5000),
         "e".repeat(6000)
     );
-    let (mut session, server) =
-        session_answered_with(vec![head.into_bytes(), b"\r\ndata: 1\n\n\r\n".to_vec()]).await;
+    let (mut session, server) = session_answered_with(
+        vec![head.into_bytes(), b"\r\ndata: 1\n\n\r\n".to_vec()],
+        &[],
+    )
+    .await;
     // The whole first write, so that the bytes after the head come with it.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     session.read_response().await.expect("read head");
@@ -187,13 +198,16 @@ async fn a_partial_chunk_head_longer_than_the_buffer_is_read_whole() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_stream_waiting_for_its_next_event_holds_no_body_buffer() {
     use futures::FutureExt;
-    let (mut session, server) = session_answered_with(vec![
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+    let (mut session, server) = session_answered_with(
+        vec![
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
           Transfer-Encoding: chunked\r\n\r\n"
-            .to_vec(),
-        b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n".to_vec(),
-        b"9\r\ndata: 3\n\n\r\n".to_vec(),
-    ])
+                .to_vec(),
+            b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n".to_vec(),
+            b"9\r\ndata: 3\n\n\r\n".to_vec(),
+        ],
+        &[],
+    )
     .await;
     session.read_response().await.expect("read head");
     session.set_body_buffer_size(5 * 1024);
@@ -230,6 +244,65 @@ async fn a_stream_waiting_for_its_next_event_holds_no_body_buffer() {
     assert_eq!(
         next(&mut session).await.as_deref(),
         Some(&b"data: 3\n\n"[..])
+    );
+    drop(session);
+    let _ = server.join();
+}
+
+/// pingora's client session keeps the request head it wrote for the response's life.
+/// An event stream's is a browser's whole request (cookies, user agent, languages, in a
+/// header map and a map of the names' spelling); once the response head is in, the
+/// session reads only the method, the version and `Connection`/`Upgrade` of it
+/// (`shrink_request_header`, the fourth change of the patch).
+#[tokio::test(flavor = "current_thread")]
+async fn a_stream_keeps_only_what_it_still_reads_of_its_request_head() {
+    let (mut session, server) = session_answered_with(
+        vec![b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+          Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+            .to_vec()],
+        &[
+            ("Accept", "text/event-stream"),
+            ("Accept-Language", "en-GB,en;q=0.9,fr;q=0.8,de;q=0.7"),
+            ("Cache-Control", "no-cache"),
+            ("Connection", "close"),
+            (
+                "Cookie",
+                "session=0123456789abcdef0123456789abcdef; theme=dark",
+            ),
+            ("Referer", "https://example.test/dashboard/overview"),
+            (
+                "User-Agent",
+                "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36",
+            ),
+            ("X-Forwarded-For", "192.0.2.10"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    )
+    .await;
+    session.read_response().await.expect("read head");
+
+    let before = live();
+    session.shrink_request_header();
+    let freed = before - live();
+    println!("freed by shrinking the request head: {freed} bytes");
+    assert!(
+        freed > 1024,
+        "the request head's maps and values go (freed {freed} bytes)"
+    );
+    // What the session still reads of it: the request said `Connection: close`, so the
+    // connection must not be pooled once the body is read.
+    let first = session.read_body_bytes().await.expect("read the event");
+    assert_eq!(first.as_deref(), Some(&b"data: 1\n\n"[..]));
+    while session
+        .read_body_bytes()
+        .await
+        .expect("read to the end")
+        .is_some()
+    {}
+    session.respect_keepalive();
+    assert!(
+        !session.will_keepalive(),
+        "`Connection: close` of the request still counts"
     );
     drop(session);
     let _ = server.join();
