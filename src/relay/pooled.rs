@@ -219,6 +219,8 @@ impl Pooled {
                     // (pingora's default) would be held all that while, mostly unused,
                     // and often on pages left resident by memory freed just before.
                     self.http.set_body_buffer_size(STREAM_READ_BUFFER);
+                    // Nor need it keep the request head it was asked with.
+                    self.http.shrink_request_header();
                     self.stream = true;
                 }
                 self.response_done |= end;
