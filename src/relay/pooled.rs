@@ -35,6 +35,18 @@ impl Pool {
             ConnectorOptions::from_server_conf(conf),
         ))))
     }
+
+    /// A connection to `peer`, and whether it came from the pool. pingora's connect
+    /// path is a future of 8 KiB (its TLS handshake is in it even for plaintext
+    /// peers); awaited inline, it would size every request's future and be copied with
+    /// it, when a keep-alive site finds a pooled connection almost every time. Boxed,
+    /// only a new connection pays for it.
+    async fn session(&self, peer: &HttpPeer) -> Result<(H1, bool)> {
+        if let Some(http) = self.0.reused_http_session(peer).await {
+            return Ok((http, true));
+        }
+        Box::pin(self.0.get_http_session(peer)).await
+    }
 }
 
 /// The most an event stream's body read takes at a time, in a buffer it holds for its
@@ -100,7 +112,7 @@ impl Pooled {
             // A pooled connection the server closed meanwhile fails on first use: the
             // same server is tried once more, on another connection.
             for _ in 0..2 {
-                let (http, reused) = match pool.0.get_http_session(&peer).await {
+                let (http, reused) = match pool.session(&peer).await {
                     Ok(s) => s,
                     Err(e) => {
                         client.connect_failed(metrics, addr, i + 1, &e);
@@ -258,7 +270,7 @@ impl Pooled {
 
     /// Sends `head` again on a fresh connection and reads its response's first task.
     async fn again(&mut self, head: Box<RequestHeader>) -> Result<HttpTask> {
-        let (http, _) = self.pool.0.get_http_session(&self.peer).await?;
+        let (http, _) = self.pool.session(&self.peer).await?;
         self.http = http;
         self.reused = false;
         self.http.write_request_header(head).await?;
