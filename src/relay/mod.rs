@@ -120,9 +120,12 @@ pub struct Streaming {
 }
 
 /// A begun stream, by where its events come from.
+#[allow(clippy::large_enum_variant)] // the large one is the common one: see `Bytes`
 enum Rest {
     Hub(Begun<HubSource>),
-    Bytes(Begun<ByteSource>),
+    /// Boxed: a byte relay's source is the larger, and inline it would size every hub
+    /// stream's task too.
+    Bytes(Box<Begun<ByteSource>>),
 }
 
 impl Streaming {
@@ -143,24 +146,26 @@ impl Streaming {
     }
 
     async fn run_on<C: stream::Client>(self: Box<Self>, client: &mut C) -> RelayStats {
+        // Out of the box once, then only borrowed: see `Writer::run`.
         let Streaming {
-            rest,
+            mut rest,
             mut shutdown,
             mut stats,
         } = *self;
-        let r = match rest {
+        let r = match &mut rest {
             Rest::Hub(b) => {
-                b.writer
-                    .run(client, b.source, &mut shutdown, &mut stats)
-                    .await
+                let Begun { writer, source } = b;
+                writer.run(client, source, &mut shutdown, &mut stats).await
             }
             // Boxed: the byte relay's loop is the larger (sized with states it never
             // reaches here), and inline it sized every hub stream's task as well (an idle
             // stream's RSS went from 40 to 50 KiB).
             Rest::Bytes(b) => {
-                Box::pin(b.writer.run(client, b.source, &mut shutdown, &mut stats)).await
+                let Begun { writer, source } = &mut **b;
+                Box::pin(writer.run(client, source, &mut shutdown, &mut stats)).await
             }
         };
+        drop(rest);
         if let Err(e) = r {
             tracing::debug!("relay ended: {e}");
             stats.error = Some(e.to_string());
@@ -311,11 +316,11 @@ async fn relay_bytes(
     let jitter = admission.refusal.jitter;
     let mut writer = Writer::start(session, *resp, &route.sse, jitter, slot, metrics).await?;
     writer.first(session, None, &[], stats).await?;
-    let source = ByteSource::new(feed, route.sse.max_event_bytes, opaque);
+    let mut source = ByteSource::new(feed, route.sse.max_event_bytes, opaque);
     if source.feed.body_sent() {
-        return Ok(Some(Rest::Bytes(Begun { writer, source })));
+        return Ok(Some(Rest::Bytes(Box::new(Begun { writer, source }))));
     }
-    writer.run(session, source, shutdown, stats).await?;
+    writer.run(session, &mut source, shutdown, stats).await?;
     Ok(None)
 }
 

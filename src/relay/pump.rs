@@ -28,7 +28,9 @@ pub(super) async fn pump(
             t = feed.next_task() => alive = t.is_some_and(|t| feed_task(&hub, t)),
             _ = &mut idle => {
                 let watched = match &watch {
-                    Some((cluster, tag)) => cluster.watched(tag).await,
+                    // Boxed: asked once per linger window, and inline it would size the
+                    // task of every stream, clustered or not.
+                    Some((cluster, tag)) => Box::pin(cluster.watched(tag)).await,
                     None => false,
                 };
                 if !watched && hub.end_if_idle() {

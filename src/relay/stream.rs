@@ -349,10 +349,13 @@ impl Writer {
     }
 
     /// Serves `source` to the client until it ends, the client leaves, or shutdown.
+    /// Everything by reference: the stream's task holds the writer and its source once,
+    /// where moved in they would be held twice more (this future's arguments and their
+    /// copies), for the stream's whole life.
     pub(super) async fn run<C: Client, S: Source>(
-        mut self,
+        &mut self,
         client: &mut C,
-        mut source: S,
+        source: &mut S,
         shutdown: &mut watch::Receiver<bool>,
         stats: &mut RelayStats,
     ) -> Result<()> {
@@ -366,10 +369,11 @@ impl Writer {
         tokio::pin!(heartbeat_timer);
         let shutdown_wait = shutdown_started(shutdown);
         tokio::pin!(shutdown_wait);
-        // Shutdown came mid-event: end by then even if the event never finishes.
-        let mut close_by: Option<Instant> = None;
+        // Shutdown came mid-event: end by then even if the event never finishes. Made
+        // only then: a timer built for every turn of the loop would cost each event a
+        // lookup of the runtime's timer, and every stream's task its size.
+        let mut close_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let mut retry_due = false;
-        let far_future = Instant::now() + Duration::from_secs(86400 * 365);
         loop {
             let beating = !source.opaque() && close_by.is_none();
             tokio::select! {
@@ -416,10 +420,10 @@ impl Writer {
                     if source.at_boundary() {
                         return self.end_with_hint(client).await;
                     }
-                    close_by = Some(Instant::now() + MID_EVENT_SHUTDOWN_WAIT);
+                    close_by = Some(Box::pin(tokio::time::sleep(MID_EVENT_SHUTDOWN_WAIT)));
                 }
 
-                _ = sleep_until(close_by.unwrap_or(far_future)), if close_by.is_some() => {
+                _ = async { close_by.as_mut()?.await; Some(()) }, if close_by.is_some() => {
                     // The upstream never finished its event. A hint appended now would
                     // join the unfinished line, so end without one: the client drops the
                     // partial event and reconnects after its current delay.
@@ -548,9 +552,9 @@ mod tests {
             .first(&mut client, None, &[], &mut stats)
             .await
             .unwrap();
-        let source = HubSource { sub, skip_id: None };
+        let mut source = HubSource { sub, skip_id: None };
         writer
-            .run(&mut client, source, shutdown, &mut stats)
+            .run(&mut client, &mut source, shutdown, &mut stats)
             .await
             .unwrap();
         (client, stats)
