@@ -28,18 +28,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
 
-mkdir -p "$W/www"
-python3 -c "print('<!doctype html><title>page</title>' + 'x' * 2660)" > "$W/www/page.html"
-cat > "$W/origin.conf" <<EOF
-daemon off; worker_processes 1; pid $W/origin.pid; error_log $W/origin-error.log warn; user root;
-events { worker_connections 4096; }
-http {
-  access_log off; client_body_temp_path $W/t1; proxy_temp_path $W/t2; fastcgi_temp_path $W/t3;
-  uwsgi_temp_path $W/t4; scgi_temp_path $W/t5;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$ORIGIN backlog=4096; root $W/www; }
-}
-EOF
+page_origin "$W" $ORIGIN
 nginx -p "$W/" -c "$W/origin.conf" -e "$W/origin-error.log" & PIDS+=($!)
 wait_port $ORIGIN
 # The minimal config of requests.sh's `ssegate` column: limits off, warnings only.

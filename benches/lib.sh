@@ -43,3 +43,25 @@ replay = { shared = true }
 upstream = "origin"
 EOC
 }
+
+# nginx's temp paths under DIR (it writes none under this load, but wants them writable).
+nginx_temps() { # DIR
+  echo "client_body_temp_path $1/t1; proxy_temp_path $1/t2; fastcgi_temp_path $1/t3; uwsgi_temp_path $1/t4; scgi_temp_path $1/t5;"
+}
+
+# The ordinary-request origin of requests.sh and ab-requests.sh: DIR/www/page.html (the
+# 2.7 KB page) and DIR/origin.conf, one nginx worker serving DIR/www on PORT with
+# keep-alive unbounded. Start it with `nginx -p DIR/ -c DIR/origin.conf`.
+page_origin() { # DIR PORT
+  mkdir -p "$1/www"
+  python3 -c "print('<!doctype html><title>page</title>' + 'x' * 2660)" > "$1/www/page.html"
+  cat > "$1/origin.conf" <<EOC
+daemon off; worker_processes 1; pid $1/origin.pid; error_log $1/origin-error.log warn; user root;
+events { worker_connections 4096; }
+http {
+  access_log off; $(nginx_temps "$1")
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$2 backlog=4096; root $1/www; }
+}
+EOC
+}

@@ -37,24 +37,15 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep
 trap cleanup EXIT
 ORIGIN=19200 H1=19201 H2C=19202 TLS=19203 ADMIN=19204
 
-# The origin's two bodies and a certificate every TLS listener uses.
-mkdir -p "$W/www"
-python3 -c "print('<!doctype html><title>page</title>' + 'x' * 2660)" > "$W/www/page.html"   # 2.7 KB
+# The origin (benches/lib.sh: the 2.7 KB page), its 100 KB body, and a certificate every
+# TLS listener uses.
+page_origin "$W" $ORIGIN
 head -c 102400 /dev/urandom > "$W/www/big.bin"                                            # 100 KB
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout "$W/key.pem" -out "$W/cert.pem" 2>/dev/null
 cat "$W/cert.pem" "$W/key.pem" > "$W/both.pem"
 
-temps() { echo "client_body_temp_path $W/t1; proxy_temp_path $W/t2; fastcgi_temp_path $W/t3; uwsgi_temp_path $W/t4; scgi_temp_path $W/t5;"; }
-cat > "$W/origin.conf" <<EOF
-daemon off; worker_processes 1; pid $W/origin.pid; error_log $W/origin-error.log warn; user root;
-events { worker_connections 4096; }
-http {
-  access_log off; $(temps)
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$ORIGIN backlog=4096; root $W/www; }
-}
-EOF
+temps() { nginx_temps "$W"; }
 cat > "$W/nginx.conf" <<EOF
 daemon off; worker_processes 2; pid $W/nginx.pid; error_log $W/nginx-error.log warn; user root;
 events { worker_connections 4096; }
